@@ -1,0 +1,130 @@
+//! The live buffer: acknowledged events as Arrow batches, held until their flush to
+//! Parquet commits, together with the committed file list, so that a reader takes both
+//! from one consistent [`Snapshot`] (a flush never hides or doubles a row).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use arrow::array::RecordBatch;
+
+use crate::manifest::FileMeta;
+use crate::metrics::Metrics;
+
+/// What a query reads: committed files plus the batches not yet in any of them.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub files: Arc<Vec<FileMeta>>,
+    pub batches: Vec<RecordBatch>,
+}
+
+#[derive(Default)]
+struct BufferState {
+    active: Vec<RecordBatch>,
+    active_bytes: usize,
+    active_rows: usize,
+    active_since: Option<Instant>,
+    /// Sealed batches being written out, by the WAL segment their flush covers.
+    flushing: Vec<(u64, Vec<RecordBatch>, usize)>,
+    files: Arc<Vec<FileMeta>>,
+}
+
+impl BufferState {
+    fn bytes(&self) -> usize {
+        self.active_bytes + self.flushing.iter().map(|(_, _, b)| b).sum::<usize>()
+    }
+    fn rows(&self) -> usize {
+        self.active_rows
+            + self
+                .flushing
+                .iter()
+                .flat_map(|(_, bs, _)| bs)
+                .map(|b| b.num_rows())
+                .sum::<usize>()
+    }
+}
+
+pub struct LiveBuffer {
+    state: RwLock<BufferState>,
+    metrics: Arc<Metrics>,
+}
+
+impl LiveBuffer {
+    pub fn new(files: Vec<FileMeta>, metrics: Arc<Metrics>) -> Self {
+        let state = BufferState {
+            files: Arc::new(files),
+            ..Default::default()
+        };
+        Self {
+            state: RwLock::new(state),
+            metrics,
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let s = self.state.read().expect("buffer lock");
+        let batches = s
+            .flushing
+            .iter()
+            .flat_map(|(_, bs, _)| bs.iter())
+            .chain(&s.active)
+            .cloned()
+            .collect();
+        Snapshot {
+            files: Arc::clone(&s.files),
+            batches,
+        }
+    }
+
+    pub fn push(&self, batch: RecordBatch) {
+        if batch.num_rows() == 0 {
+            return;
+        }
+        let mut s = self.state.write().expect("buffer lock");
+        s.active_bytes += batch.get_array_memory_size();
+        s.active_rows += batch.num_rows();
+        s.active_since.get_or_insert_with(Instant::now);
+        s.active.push(batch);
+        self.publish(&s);
+    }
+
+    /// Bytes of all batches held (active and flushing).
+    pub fn bytes(&self) -> usize {
+        self.state.read().expect("buffer lock").bytes()
+    }
+
+    /// Bytes and age of the batches not yet sealed for a flush.
+    pub fn active(&self) -> (usize, Option<Instant>) {
+        let s = self.state.read().expect("buffer lock");
+        (s.active_bytes, s.active_since)
+    }
+
+    /// Move the active batches to "flushing" under WAL segment `seq`; they stay visible.
+    pub fn seal(&self, seq: u64) -> Vec<RecordBatch> {
+        let mut s = self.state.write().expect("buffer lock");
+        let batches = std::mem::take(&mut s.active);
+        let bytes = std::mem::take(&mut s.active_bytes);
+        s.active_rows = 0;
+        s.active_since = None;
+        s.flushing.push((seq, batches.clone(), bytes));
+        batches
+    }
+
+    /// The flush of `seq` committed as `files`: swap both in one step.
+    pub fn finish_flush(&self, seq: u64, files: Vec<FileMeta>) {
+        let mut s = self.state.write().expect("buffer lock");
+        s.flushing.retain(|(q, _, _)| *q != seq);
+        s.files = Arc::new(files);
+        self.publish(&s);
+    }
+
+    /// A compaction committed: the same rows, in other files.
+    pub fn set_files(&self, files: Vec<FileMeta>) {
+        self.state.write().expect("buffer lock").files = Arc::new(files);
+    }
+
+    fn publish(&self, s: &BufferState) {
+        self.metrics.buffer_bytes.store(s.bytes() as u64, Relaxed);
+        self.metrics.buffer_rows.store(s.rows() as u64, Relaxed);
+    }
+}

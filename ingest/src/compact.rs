@@ -1,0 +1,125 @@
+//! Compaction: merge the small files of a partition into one, dropping late duplicates
+//! (an event_id stored twice because its resend came after the dedup window). The new
+//! file replaces the old ones in one manifest commit, so a crash leaves either set.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use arrow::array::{Array, RecordBatch, StringViewArray, UInt32Array};
+use arrow::compute::{concat_batches, sort_to_indices, take_record_batch};
+use funnelhouse_schemas::arrow::col;
+use funnelhouse_schemas::event_schema;
+
+use crate::dedup::id_hash;
+use crate::error::Result;
+use crate::manifest::{FileMeta, Manifest};
+use crate::parquet_file::{read_file, write_sorted_file};
+
+#[derive(Debug, Clone, Copy)]
+pub struct CompactOptions {
+    /// A partition is compacted once it has this many small files.
+    pub min_files: usize,
+    /// Files below this size are small.
+    pub small_bytes: u64,
+    /// Most input bytes merged in one step, to bound memory.
+    pub max_input_bytes: u64,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct CompactOutcome {
+    pub partitions: usize,
+    pub files_in: usize,
+    pub rows_in: u64,
+    pub rows_out: u64,
+    /// Paths (relative to the data dir) no longer in the manifest, to delete once readers are done.
+    pub replaced: Vec<String>,
+}
+
+/// Compact the partitions that need it (only those in `only`, when given) and commit the
+/// manifest. Returns what changed; `replaced` files are still on disk.
+pub fn compact(
+    data_dir: &Path,
+    manifest: &mut Manifest,
+    only: Option<&HashSet<String>>,
+    opts: CompactOptions,
+) -> Result<CompactOutcome> {
+    let mut by_partition: BTreeMap<&str, Vec<&FileMeta>> = BTreeMap::new();
+    for f in &manifest.files {
+        if only.is_none_or(|o| o.contains(&f.partition)) {
+            by_partition.entry(&f.partition).or_default().push(f);
+        }
+    }
+    let mut out = CompactOutcome::default();
+    let mut added = Vec::new();
+    for (partition, files) in by_partition {
+        let (mut small, big): (Vec<&FileMeta>, Vec<&FileMeta>) =
+            files.into_iter().partition(|f| f.bytes < opts.small_bytes);
+        if small.len() < opts.min_files {
+            continue;
+        }
+        small.sort_by_key(|f| f.bytes);
+        let mut budget = 0;
+        small.retain(|f| {
+            budget += f.bytes;
+            budget <= opts.max_input_bytes
+        });
+        // One small file is still worth rewriting when big ones may hold its late duplicates.
+        if small.is_empty() || (small.len() == 1 && big.is_empty()) {
+            continue;
+        }
+        let mut batches = Vec::new();
+        for f in &small {
+            batches.extend(read_file(&data_dir.join(&f.path), None)?);
+        }
+        let merged = concat_batches(&event_schema(), &batches)?;
+        let mut seen = HashSet::new();
+        for f in &big {
+            for b in read_file(&data_dir.join(&f.path), Some(&[col::EVENT_ID]))? {
+                seen.extend(string_column(&b, 0).iter().flatten().map(id_hash));
+            }
+        }
+        let kept = first_received_per_id(&merged, seen)?;
+        let meta = write_sorted_file(data_dir, &kept, partition, "c")?;
+        tracing::info!(
+            partition,
+            files = small.len(),
+            rows_in = merged.num_rows(),
+            rows_out = kept.num_rows(),
+            "compacted"
+        );
+        out.partitions += 1;
+        out.files_in += small.len();
+        out.rows_in += merged.num_rows() as u64;
+        out.rows_out += kept.num_rows() as u64;
+        out.replaced.extend(small.iter().map(|f| f.path.clone()));
+        added.push(meta);
+    }
+    if out.partitions > 0 {
+        let replaced: HashSet<&String> = out.replaced.iter().collect();
+        manifest.files.retain(|f| !replaced.contains(&f.path));
+        manifest.files.extend(added);
+        manifest.commit(data_dir)?;
+    }
+    Ok(out)
+}
+
+fn string_column(batch: &RecordBatch, i: usize) -> &StringViewArray {
+    batch
+        .column(i)
+        .as_any()
+        .downcast_ref()
+        .expect("string columns are Utf8View")
+}
+
+/// Keep, per event_id, the first received row, and none whose id is in `seen`.
+fn first_received_per_id(batch: &RecordBatch, mut seen: HashSet<u128>) -> Result<RecordBatch> {
+    let order = sort_to_indices(batch.column(col::RECEIVED_AT), None, None)?;
+    let ids = string_column(batch, col::EVENT_ID);
+    let keep: UInt32Array = order
+        .values()
+        .iter()
+        .copied()
+        .filter(|&i| seen.insert(id_hash(ids.value(i as usize))))
+        .collect();
+    Ok(take_record_batch(batch, &keep)?)
+}

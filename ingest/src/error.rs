@@ -1,0 +1,96 @@
+//! The one error type of the ingest crate, and its mapping to HTTP in one place.
+
+use std::path::PathBuf;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use funnelhouse_schemas::SchemaError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    BadBody(#[from] SchemaError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("missing or unknown write key: send it as HTTP Basic user, Bearer token or writeKey")]
+    Unauthorized,
+    #[error("request body is over max_request_bytes ({limit} bytes after decompression)")]
+    TooLarge { limit: usize },
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error(
+        "the live buffer is at max_buffer_bytes while Parquet flushes catch up; retry after {retry_after_secs} s"
+    )]
+    Overloaded { retry_after_secs: u64 },
+    #[error("starting up: the WAL is being replayed; retry shortly")]
+    NotReady,
+    #[error("shutting down: not accepting writes")]
+    ShuttingDown,
+    #[error("WAL write failed, nothing of this request was stored: {0}")]
+    Wal(std::io::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    #[error("{path}: corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+pub type Result<T, E = IngestError> = std::result::Result<T, E>;
+
+impl IngestError {
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> IngestError {
+        let path = path.into();
+        move |source| IngestError::Io { path, source }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadBody(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Overloaded { .. } | Self::NotReady | Self::ShuttingDown | Self::Wal(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Io { .. } | Self::Parquet(_) | Self::Arrow(_) | Self::Corrupt { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Overloaded { retry_after_secs } => Some(*retry_after_secs),
+            Self::NotReady | Self::ShuttingDown | Self::Wal(_) => Some(1),
+            _ => None,
+        }
+    }
+}
+
+/// Every error body is `{"error": "..."}`.
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(%status, error = %self, "request failed");
+        }
+        let retry = self.retry_after();
+        let mut resp = (
+            status,
+            Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response();
+        if let Some(secs) = retry {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}

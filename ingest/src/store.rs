@@ -1,0 +1,602 @@
+//! The event store: the write path from validated events to durable, queryable rows.
+//!
+//! - One writer thread takes write requests in groups (group commit): it drops duplicates
+//!   against the dedup index, appends the group's events to the WAL as one record, fsyncs,
+//!   puts them into the live buffer as one Arrow batch and only then answers the requests.
+//! - When the live buffer is large or old enough, the writer rotates the WAL and hands the
+//!   sealed batches to the flusher thread, which writes sorted Parquet files, the dedup ids
+//!   file and a new manifest (the commit), swaps files and buffer for readers, deletes the
+//!   flushed WAL segments, and compacts partitions that collected many small files.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use arrow::array::{Array, RecordBatch, StringViewArray, TimestampMicrosecondArray};
+use funnelhouse_schemas::arrow::col;
+use funnelhouse_schemas::time::now_micros;
+use funnelhouse_schemas::{Event, events_to_batch};
+use tokio::sync::oneshot;
+
+use crate::buffer::{LiveBuffer, Snapshot};
+use crate::compact::{CompactOptions, compact};
+use crate::config::IngestConfig;
+use crate::dedup::{DedupIndex, IdsFile, id_hash};
+use crate::error::{IngestError, Result};
+use crate::manifest::Manifest;
+use crate::metrics::Metrics;
+use crate::parquet_file::write_partitioned;
+use crate::wal::{Wal, encode_events};
+
+/// How one write request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriteOutcome {
+    pub accepted: usize,
+    pub duplicates: usize,
+}
+
+struct WriteRequest {
+    events: Vec<Event>,
+    received_at: i64,
+    reply: oneshot::Sender<Result<WriteOutcome>>,
+}
+
+enum Command {
+    Write(WriteRequest),
+    /// Flush everything acknowledged so far and answer once it is committed.
+    Flush(oneshot::Sender<Result<()>>),
+    /// Flush, then stop the threads.
+    Shutdown(oneshot::Sender<Result<()>>),
+}
+
+struct FlushJob {
+    /// The last WAL segment the batches came from; `None` when there was nothing to flush.
+    seq: Option<u64>,
+    batches: Vec<RecordBatch>,
+    reply: Option<oneshot::Sender<Result<()>>>,
+}
+
+/// Memory taken by a request in flight; given back on drop.
+pub struct Admission {
+    inflight: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.inflight.fetch_sub(self.bytes, Relaxed);
+    }
+}
+
+/// Start-up facts for the log.
+#[derive(Debug, Clone, Default)]
+pub struct OpenReport {
+    pub files: usize,
+    pub stored_rows: u64,
+    pub replayed_events: usize,
+    pub wal_dropped_bytes: u64,
+    pub dedup_ids: usize,
+    pub orphans_removed: usize,
+}
+
+pub struct EventStore {
+    data_dir: PathBuf,
+    tx: Mutex<Option<Sender<Command>>>,
+    buffer: Arc<LiveBuffer>,
+    metrics: Arc<Metrics>,
+    inflight: Arc<AtomicUsize>,
+    max_buffer_bytes: usize,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl EventStore {
+    /// Open the data dir: load the manifest, remove uncommitted files, rebuild the dedup
+    /// index, replay the WAL into the live buffer, and start the writer and flusher.
+    /// Blocking: call it from a blocking context.
+    pub fn open(
+        data_dir: &Path,
+        cfg: &IngestConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<(EventStore, OpenReport)> {
+        std::fs::create_dir_all(data_dir).map_err(IngestError::io(data_dir))?;
+        let manifest = Manifest::load(data_dir)?;
+        let mut report = OpenReport {
+            files: manifest.files.len(),
+            stored_rows: manifest.total_rows(),
+            orphans_removed: manifest.remove_orphans(data_dir)?,
+            ..Default::default()
+        };
+        let dedup_dir = data_dir.join("dedup");
+        let mut dedup = DedupIndex::new(cfg.dedup_window, cfg.dedup_max_ids);
+        for (seq, path) in IdsFile::list(&dedup_dir)? {
+            if seq > manifest.wal_flushed_through {
+                std::fs::remove_file(&path).map_err(IngestError::io(&path))?;
+                continue;
+            }
+            let pairs = IdsFile::read(&path)?;
+            for chunk in pairs.chunk_by(|a, b| a.0 == b.0) {
+                dedup.load(chunk[0].0, chunk.iter().map(|p| p.1).collect());
+            }
+        }
+        dedup.expire(now_micros());
+
+        let buffer = Arc::new(LiveBuffer::new(
+            manifest.files.clone(),
+            Arc::clone(&metrics),
+        ));
+        let (wal, stats) = Wal::open(
+            &data_dir.join("wal"),
+            manifest.wal_flushed_through,
+            |events| {
+                let mut hashes = Vec::with_capacity(events.len());
+                let fresh: Vec<&Event> = events
+                    .iter()
+                    .filter(|e| {
+                        let h = id_hash(&e.event_id);
+                        dedup.insert(h) && {
+                            hashes.push(h);
+                            true
+                        }
+                    })
+                    .collect();
+                let received_at = events.first().map_or(0, |e| e.received_at);
+                dedup.record(received_at, hashes);
+                buffer.push(events_to_batch(fresh));
+            },
+        )?;
+        report.replayed_events = stats.events;
+        report.wal_dropped_bytes = stats.dropped_bytes;
+        report.dedup_ids = dedup.len();
+        metrics.dedup_ids.store(dedup.len() as u64, Relaxed);
+
+        let (tx, rx) = mpsc::channel();
+        let (flush_tx, flush_rx) = mpsc::channel();
+        let writer = Writer {
+            wal,
+            dedup,
+            buffer: Arc::clone(&buffer),
+            metrics: Arc::clone(&metrics),
+            flush_tx,
+            flush_bytes: cfg.flush_bytes.0,
+            flush_interval: cfg.flush_interval,
+        };
+        let flusher = Flusher {
+            data_dir: data_dir.to_path_buf(),
+            manifest,
+            buffer: Arc::clone(&buffer),
+            metrics: Arc::clone(&metrics),
+            cfg: cfg.clone(),
+            pending_deletes: Vec::new(),
+        };
+        let threads = vec![
+            std::thread::Builder::new()
+                .name("fh-wal-writer".into())
+                .spawn(move || writer.run(rx)),
+            std::thread::Builder::new()
+                .name("fh-flusher".into())
+                .spawn(move || flusher.run(flush_rx)),
+        ]
+        .into_iter()
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(IngestError::io(data_dir))?;
+        let store = EventStore {
+            data_dir: data_dir.to_path_buf(),
+            tx: Mutex::new(Some(tx)),
+            buffer,
+            metrics,
+            inflight: Arc::new(AtomicUsize::new(0)),
+            max_buffer_bytes: cfg.max_buffer_bytes.0,
+            threads: Mutex::new(threads),
+        };
+        Ok((store, report))
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Files and live batches, consistent with each other.
+    pub fn snapshot(&self) -> Snapshot {
+        self.buffer.snapshot()
+    }
+
+    /// Reserve memory for a request of `bytes` (decoded events take about three times the
+    /// body), or refuse with 503 when the buffer and requests in flight are at the bound.
+    pub fn admit(&self, bytes: usize) -> Result<Admission> {
+        let cost = bytes.saturating_mul(3);
+        let before = self.inflight.fetch_add(cost, Relaxed);
+        let admission = Admission {
+            inflight: Arc::clone(&self.inflight),
+            bytes: cost,
+        };
+        if before + cost + self.buffer.bytes() > self.max_buffer_bytes {
+            self.metrics.requests_overloaded.fetch_add(1, Relaxed);
+            return Err(IngestError::Overloaded {
+                retry_after_secs: 1,
+            });
+        }
+        Ok(admission)
+    }
+
+    fn send(&self, cmd: Command) -> Result<()> {
+        let tx = self.tx.lock().expect("store lock");
+        tx.as_ref()
+            .ok_or(IngestError::ShuttingDown)?
+            .send(cmd)
+            .map_err(|_| IngestError::ShuttingDown)
+    }
+
+    /// Store `events` durably; returns once they are fsynced in the WAL and visible.
+    pub async fn write(&self, events: Vec<Event>, received_at: i64) -> Result<WriteOutcome> {
+        if events.is_empty() {
+            return Ok(WriteOutcome::default());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Write(WriteRequest {
+            events,
+            received_at,
+            reply,
+        }))?;
+        rx.await.map_err(|_| IngestError::ShuttingDown)?
+    }
+
+    /// Flush everything acknowledged so far to Parquet and wait for the commit.
+    pub async fn flush(&self) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Flush(reply))?;
+        rx.await.map_err(|_| IngestError::ShuttingDown)?
+    }
+
+    /// Refuse new writes, flush the live buffer and stop the threads.
+    pub async fn shutdown(&self) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.send(Command::Shutdown(reply));
+        self.tx.lock().expect("store lock").take();
+        let result = match sent {
+            Ok(()) => rx.await.map_err(|_| IngestError::ShuttingDown)?,
+            Err(_) => Ok(()),
+        };
+        let threads = std::mem::take(&mut *self.threads.lock().expect("store lock"));
+        tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join())))
+            .await
+            .ok();
+        result
+    }
+}
+
+// ---- the writer thread: group commit ----
+
+struct Writer {
+    wal: Wal,
+    dedup: DedupIndex,
+    buffer: Arc<LiveBuffer>,
+    metrics: Arc<Metrics>,
+    flush_tx: Sender<FlushJob>,
+    flush_bytes: usize,
+    flush_interval: Duration,
+}
+
+/// Most requests in one group commit; larger groups add latency without saving fsyncs.
+const MAX_GROUP: usize = 512;
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Command>) {
+        loop {
+            let first = match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(cmd) => Some(cmd),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return self.start_flush(None),
+            };
+            let mut writes = Vec::new();
+            let mut controls = Vec::new();
+            for cmd in first
+                .into_iter()
+                .chain(std::iter::from_fn(|| rx.try_recv().ok()).take(MAX_GROUP))
+            {
+                match cmd {
+                    Command::Write(w) => writes.push(w),
+                    other => controls.push(other),
+                }
+            }
+            if !writes.is_empty() {
+                self.commit(writes);
+            }
+            self.dedup.expire(now_micros());
+            self.metrics
+                .dedup_ids
+                .store(self.dedup.len() as u64, Relaxed);
+            self.metrics
+                .dedup_evicted
+                .store(self.dedup.evicted, Relaxed);
+            let (bytes, since) = self.buffer.active();
+            if bytes >= self.flush_bytes
+                || since.is_some_and(|s| s.elapsed() >= self.flush_interval)
+            {
+                self.start_flush(None);
+            }
+            for cmd in controls {
+                match cmd {
+                    Command::Flush(reply) => self.start_flush(Some(reply)),
+                    Command::Shutdown(reply) => return self.start_flush(Some(reply)),
+                    Command::Write(_) => unreachable!("writes were taken above"),
+                }
+            }
+        }
+    }
+
+    /// Dedup, one WAL record + fsync for the whole group, one batch into the buffer, reply.
+    fn commit(&mut self, writes: Vec<WriteRequest>) {
+        let mut fresh: Vec<&Event> = Vec::new();
+        let mut per_request = Vec::with_capacity(writes.len());
+        for w in &writes {
+            let mut hashes = Vec::with_capacity(w.events.len());
+            for e in &w.events {
+                let h = id_hash(&e.event_id);
+                if self.dedup.insert(h) {
+                    hashes.push(h);
+                    fresh.push(e);
+                }
+            }
+            per_request.push(hashes);
+        }
+        let outcome = |w: &WriteRequest, hashes: &Vec<u128>| WriteOutcome {
+            accepted: hashes.len(),
+            duplicates: w.events.len() - hashes.len(),
+        };
+        if fresh.is_empty() {
+            for (w, hashes) in writes.into_iter().zip(&per_request) {
+                let result = outcome(&w, hashes);
+                let _ = w.reply.send(Ok(result));
+            }
+            return;
+        }
+        let mut payload = Vec::with_capacity(fresh.iter().map(|e| e.heap_bytes() + 64).sum());
+        encode_events(fresh.iter().copied(), &mut payload);
+        match self.wal.append(&payload) {
+            Ok(fsync) => {
+                Metrics::add_duration(
+                    &self.metrics.wal_fsyncs,
+                    &self.metrics.wal_fsync_micros,
+                    fsync,
+                );
+                self.metrics
+                    .wal_bytes
+                    .fetch_add(payload.len() as u64, Relaxed);
+                self.buffer.push(events_to_batch(fresh));
+                for (w, hashes) in writes.into_iter().zip(per_request) {
+                    let result = outcome(&w, &hashes);
+                    self.metrics
+                        .accepted
+                        .fetch_add(result.accepted as u64, Relaxed);
+                    self.metrics
+                        .duplicates
+                        .fetch_add(result.duplicates as u64, Relaxed);
+                    self.dedup.record(w.received_at, hashes);
+                    let _ = w.reply.send(Ok(result));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, segment = self.wal.current_seq(), "WAL append failed");
+                for (w, hashes) in writes.into_iter().zip(per_request) {
+                    self.dedup.remove(&hashes);
+                    let _ = w.reply.send(Err(IngestError::Wal(std::io::Error::new(
+                        e.kind(),
+                        e.to_string(),
+                    ))));
+                }
+            }
+        }
+    }
+
+    /// Seal the active batches under the current WAL segment and queue their flush.
+    fn start_flush(&mut self, reply: Option<oneshot::Sender<Result<()>>>) {
+        let (bytes, since) = self.buffer.active();
+        let job = if since.is_none() && bytes == 0 {
+            FlushJob {
+                seq: None,
+                batches: Vec::new(),
+                reply,
+            }
+        } else {
+            match self.wal.rotate() {
+                Ok(seq) => FlushJob {
+                    seq: Some(seq),
+                    batches: self.buffer.seal(seq),
+                    reply,
+                },
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot rotate the WAL; flush postponed");
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(e));
+                    }
+                    return;
+                }
+            }
+        };
+        let _ = self.flush_tx.send(job);
+    }
+}
+
+// ---- the flusher thread: Parquet, commit, compaction ----
+
+struct Flusher {
+    data_dir: PathBuf,
+    manifest: Manifest,
+    buffer: Arc<LiveBuffer>,
+    metrics: Arc<Metrics>,
+    cfg: IngestConfig,
+    /// Files replaced by compaction, deleted after a grace period for running queries.
+    pending_deletes: Vec<(Instant, PathBuf)>,
+}
+
+/// How long replaced files stay on disk for queries that planned over them.
+const DELETE_GRACE: Duration = Duration::from_secs(120);
+
+impl Flusher {
+    fn run(mut self, rx: Receiver<FlushJob>) {
+        while let Ok(job) = rx.recv() {
+            let result = match job.seq {
+                Some(seq) => self.flush_until_done(seq, &job.batches),
+                None => Ok(()),
+            };
+            if let Some(reply) = job.reply {
+                let _ = reply.send(result);
+            }
+            self.delete_replaced(false);
+        }
+        self.delete_replaced(true);
+    }
+
+    /// A failed flush loses nothing (the WAL still has the events) but must not be skipped:
+    /// retry until it commits, while back-pressure keeps memory bounded.
+    fn flush_until_done(&mut self, seq: u64, batches: &[RecordBatch]) -> Result<()> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.flush(seq, batches) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?delay, "flush to Parquet failed; events stay in the WAL");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self, seq: u64, batches: &[RecordBatch]) -> Result<()> {
+        let start = Instant::now();
+        let prefix = format!("f{seq:020}");
+        let files = write_partitioned(&self.data_dir, batches, self.cfg.partition, &prefix)?;
+        IdsFile::write(&self.data_dir.join("dedup"), seq, id_pairs(batches))?;
+        let mut next = self.manifest.clone();
+        next.wal_flushed_through = seq;
+        let touched: HashSet<String> = files.iter().map(|f| f.partition.clone()).collect();
+        let rows: u64 = files.iter().map(|f| f.rows).sum();
+        next.files.extend(files);
+        next.commit(&self.data_dir)?;
+        self.manifest = next;
+        self.buffer.finish_flush(seq, self.manifest.files.clone());
+        Metrics::add_duration(
+            &self.metrics.flushes,
+            &self.metrics.flush_micros,
+            start.elapsed(),
+        );
+        self.metrics.flushed_rows.fetch_add(rows, Relaxed);
+        tracing::debug!(seq, rows, took = ?start.elapsed(), "flushed live buffer to Parquet");
+        Wal::remove_through(&self.data_dir.join("wal"), seq)?;
+        self.expire_ids_files()?;
+        self.compact(&touched);
+        Ok(())
+    }
+
+    fn compact(&mut self, partitions: &HashSet<String>) {
+        let start = Instant::now();
+        let opts = CompactOptions {
+            min_files: self.cfg.compact_min_files,
+            small_bytes: self.cfg.compact_small_bytes.0 as u64,
+            max_input_bytes: 4 * self.cfg.compact_small_bytes.0 as u64,
+        };
+        let mut next = self.manifest.clone();
+        match compact(&self.data_dir, &mut next, Some(partitions), opts) {
+            Ok(outcome) if outcome.partitions > 0 => {
+                self.manifest = next;
+                self.buffer.set_files(self.manifest.files.clone());
+                let now = Instant::now();
+                self.pending_deletes.extend(
+                    outcome
+                        .replaced
+                        .iter()
+                        .map(|p| (now, self.data_dir.join(p))),
+                );
+                Metrics::add_duration(
+                    &self.metrics.compactions,
+                    &self.metrics.compaction_micros,
+                    start.elapsed(),
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "compaction failed; the small files stay and are retried later")
+            }
+        }
+    }
+
+    fn delete_replaced(&mut self, all: bool) {
+        self.pending_deletes.retain(|(at, path)| {
+            if all || at.elapsed() >= DELETE_GRACE {
+                let _ = std::fs::remove_file(path);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// An ids file written longer than the dedup window ago holds only expired ids.
+    fn expire_ids_files(&self) -> Result<()> {
+        let dir = self.data_dir.join("dedup");
+        for (_, path) in IdsFile::list(&dir)? {
+            let age = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok());
+            if age.is_some_and(|a| a > self.cfg.dedup_window) {
+                std::fs::remove_file(&path).map_err(IngestError::io(&path))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// (received_at, id hash) of every row, for the dedup ids file.
+fn id_pairs(batches: &[RecordBatch]) -> Vec<(i64, u128)> {
+    let mut out = Vec::with_capacity(batches.iter().map(|b| b.num_rows()).sum());
+    for b in batches {
+        let ids: &StringViewArray = b
+            .column(col::EVENT_ID)
+            .as_any()
+            .downcast_ref()
+            .expect("event_id is Utf8View");
+        let at: &TimestampMicrosecondArray = b
+            .column(col::RECEIVED_AT)
+            .as_any()
+            .downcast_ref()
+            .expect("received_at is Timestamp(µs)");
+        out.extend(
+            at.values()
+                .iter()
+                .zip(ids.iter())
+                .map(|(a, id)| (*a, id_hash(id.unwrap_or("")))),
+        );
+    }
+    out
+}
+
+/// Offline compaction of a data dir (the server must not be running on it).
+pub fn compact_data_dir(
+    data_dir: &Path,
+    cfg: &IngestConfig,
+) -> Result<crate::compact::CompactOutcome> {
+    let mut manifest = Manifest::load(data_dir)?;
+    manifest.remove_orphans(data_dir)?;
+    let opts = CompactOptions {
+        min_files: 1,
+        small_bytes: cfg.compact_small_bytes.0 as u64,
+        max_input_bytes: 4 * cfg.compact_small_bytes.0 as u64,
+    };
+    let outcome = compact(data_dir, &mut manifest, None, opts)?;
+    for p in &outcome.replaced {
+        let path = data_dir.join(p);
+        std::fs::remove_file(&path).map_err(IngestError::io(&path))?;
+    }
+    Ok(outcome)
+}

@@ -1,0 +1,207 @@
+//! What lands on disk: partitioned, sorted, zstd Parquet files with statistics, WAL
+//! segments removed after their flush, compaction of small files with late duplicates.
+
+use std::fs::File;
+use std::time::Duration;
+
+use funnelhouse_ingest::{IngestConfig, Manifest, Partitioning};
+use parquet::basic::Compression;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use serde_json::{Value, json};
+
+use crate::support::{TestServer, committed_rows, config, event};
+
+fn at(id: &str, user: &str, ts: &str) -> Value {
+    let mut e = event(id);
+    e["user_id"] = json!(user);
+    e["ts"] = json!(ts);
+    e
+}
+
+#[tokio::test]
+async fn flush_writes_sorted_zstd_parquet_by_day_and_removes_the_wal() {
+    let server = TestServer::start(config()).await;
+    let events = json!([
+        at("a", "u2", "2026-11-11T10:00:00Z"),
+        at("b", "u1", "2026-11-11T12:00:00Z"),
+        at("c", "u1", "2026-11-11T09:00:00Z"),
+        at("late", "u9", "2026-10-01T23:59:59.999999Z"),
+        at("d", "u1", "2026-11-12T00:00:00Z"),
+    ]);
+    assert_eq!(server.post_json(&events).await.json["accepted"], 5);
+    let before = server.rows();
+    server.store.flush().await.unwrap();
+    let manifest = Manifest::load(&server.dir).unwrap();
+    let mut partitions: Vec<&str> = manifest
+        .files
+        .iter()
+        .map(|f| f.partition.as_str())
+        .collect();
+    partitions.sort();
+    assert_eq!(
+        partitions,
+        ["date=2026-10-01", "date=2026-11-11", "date=2026-11-12"]
+    );
+    let after = server.rows();
+    assert_eq!(after.len(), 5);
+    for row in &before {
+        assert!(after.contains(row), "round trip of {row:?}");
+    }
+    let nov11 = manifest
+        .files
+        .iter()
+        .find(|f| f.partition == "date=2026-11-11")
+        .unwrap();
+    assert!(nov11.path.starts_with("events/date=2026-11-11/") && nov11.path.ends_with(".parquet"));
+    let reader =
+        SerializedFileReader::new(File::open(server.dir.join(&nov11.path)).unwrap()).unwrap();
+    let rg = reader.metadata().row_group(0);
+    assert!(matches!(rg.column(0).compression(), Compression::ZSTD(_)));
+    assert!(rg.column(5).statistics().is_some(), "ts statistics");
+    let sorting = rg.sorting_columns().expect("declared sort order");
+    assert_eq!(
+        sorting.iter().map(|s| s.column_idx).collect::<Vec<_>>(),
+        [3, 2, 5]
+    );
+    let ids: Vec<String> = crate::support::committed_rows(&server.dir)
+        .into_iter()
+        .filter(|r| r.ts >= 1_794_355_200_000_000 && r.ts < 1_794_441_600_000_000)
+        .map(|r| r.event_id)
+        .collect();
+    assert_eq!(
+        ids,
+        ["c", "b", "a"],
+        "sorted by campaign, user_id, ts as declared"
+    );
+    let wal_bytes: u64 = std::fs::read_dir(server.dir.join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert_eq!(wal_bytes, 0, "flushed segments are deleted");
+}
+
+#[tokio::test]
+async fn hour_partitioning_adds_an_hour_folder() {
+    let cfg = IngestConfig {
+        partition: Partitioning::Hour,
+        ..config()
+    };
+    let server = TestServer::start(cfg).await;
+    server
+        .post_json(&json!([
+            at("h", "u", "2026-11-11T10:59:59Z"),
+            at("i", "u", "2026-11-11T11:00:00Z")
+        ]))
+        .await;
+    server.store.flush().await.unwrap();
+    let mut parts: Vec<String> = Manifest::load(&server.dir)
+        .unwrap()
+        .files
+        .into_iter()
+        .map(|f| f.partition)
+        .collect();
+    parts.sort();
+    assert_eq!(
+        parts,
+        ["date=2026-11-11/hour=10", "date=2026-11-11/hour=11"]
+    );
+}
+
+#[tokio::test]
+async fn the_live_buffer_flushes_by_age_on_its_own() {
+    let cfg = IngestConfig {
+        flush_interval: Duration::from_millis(200),
+        ..config()
+    };
+    let server = TestServer::start(cfg).await;
+    server.post_json(&json!([event("aged")])).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Manifest::load(&server.dir).unwrap().files.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no flush by age");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(server.rows().len(), 1);
+}
+
+#[tokio::test]
+async fn small_files_are_compacted_and_late_duplicates_dropped() {
+    let cfg = IngestConfig {
+        dedup_window: Duration::from_secs(1),
+        compact_min_files: 4,
+        ..config()
+    };
+    let server = TestServer::start(cfg).await;
+    for round in 0..3 {
+        let batch: Vec<Value> = (0..10)
+            .map(|i| {
+                at(
+                    &format!("r{round}-{i}"),
+                    &format!("u{i}"),
+                    "2026-11-11T10:00:00Z",
+                )
+            })
+            .collect();
+        server.post_json(&Value::Array(batch)).await;
+        server.store.flush().await.unwrap();
+    }
+    assert_eq!(Manifest::load(&server.dir).unwrap().files.len(), 3);
+    // After the dedup window a resend is stored again (same ts, same partition)...
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let reply = server
+        .post_json(&json!([at("r0-0", "u0", "2026-11-11T10:00:00Z")]))
+        .await;
+    assert_eq!(reply.json["accepted"], 1, "{}", reply.json);
+    assert_eq!(server.rows().len(), 31);
+    // ...until the fourth small file triggers compaction of the partition.
+    server.store.flush().await.unwrap();
+    let manifest = Manifest::load(&server.dir).unwrap();
+    assert_eq!(manifest.files.len(), 1, "{:?}", manifest.files);
+    assert!(manifest.files[0].path.contains("/c-"));
+    assert_eq!(server.rows().len(), 30);
+    let rows = committed_rows(&server.dir);
+    assert_eq!(rows.len(), 30);
+    let mut ids: Vec<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 30);
+}
+
+#[tokio::test]
+async fn offline_compaction_merges_every_partition_with_small_files() {
+    let server = TestServer::start(config()).await;
+    for round in 0..3 {
+        server
+            .post_json(&json!([at(
+                &format!("o{round}"),
+                "u",
+                "2026-11-11T10:00:00Z"
+            )]))
+            .await;
+        server.store.flush().await.unwrap();
+    }
+    let dir = server.dir.clone();
+    let keep = server.stop().await;
+    let outcome = funnelhouse_ingest::compact_data_dir(&dir, &config()).unwrap();
+    assert_eq!(
+        (outcome.partitions, outcome.files_in, outcome.rows_out),
+        (1, 3, 3)
+    );
+    let manifest = Manifest::load(&dir).unwrap();
+    assert_eq!(manifest.files.len(), 1);
+    let on_disk = walk_parquet(&dir.join("events"));
+    assert_eq!(on_disk, 1, "replaced files are deleted");
+    drop(keep);
+}
+
+fn walk_parquet(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            if p.is_dir() {
+                walk_parquet(&p)
+            } else {
+                usize::from(p.extension().is_some_and(|e| e == "parquet"))
+            }
+        })
+        .sum()
+}

@@ -1,0 +1,216 @@
+//! Validation of one native event object into an [`Event`], with errors that name the field.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::event::{Event, limits};
+use crate::time::{Micros, epoch_ms_to_micros, parse_rfc3339};
+
+/// What validation needs to know about the request an event arrived in.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeContext {
+    /// Server receive time of the request, UTC µs.
+    pub received_at: Micros,
+    /// `received_at - sent_at` when the envelope carried `sent_at` (device clock skew).
+    pub skew: Micros,
+    /// Per-event size limit on the event's JSON text (`max_event_bytes`).
+    pub max_event_bytes: usize,
+    /// Reject `ts` later than `received_at + max_future` (`None`: off).
+    pub max_future: Option<Micros>,
+}
+
+impl DecodeContext {
+    pub fn new(received_at: Micros) -> Self {
+        Self {
+            received_at,
+            skew: 0,
+            max_event_bytes: 32 * 1024,
+            max_future: None,
+        }
+    }
+}
+
+/// The native event object with every field still raw, so each one can be checked
+/// on its own and named in the error. JSON `null` deserialises to `None` (absent).
+#[derive(Deserialize)]
+struct RawEvent<'a> {
+    #[serde(borrow, default)]
+    event_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    event: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    user_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    campaign: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    channel: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    ts: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    properties: Option<&'a RawValue>,
+}
+
+/// Validate one event given as JSON text. The error is `"<field>: <reason>"`.
+pub fn validate_event(text: &str, ctx: &DecodeContext) -> Result<Event, String> {
+    if text.len() > ctx.max_event_bytes {
+        return Err(format!(
+            "max_event_bytes: event is {} bytes, the limit is {}",
+            text.len(),
+            ctx.max_event_bytes
+        ));
+    }
+    let trimmed = text.trim_start();
+    if !trimmed.starts_with('{') {
+        return Err("event: not a JSON object".to_string());
+    }
+    let raw: RawEvent =
+        serde_json::from_str(text).map_err(|e| format!("event: invalid JSON object ({e})"))?;
+
+    let event_id = match raw.event_id {
+        Some(v) => bounded_string("event_id", v, 1, limits::EVENT_ID_MAX)?,
+        None => uuid::Uuid::now_v7().to_string(),
+    };
+    let event = required(raw.event, "event")?;
+    let event = bounded_string("event", event, 1, limits::EVENT_NAME_MAX)?;
+    check_event_name(&event)?;
+    let user_id = bounded_string(
+        "user_id",
+        required(raw.user_id, "user_id")?,
+        1,
+        limits::USER_ID_MAX,
+    )?;
+    let campaign = bounded_string(
+        "campaign",
+        required(raw.campaign, "campaign")?,
+        1,
+        limits::CAMPAIGN_MAX,
+    )?;
+    let channel = match raw.channel {
+        Some(v) => bounded_string("channel", v, 0, limits::CHANNEL_MAX)?,
+        None => String::new(),
+    };
+    let ts = match raw.ts {
+        Some(v) => parse_ts(v)
+            .ok_or("ts: not RFC 3339 or epoch ms")?
+            .saturating_add(ctx.skew),
+        None => ctx.received_at,
+    };
+    if let Some(max_future) = ctx.max_future
+        && ts > ctx.received_at.saturating_add(max_future)
+    {
+        return Err(format!(
+            "ts: {} is later than received_at + max_future ({} s)",
+            crate::time::format_micros(ts),
+            max_future / 1_000_000
+        ));
+    }
+    let properties = match raw.properties {
+        Some(v) => Some(properties_text(v)?),
+        None => None,
+    };
+    Ok(Event {
+        event_id,
+        event,
+        user_id,
+        campaign,
+        channel,
+        ts,
+        received_at: ctx.received_at,
+        properties,
+    })
+}
+
+fn required<'a>(value: Option<&'a RawValue>, field: &str) -> Result<&'a RawValue, String> {
+    value.ok_or_else(|| format!("{field}: missing"))
+}
+
+/// A JSON string of `min..=max` bytes (UTF-8).
+fn bounded_string(field: &str, value: &RawValue, min: usize, max: usize) -> Result<String, String> {
+    let text = value.get();
+    if !text.starts_with('"') {
+        return Err(format!(
+            "{field}: must be a string, got {}",
+            json_kind(text)
+        ));
+    }
+    let s: String = serde_json::from_str(text).map_err(|e| format!("{field}: {e}"))?;
+    if s.len() < min || s.len() > max {
+        return Err(format!(
+            "{field}: must be {min}..{max} bytes, got {}",
+            s.len()
+        ));
+    }
+    Ok(s)
+}
+
+/// `[A-Za-z0-9_.:-]`; a leading `$` is reserved for server-made names.
+pub fn check_event_name(name: &str) -> Result<(), String> {
+    match name
+        .bytes()
+        .find(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-')))
+    {
+        None => Ok(()),
+        Some(b'$') if name.starts_with('$') => {
+            Err("event: names starting with '$' are reserved for server-made events".to_string())
+        }
+        Some(b) => Err(format!(
+            "event: only A-Z a-z 0-9 _ . : - are allowed, found {:?}",
+            char::from_u32(b as u32)
+                .filter(|c| c.is_ascii())
+                .unwrap_or('?')
+        )),
+    }
+}
+
+/// RFC 3339 string or integer epoch milliseconds.
+pub fn parse_ts(value: &RawValue) -> Option<Micros> {
+    let text = value.get();
+    if text.starts_with('"') {
+        let s: std::borrow::Cow<str> = serde_json::from_str(text).ok()?;
+        parse_rfc3339(&s)
+    } else {
+        epoch_ms_to_micros(text.parse::<i64>().ok()?)
+    }
+}
+
+/// A JSON object, stored as compact text of at most 16 KiB.
+fn properties_text(value: &RawValue) -> Result<String, String> {
+    let text = value.get();
+    if !text.starts_with('{') {
+        return Err(format!(
+            "properties: must be a JSON object, got {}",
+            json_kind(text)
+        ));
+    }
+    // Re-serialise only when the sender pretty-printed (Python's json.dumps does);
+    // compact input is kept byte for byte.
+    let compact = if text
+        .bytes()
+        .any(|b| matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
+    {
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("properties: {e}"))?;
+        v.to_string()
+    } else {
+        text.to_string()
+    };
+    if compact.len() > limits::PROPERTIES_MAX {
+        return Err(format!(
+            "properties: {} bytes serialized, the limit is {}",
+            compact.len(),
+            limits::PROPERTIES_MAX
+        ));
+    }
+    Ok(compact)
+}
+
+fn json_kind(text: &str) -> &'static str {
+    match text.as_bytes().first() {
+        Some(b'"') => "a string",
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}

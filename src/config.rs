@@ -1,0 +1,247 @@
+//! `funnelhouse.toml`: one typed struct, every field with its default. Flags beat
+//! environment variables beat the file; unknown keys are an error naming key and file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use funnelhouse_ingest::config::{ByteSize, de_duration};
+use funnelhouse_ingest::{AuthConfig, IngestConfig};
+use serde::Deserialize;
+
+use crate::error::CliError;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the WAL, Parquet files and manifest live. Default `"./data"`.
+    pub data_dir: PathBuf,
+    /// HTTP listen address; port 0 binds a free port. Default `"127.0.0.1:8080"`.
+    pub http_addr: String,
+    /// Postgres wire listen address. Default `"127.0.0.1:5433"`.
+    pub pg_addr: String,
+    /// Write keys and read tokens. Default: none required.
+    pub auth: AuthConfig,
+    pub ingest: IngestConfig,
+    pub query: QueryConfig,
+    /// Named campaign funnels, targets and alerts. Default none.
+    pub campaigns: Vec<CampaignConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            http_addr: "127.0.0.1:8080".into(),
+            pg_addr: "127.0.0.1:5433".into(),
+            auth: AuthConfig::default(),
+            ingest: IngestConfig::default(),
+            query: QueryConfig::default(),
+            campaigns: Vec::new(),
+        }
+    }
+}
+
+/// `[query]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryConfig {
+    /// A query running longer is cancelled. Default `"60s"`.
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Memory pool for queries; sorts and aggregations spill past it. Default `"8GiB"`.
+    pub memory_limit: ByteSize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(60),
+            memory_limit: ByteSize(8 << 30),
+        }
+    }
+}
+
+/// `[[campaigns]]`. Parsed and validated now so that config files written to the contract
+/// load; scan links, targets and alerts read it.
+#[allow(dead_code)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CampaignConfig {
+    pub name: String,
+    /// Where scan links redirect to. Default none.
+    #[serde(default)]
+    pub landing_url: Option<String>,
+    #[serde(default)]
+    pub funnel: Option<FunnelConfig>,
+    /// channel -> step event -> target user count.
+    #[serde(default)]
+    pub targets: BTreeMap<String, BTreeMap<String, u64>>,
+    #[serde(default)]
+    pub alerts: Vec<AlertConfig>,
+}
+
+#[allow(dead_code)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunnelConfig {
+    pub steps: Vec<StepConfig>,
+    /// Conversion window. Default `"24h"`.
+    #[serde(default = "default_window", deserialize_with = "de_duration")]
+    pub window: Duration,
+}
+
+fn default_window() -> Duration {
+    Duration::from_secs(86400)
+}
+
+/// A step: an event name, or `{event = "draw", where = {prize = "gold"}}`.
+#[allow(dead_code)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StepConfig {
+    Name(String),
+    Filtered {
+        event: String,
+        #[serde(default, rename = "where")]
+        filter: BTreeMap<String, toml::Value>,
+    },
+}
+
+#[allow(dead_code)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertConfig {
+    pub step: String,
+    #[serde(default)]
+    pub min_step_conversion: Option<f64>,
+    /// Evaluation window. Default `"1h"`.
+    #[serde(default = "default_over", deserialize_with = "de_duration")]
+    pub over: Duration,
+    #[serde(default)]
+    pub webhook: Option<String>,
+}
+
+fn default_over() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// Values given as flags or environment variables (clap has already merged those two).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub http_addr: Option<String>,
+    pub pg_addr: Option<String>,
+}
+
+impl Config {
+    /// Read the file (when given), apply overrides, validate.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Config, CliError> {
+        let mut cfg = match file {
+            None => Config::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    CliError::Config(format!("{}: cannot read: {e}", path.display()))
+                })?;
+                toml::from_str(&text)
+                    .map_err(|e| CliError::Config(format!("{}: {e}", path.display())))?
+            }
+        };
+        if let Some(d) = overrides.data_dir {
+            cfg.data_dir = d;
+        }
+        if let Some(a) = overrides.http_addr {
+            cfg.http_addr = a;
+        }
+        if let Some(a) = overrides.pg_addr {
+            cfg.pg_addr = a;
+        }
+        let origin = file.map_or("defaults".to_string(), |p| p.display().to_string());
+        cfg.validate()
+            .map_err(|e| CliError::Config(format!("{origin}: {e}")))?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for (key, addr) in [("http_addr", &self.http_addr), ("pg_addr", &self.pg_addr)] {
+            addr.parse::<std::net::SocketAddr>().map_err(|_| {
+                format!("{key}: {addr:?} is not an address like \"127.0.0.1:8080\"")
+            })?;
+        }
+        self.ingest.validate()?;
+        let mut names = std::collections::HashSet::new();
+        for c in &self.campaigns {
+            if !names.insert(&c.name) {
+                return Err(format!("campaigns: {:?} is defined twice", c.name));
+            }
+            if let Some(f) = &c.funnel
+                && f.steps.is_empty()
+            {
+                return Err(format!(
+                    "campaigns.funnel.steps: campaign {:?} has no steps",
+                    c.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_contract_example_parses() {
+        let text = r#"
+data_dir = "./data"
+http_addr = "127.0.0.1:8080"
+pg_addr = "127.0.0.1:5433"
+[auth]
+write_keys = ["wk_live_1"]
+read_tokens = ["rt_1"]
+[ingest]
+dedup_window = "24h"
+dedup_max_ids = 100000000
+max_request_bytes = "8MiB"
+max_event_bytes = "32KiB"
+max_future = "off"
+partition = "day"
+[query]
+timeout = "60s"
+memory_limit = "8GiB"
+[[campaigns]]
+name = "parcel-lottery"
+landing_url = "https://shop.example/lottery"
+[campaigns.funnel]
+steps = ["package", "scan", "view", {event = "draw", where = {prize = "gold"}}]
+window = "24h"
+[campaigns.targets.jd]
+package = 50000
+scan = 20000
+[[campaigns.alerts]]
+step = "scan"
+min_step_conversion = 0.3
+over = "1h"
+webhook = "http://127.0.0.1:9000/hook"
+"#;
+        let cfg: Config = toml::from_str(text).unwrap();
+        assert_eq!(cfg.ingest.max_request_bytes.0, 8 << 20);
+        assert_eq!(cfg.campaigns[0].funnel.as_ref().unwrap().steps.len(), 4);
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("funnelhouse.toml");
+        std::fs::write(&path, "[ingest]\nmax_request_byte = \"1MiB\"\n").unwrap();
+        let err = Config::load(Some(&path), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("max_request_byte") && err.contains("funnelhouse.toml"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,13 @@
+//! The binary's error type: what a command reports before exiting non-zero.
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Ingest(#[from] funnelhouse_ingest::IngestError),
+    #[error("{0}")]
+    Io(String),
+    #[error("{0}")]
+    Delivery(String),
+}

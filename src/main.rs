@@ -1,0 +1,115 @@
+//! `funnelhouse`: the command line. Only parsing and wiring live here; the work is done
+//! by the `funnelhouse-schemas`, `funnelhouse-ingest` and (later) `funnelhouse-query` crates.
+
+mod config;
+mod error;
+mod generate;
+mod import;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, Overrides};
+use crate::error::CliError;
+
+#[derive(Parser)]
+#[command(
+    name = "funnelhouse",
+    version,
+    about = "Event tracking and funnel analytics: collector, storage and queries"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct GlobalArgs {
+    /// Config file (TOML); defaults apply without one.
+    #[arg(long, global = true, env = "FUNNELHOUSE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory [default: ./data].
+    #[arg(long, global = true, env = "FUNNELHOUSE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// HTTP listen address [default: 127.0.0.1:8080].
+    #[arg(long, global = true, env = "FUNNELHOUSE_HTTP_ADDR")]
+    http_addr: Option<String>,
+    /// Postgres wire listen address [default: 127.0.0.1:5433].
+    #[arg(long, global = true, env = "FUNNELHOUSE_PG_ADDR")]
+    pg_addr: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the collector and query server.
+    Serve,
+    /// Post events from NDJSON, CSV or Parquet files to a running server.
+    Import(import::ImportArgs),
+    /// Generate synthetic campaign events (NDJSON to a file, or straight to a server).
+    Gen(generate::GenArgs),
+    /// Merge small Parquet files and drop late duplicates (offline: stop the server first).
+    Compact,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let overrides = Overrides {
+        data_dir: cli.global.data_dir,
+        http_addr: cli.global.http_addr,
+        pg_addr: cli.global.pg_addr,
+    };
+    let result =
+        Config::load(cli.global.config.as_deref(), overrides).and_then(|cfg| run(cli.command, cfg));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Io(format!("cannot start the runtime: {e}")))?;
+    match command {
+        Command::Serve => runtime
+            .block_on(serve::serve(cfg))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Import(args) => runtime.block_on(import::run(args, &cfg)),
+        Command::Gen(args) => runtime
+            .block_on(generate::run(args, &cfg))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Compact => {
+            let outcome = funnelhouse_ingest::compact_data_dir(&cfg.data_dir, &cfg.ingest)?;
+            println!(
+                "compacted {} partitions: {} files, {} rows in, {} rows out ({} late duplicates dropped)",
+                outcome.partitions,
+                outcome.files_in,
+                outcome.rows_in,
+                outcome.rows_out,
+                outcome.rows_in - outcome.rows_out
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn init_tracing() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FUNNELHOUSE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
