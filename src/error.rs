@@ -10,4 +10,6 @@ pub enum CliError {
     Io(String),
     #[error("{0}")]
     Delivery(String),
+    #[error("query: {0}")]
+    Query(String),
 }

@@ -1,10 +1,11 @@
 //! `funnelhouse`: the command line. Only parsing and wiring live here; the work is done
-//! by the `funnelhouse-schemas`, `funnelhouse-ingest` and (later) `funnelhouse-query` crates.
+//! by the `funnelhouse-schemas`, `funnelhouse-ingest` and `funnelhouse-query` crates.
 
 mod config;
 mod error;
 mod generate;
 mod import;
+mod query_cli;
 mod serve;
 
 use std::path::PathBuf;
@@ -52,6 +53,10 @@ enum Command {
     Import(import::ImportArgs),
     /// Generate synthetic campaign events (NDJSON to a file, or straight to a server).
     Gen(generate::GenArgs),
+    /// Run read-only SQL over all events and print a table.
+    Sql(query_cli::SqlArgs),
+    /// Compute a funnel (counts, conversion, pending, medians; optional breakdown).
+    Funnel(query_cli::FunnelArgs),
     /// Merge small Parquet files and drop late duplicates (offline: stop the server first).
     Compact,
 }
@@ -87,6 +92,12 @@ fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
         Command::Import(args) => runtime.block_on(import::run(args, &cfg)),
         Command::Gen(args) => runtime
             .block_on(generate::run(args, &cfg))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Sql(args) => runtime
+            .block_on(query_cli::sql(args, &cfg))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Funnel(args) => runtime
+            .block_on(query_cli::funnel(args, &cfg))
             .map(|()| ExitCode::SUCCESS),
         Command::Compact => {
             let outcome = funnelhouse_ingest::compact_data_dir(&cfg.data_dir, &cfg.ingest)?;

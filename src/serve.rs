@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
+use std::sync::OnceLock;
+
 use funnelhouse_ingest::{CollectorState, EventStore, Metrics};
+use funnelhouse_query::{QueryEngine, QueryOptions, QueryState, SnapshotSource};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -12,7 +15,12 @@ use crate::error::CliError;
 pub async fn serve(cfg: Config) -> Result<(), CliError> {
     let metrics = Arc::new(Metrics::default());
     let state = CollectorState::new(cfg.ingest.clone(), cfg.auth.clone(), Arc::clone(&metrics));
-    let app = funnelhouse_ingest::router(state.clone());
+    let query_state = QueryState {
+        engine: Arc::new(OnceLock::new()),
+        read_tokens: Arc::new(cfg.auth.read_tokens.clone()),
+    };
+    let app = funnelhouse_ingest::router(state.clone())
+        .merge(funnelhouse_query::router(query_state.clone()));
 
     let listener = TcpListener::bind(&cfg.http_addr).await.map_err(|e| {
         CliError::Io(format!(
@@ -35,9 +43,11 @@ pub async fn serve(cfg: Config) -> Result<(), CliError> {
 
     let ingest = cfg.ingest.clone();
     let dir = cfg.data_dir.clone();
-    let opened = tokio::task::spawn_blocking(move || EventStore::open(&dir, &ingest, metrics))
-        .await
-        .map_err(|e| CliError::Io(format!("store start-up panicked: {e}")))?;
+    let store_metrics = Arc::clone(&metrics);
+    let opened =
+        tokio::task::spawn_blocking(move || EventStore::open(&dir, &ingest, store_metrics))
+            .await
+            .map_err(|e| CliError::Io(format!("store start-up panicked: {e}")))?;
     let (store, report) = match opened {
         Ok(x) => x,
         Err(e) => {
@@ -54,6 +64,10 @@ pub async fn serve(cfg: Config) -> Result<(), CliError> {
         "ready: WAL replayed"
     );
     let store = Arc::new(store);
+    let source: Arc<dyn SnapshotSource> = Arc::clone(&store) as Arc<dyn SnapshotSource>;
+    let engine = QueryEngine::new(source, &cfg.data_dir, &query_options(&cfg), metrics)
+        .map_err(|e| CliError::Query(e.to_string()))?;
+    let _ = query_state.engine.set(engine);
     let _ = state.store.set(Arc::clone(&store));
 
     let served = server
@@ -79,4 +93,13 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// The `[query]` section as engine options.
+pub fn query_options(cfg: &Config) -> QueryOptions {
+    QueryOptions {
+        timeout: cfg.query.timeout,
+        memory_limit: cfg.query.memory_limit.0,
+        ..QueryOptions::default()
+    }
 }

@@ -18,6 +18,33 @@ pub struct Snapshot {
     pub batches: Vec<RecordBatch>,
 }
 
+impl Snapshot {
+    /// What is on disk now, for a reader without a running server: the committed files
+    /// plus the events of WAL segments not yet flushed.
+    pub fn read(data_dir: &std::path::Path) -> crate::error::Result<Snapshot> {
+        let manifest = crate::manifest::Manifest::load(data_dir)?;
+        let records =
+            crate::wal::Wal::read_unflushed(&data_dir.join("wal"), manifest.wal_flushed_through)?;
+        let batches = records
+            .iter()
+            .map(|events| funnelhouse_schemas::events_to_batch(events))
+            .collect();
+        Ok(Snapshot {
+            files: Arc::new(manifest.files),
+            batches,
+        })
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.files.iter().map(|f| f.rows).sum::<u64>()
+            + self
+                .batches
+                .iter()
+                .map(|b| b.num_rows() as u64)
+                .sum::<u64>()
+    }
+}
+
 #[derive(Default)]
 struct BufferState {
     active: Vec<RecordBatch>,

@@ -130,6 +130,34 @@ impl Wal {
         Ok(closed.seq)
     }
 
+    /// Events of the segments after `flushed_through`, read without changing anything
+    /// (a torn tail is skipped, not cut): for readers of a data dir a server may own.
+    pub fn read_unflushed(dir: &Path, flushed_through: u64) -> Result<Vec<Vec<Event>>> {
+        let mut out = Vec::new();
+        if !dir.exists() {
+            return Ok(out);
+        }
+        for (seq, path) in list_segments(dir)? {
+            if seq <= flushed_through {
+                continue;
+            }
+            let data = match fs::read(&path) {
+                Ok(d) => d,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(IngestError::io(&path)(e)),
+            };
+            for payload in scan_records(&data).1 {
+                out.push(
+                    decode_events(payload).map_err(|reason| IngestError::Corrupt {
+                        path: path.clone(),
+                        reason,
+                    })?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
     pub fn current_seq(&self) -> u64 {
         self.current.seq
     }

@@ -1,1 +1,134 @@
-fn main() {}
+//! End-to-end ingest load: several loopback clients post NDJSON batches (500 events by
+//! default) from a file to `/v1/events`, each waiting for its durable ack, and report
+//! events/s, MB/s and ack latency percentiles as one JSON line.
+//!
+//!     load --url http://127.0.0.1:8080 --file events.ndjson --clients 8 [--rate 200000]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+#[derive(Parser)]
+struct Args {
+    /// Server base URL.
+    #[arg(long)]
+    url: String,
+    /// NDJSON events to send.
+    #[arg(long)]
+    file: String,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Events per request.
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Target events/s over all clients (paced); absent: as fast as acks allow.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Send at most this many events.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let text = std::fs::read_to_string(&args.file).expect("read the events file");
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(args.limit.unwrap_or(usize::MAX))
+        .collect();
+    let bodies: Arc<Vec<(usize, bytes::Bytes)>> = Arc::new(
+        lines
+            .chunks(args.batch)
+            .map(|c| (c.len(), bytes::Bytes::from(c.join("\n"))))
+            .collect(),
+    );
+    let total_events: usize = bodies.iter().map(|b| b.0).sum();
+    let total_bytes: usize = bodies.iter().map(|b| b.1.len()).sum();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.clients)
+        .build()
+        .unwrap();
+    let next = Arc::new(AtomicUsize::new(0));
+    let url = format!("{}/v1/events", args.url.trim_end_matches('/'));
+    // Paced clients each send one batch per interval, so the offered load is steady.
+    let interval = args
+        .rate
+        .map(|r| Duration::from_secs_f64(args.batch as f64 * args.clients as f64 / r));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.clients {
+        let (http, next, bodies, url) = (
+            http.clone(),
+            Arc::clone(&next),
+            Arc::clone(&bodies),
+            url.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut ticker = interval.map(|i| {
+                let mut t = tokio::time::interval(i);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            });
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((n, body)) = bodies.get(i) else {
+                    break;
+                };
+                if let Some(t) = ticker.as_mut() {
+                    t.tick().await;
+                }
+                loop {
+                    let sent = Instant::now();
+                    let resp = http
+                        .post(&url)
+                        .header("content-type", "application/x-ndjson")
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .expect("post");
+                    let status = resp.status();
+                    let json: serde_json::Value = resp.json().await.unwrap_or_default();
+                    if status.as_u16() == 503 || status.as_u16() == 429 {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    assert!(status.is_success(), "{status}: {json}");
+                    let counted = json["accepted"].as_u64().unwrap_or(0)
+                        + json["duplicates"].as_u64().unwrap_or(0);
+                    assert_eq!(
+                        counted as usize + json["rejected"].as_array().map_or(0, Vec::len),
+                        *n
+                    );
+                    latencies.push(sent.elapsed());
+                    break;
+                }
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.unwrap());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    latencies.sort();
+    let pct = |p: f64| {
+        latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64()
+            * 1e3
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "events": total_events, "requests": latencies.len(), "seconds": secs,
+            "events_per_sec": total_events as f64 / secs, "mb_per_sec": total_bytes as f64 / secs / 1e6,
+            "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": pct(1.0),
+            "clients": args.clients, "batch": args.batch, "offered_rate": args.rate,
+        })
+    );
+}

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# End-to-end ingest benchmark (not part of the test suite).
+#   benches/run_ingest.sh [EVENTS]          default 2000000
+# 1. `funnelhouse gen` writes EVENTS synthetic events as NDJSON;
+# 2. anchors: DuckDB and ClickHouse (chdb) convert that file to zstd Parquet;
+# 3. peak: a release server on loopback takes the file from 8 clients posting 500-event
+#    NDJSON batches with durable acks; SIGTERM flushes; Parquet bytes per stored event;
+# 4. half load: a fresh server offered half the peak rate; ack latency percentiles.
+# Results: benches/out/ingest-*.json and a table on stdout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EVENTS="${1:-2000000}"
+OUT=benches/out
+mkdir -p "$OUT"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/funnelhouse-target}"
+cargo build --release -p funnelhouse -p funnelhouse-benches --bins
+BIN="$CARGO_TARGET_DIR/release"
+
+VENV=benches/.venv
+if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
+"$VENV/bin/pip" install -q duckdb chdb
+
+"$BIN/funnelhouse" gen --events "$EVENTS" --out "$OUT/events.ndjson"
+"$VENV/bin/python" benches/anchors_ingest.py "$OUT/events.ndjson" "$OUT" | tee "$OUT/ingest-anchors.json"
+
+# start_server DATA_DIR -> sets SERVER_PID and URL
+start_server() {
+  rm -rf "$1"
+  FUNNELHOUSE_LOG=info "$BIN/funnelhouse" serve --data-dir "$1" --http-addr 127.0.0.1:0 --pg-addr 127.0.0.1:0 \
+    2> "$1.log" &
+  SERVER_PID=$!
+  for _ in $(seq 1 300); do
+    URL=$(grep -o 'listening on http://[0-9.:]*' "$1.log" 2>/dev/null | head -1 | sed 's/listening on //') || true
+    if [ -n "${URL:-}" ] && curl -sf "$URL/readyz" >/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "server did not start; see $1.log" >&2
+  exit 1
+}
+
+stop_server() {
+  kill -TERM "$SERVER_PID"
+  wait "$SERVER_PID"
+}
+
+start_server "$OUT/data-peak"
+"$BIN/load" --url "$URL" --file "$OUT/events.ndjson" --clients 8 --batch 500 | tee "$OUT/ingest-peak.json"
+stop_server
+"$VENV/bin/python" - "$OUT/data-peak" > "$OUT/ingest-storage.json" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+m = json.load(open(os.path.join(d, "manifest.json")))
+rows = sum(f["rows"] for f in m["files"])
+size = sum(os.path.getsize(os.path.join(d, f["path"])) for f in m["files"])
+print(json.dumps({"stored_events": rows, "files": len(m["files"]), "parquet_bytes": size, "bytes_per_event": size / rows}))
+PY
+cat "$OUT/ingest-storage.json"
+
+PEAK=$("$VENV/bin/python" -c "import json;print(json.load(open('$OUT/ingest-peak.json'))['events_per_sec'])")
+HALF=$("$VENV/bin/python" -c "print($PEAK / 2)")
+start_server "$OUT/data-half"
+"$BIN/load" --url "$URL" --file "$OUT/events.ndjson" --clients 8 --batch 500 --rate "$HALF" | tee "$OUT/ingest-half.json"
+stop_server
+
+"$VENV/bin/python" - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+anchors = [json.loads(l) for l in open(f"{out}/ingest-anchors.json")]
+peak = json.load(open(f"{out}/ingest-peak.json"))
+half = json.load(open(f"{out}/ingest-half.json"))
+storage = json.load(open(f"{out}/ingest-storage.json"))
+best = max(a["events_per_sec"] for a in anchors)
+print(f"\n| what | events/s | MB/s | p50 ms | p99 ms | bytes/event |")
+print(f"|---|---|---|---|---|---|")
+for a in anchors:
+    print(f"| {a['engine']} NDJSON->zstd Parquet | {a['events_per_sec']:,.0f} | | | | {a['bytes_per_event']:.1f} |")
+print(f"| funnelhouse durable ingest, peak | {peak['events_per_sec']:,.0f} | {peak['mb_per_sec']:.1f} | {peak['p50_ms']:.1f} | {peak['p99_ms']:.1f} | {storage['bytes_per_event']:.1f} |")
+print(f"| funnelhouse at half of peak | {half['events_per_sec']:,.0f} | {half['mb_per_sec']:.1f} | {half['p50_ms']:.1f} | {half['p99_ms']:.1f} | |")
+print(f"\nratio peak / faster anchor: {peak['events_per_sec'] / best:.2f} (target >= 0.5)")
+print(f"p99 at half load: {half['p99_ms']:.1f} ms (target < 25)")
+print(f"Parquet bytes/event: {storage['bytes_per_event']:.1f} (target <= 25)")
+PY

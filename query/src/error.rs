@@ -1,0 +1,70 @@
+//! The one error type of the query crate, and its mapping to HTTP in one place.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use datafusion::error::DataFusionError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// Planning or execution failed; the message is DataFusion's.
+    #[error("{0}")]
+    DataFusion(#[from] DataFusionError),
+    #[error("read-only: {0} (Funnelhouse SQL answers queries; it does not change data)")]
+    ReadOnly(String),
+    #[error("the query ran longer than query.timeout ({0:?}) and was cancelled")]
+    Timeout(Duration),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("missing or unknown read token: send it as a Bearer token")]
+    Unauthorized,
+    #[error(transparent)]
+    Ingest(#[from] funnelhouse_ingest::IngestError),
+}
+
+pub type Result<T, E = QueryError> = std::result::Result<T, E>;
+
+impl QueryError {
+    /// SQLOptions refusals (DDL, DML, COPY, statements) become read-only errors.
+    pub fn from_planning(e: DataFusionError) -> Self {
+        let msg = e.strip_backtrace();
+        if [
+            "DDL not supported",
+            "DML not supported",
+            "Statement not supported",
+        ]
+        .iter()
+        .any(|p| msg.contains(p))
+        {
+            QueryError::ReadOnly(msg)
+        } else {
+            QueryError::DataFusion(e)
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::DataFusion(DataFusionError::ResourcesExhausted(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::DataFusion(_) | Self::ReadOnly(_) | Self::Timeout(_) | Self::BadRequest(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Ingest(e) => e.status(),
+        }
+    }
+}
+
+/// Every error body is `{"error": "..."}`.
+impl IntoResponse for QueryError {
+    fn into_response(self) -> Response {
+        let message = match &self {
+            Self::DataFusion(e) => e.strip_backtrace(),
+            other => other.to_string(),
+        };
+        (self.status(), Json(serde_json::json!({ "error": message }))).into_response()
+    }
+}

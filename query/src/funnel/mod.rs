@@ -1,0 +1,8 @@
+//! Funnels: the per-user chain semantics, the request spec, and the engine.
+
+pub mod chain;
+pub mod engine;
+pub mod spec;
+
+pub use engine::{FunnelReport, TrendReport, funnel, trend};
+pub use spec::{Breakdown, FilterValue, FunnelRequest, FunnelSpec, StepSpec};

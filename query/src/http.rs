@@ -1,0 +1,129 @@
+//! Query endpoints: `POST /v1/sql`, `GET|POST /v1/funnel`, `GET|POST /v1/funnel/trend`.
+//! Thin handlers: extract, call the engine, map the error.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use funnelhouse_ingest::IngestError;
+use funnelhouse_ingest::collector::header_key;
+use serde::Deserialize;
+
+use crate::error::{QueryError, Result};
+use crate::funnel::{self, FunnelRequest, FunnelSpec};
+use crate::output::OutputFormat;
+use crate::session::QueryEngine;
+
+/// The engine is set once the store is open; until then queries answer 503.
+#[derive(Clone, Default)]
+pub struct QueryState {
+    pub engine: Arc<OnceLock<QueryEngine>>,
+    pub read_tokens: Arc<Vec<String>>,
+}
+
+impl QueryState {
+    fn engine(&self, headers: &HeaderMap) -> Result<&QueryEngine> {
+        if !self.read_tokens.is_empty()
+            && !header_key(headers).is_some_and(|k| self.read_tokens.contains(&k))
+        {
+            return Err(QueryError::Unauthorized);
+        }
+        self.engine
+            .get()
+            .ok_or(QueryError::Ingest(IngestError::NotReady))
+    }
+}
+
+pub fn router(state: QueryState) -> Router {
+    Router::new()
+        .route("/v1/sql", post(sql))
+        .route("/v1/funnel", get(funnel_get).post(funnel_post))
+        .route("/v1/funnel/trend", get(trend_get).post(trend_post))
+        .with_state(state)
+}
+
+#[derive(Deserialize)]
+struct SqlBody {
+    sql: String,
+}
+
+async fn sql(
+    State(state): State<QueryState>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response> {
+    let engine = state.engine(&headers)?;
+    let format = OutputFormat::negotiate(
+        params.get("format").map(String::as_str),
+        headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()),
+    )?;
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    let text = if is_json {
+        serde_json::from_slice::<SqlBody>(&body)
+            .map_err(|e| {
+                QueryError::BadRequest(format!("body: expected {{\"sql\": \"...\"}}: {e}"))
+            })?
+            .sql
+    } else {
+        String::from_utf8(body.to_vec())
+            .map_err(|_| QueryError::BadRequest("body: not UTF-8 text".into()))?
+    };
+    let result = engine.sql(&text).await?;
+    let bytes = format.render(&result.schema, &result.batches)?;
+    Ok(([(header::CONTENT_TYPE, format.content_type())], bytes).into_response())
+}
+
+fn spec_from_body(body: &[u8]) -> Result<FunnelSpec> {
+    serde_json::from_slice::<FunnelRequest>(body)
+        .map_err(|e| QueryError::BadRequest(format!("body: {e}")))?
+        .into_spec()
+}
+
+async fn funnel_get(
+    State(state): State<QueryState>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Json<funnel::FunnelReport>> {
+    let engine = state.engine(&headers)?;
+    Ok(Json(
+        funnel::funnel(engine, &FunnelRequest::from_query(&params)?.into_spec()?).await?,
+    ))
+}
+
+async fn funnel_post(
+    State(state): State<QueryState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<funnel::FunnelReport>> {
+    let engine = state.engine(&headers)?;
+    Ok(Json(funnel::funnel(engine, &spec_from_body(&body)?).await?))
+}
+
+async fn trend_get(
+    State(state): State<QueryState>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Json<funnel::TrendReport>> {
+    let engine = state.engine(&headers)?;
+    Ok(Json(
+        funnel::trend(engine, &FunnelRequest::from_query(&params)?.into_spec()?).await?,
+    ))
+}
+
+async fn trend_post(
+    State(state): State<QueryState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<funnel::TrendReport>> {
+    let engine = state.engine(&headers)?;
+    Ok(Json(funnel::trend(engine, &spec_from_body(&body)?).await?))
+}

@@ -1,0 +1,139 @@
+//! The DataFusion session: the `events` table and `window_funnel` registered, a memory
+//! pool that spills instead of failing, a timeout, and read-only SQL.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
+use funnelhouse_ingest::Metrics;
+
+use crate::error::{QueryError, Result};
+use crate::table::{EventsTable, SnapshotSource};
+use crate::udaf::WindowFunnel;
+
+/// Settings of the `[query]` config section.
+#[derive(Debug, Clone)]
+pub struct QueryOptions {
+    /// A query running longer is cancelled.
+    pub timeout: Duration,
+    /// Memory pool size; sorts, joins and aggregations spill to disk past it.
+    pub memory_limit: usize,
+    /// Parallelism of scans and operators; default the number of cores.
+    pub target_partitions: usize,
+}
+
+impl Default for QueryOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(60),
+            memory_limit: 8 << 30,
+            target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+/// A query's answer: the schema (also when there are no rows) and the batches.
+#[derive(Debug)]
+pub struct QueryResult {
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+}
+
+#[derive(Clone)]
+pub struct QueryEngine {
+    ctx: SessionContext,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl QueryEngine {
+    pub fn new(
+        source: Arc<dyn SnapshotSource>,
+        data_dir: &Path,
+        opts: &QueryOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(FairSpillPool::new(opts.memory_limit)))
+            .build_arc()?;
+        let mut config = SessionConfig::new()
+            .with_target_partitions(opts.target_partitions.max(1))
+            .with_information_schema(true)
+            .with_default_catalog_and_schema("funnelhouse", "public");
+        // Late materialisation: decode the filter columns first, the rest only for matches.
+        config.options_mut().execution.parquet.pushdown_filters = true;
+        config.options_mut().execution.parquet.reorder_filters = true;
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        ctx.register_table("events", Arc::new(EventsTable::new(source, data_dir)))?;
+        ctx.register_udaf(WindowFunnel::udaf());
+        Ok(Self {
+            ctx,
+            timeout: opts.timeout,
+            metrics,
+        })
+    }
+
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Plan `sql` as a read-only query: DDL, DML (COPY included) and statements are refused.
+    pub async fn plan(&self, sql: &str) -> Result<DataFrame> {
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        self.ctx
+            .sql_with_options(sql, options)
+            .await
+            .map_err(QueryError::from_planning)
+    }
+
+    /// Run read-only SQL to completion within the timeout.
+    pub async fn sql(&self, sql: &str) -> Result<QueryResult> {
+        let started = Instant::now();
+        let result = self
+            .with_timeout(async {
+                let df = self.plan(sql).await?;
+                let schema = Arc::new(df.schema().as_arrow().clone());
+                let batches = df.collect().await?;
+                Ok(QueryResult { schema, batches })
+            })
+            .await;
+        Metrics::add_duration(
+            &self.metrics.query_count,
+            &self.metrics.query_micros,
+            started.elapsed(),
+        );
+        result
+    }
+
+    /// Execute a DataFrame as one stream per output partition.
+    pub async fn partitioned_streams(
+        &self,
+        df: DataFrame,
+    ) -> Result<Vec<SendableRecordBatchStream>> {
+        Ok(df.execute_stream_partitioned().await?)
+    }
+
+    pub async fn with_timeout<T>(&self, fut: impl Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(QueryError::Timeout(self.timeout)),
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+}

@@ -1,0 +1,244 @@
+//! The query endpoints over real HTTP: SQL formats, read-only errors, freshness (an
+//! event posted is seen within 1 s), the funnel endpoints, and a flush racing queries.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::TestServer;
+
+fn event(id: &str, user: &str, event: &str, channel: &str, ts: &str) -> Value {
+    json!({"event_id": id, "event": event, "user_id": user, "campaign": "parcel-lottery",
+           "channel": channel, "ts": ts, "properties": {"card": "A3", "n": 1}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_answers_in_json_csv_and_arrow() {
+    let server = TestServer::start().await;
+    server
+        .post_events(&json!([
+            event("e1", "u1", "scan", "jd", "2026-11-11T10:00:00.123456Z"),
+            event("e2", "u2", "view", "", "2026-11-11T11:00:00Z"),
+        ]))
+        .await;
+    let sql = "SELECT event_id, ts, channel, 1.5 AS f, CAST(NULL AS BIGINT) AS n, count(*) OVER () AS c \
+               FROM events ORDER BY event_id";
+    let json = server.sql_json(sql).await;
+    assert_eq!(json["row_count"], 2);
+    assert_eq!(
+        json["columns"],
+        json!([{"name": "event_id", "type": "text"}, {"name": "ts", "type": "timestamptz"},
+               {"name": "channel", "type": "text"}, {"name": "f", "type": "double precision"},
+               {"name": "n", "type": "bigint"}, {"name": "c", "type": "bigint"}])
+    );
+    assert_eq!(
+        json["rows"][0],
+        json!(["e1", "2026-11-11T10:00:00.123456Z", "jd", 1.5, null, 2])
+    );
+
+    let (status, csv, ct) = server.sql(sql, "csv").await;
+    assert_eq!(status, 200);
+    assert!(ct.starts_with("text/csv"));
+    assert_eq!(csv.lines().next(), Some("event_id,ts,channel,f,n,c"));
+    assert_eq!(
+        csv.lines().nth(2),
+        Some("e2,2026-11-11T11:00:00.000000Z,,1.5,,2")
+    );
+
+    let resp = server
+        .http
+        .post(format!("{}/v1/sql", server.url))
+        .header("accept", "application/vnd.apache.arrow.stream")
+        .header("content-type", "text/plain")
+        .body("SELECT user_id FROM events ORDER BY user_id")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let bytes = resp.bytes().await.unwrap();
+    let reader =
+        arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes.to_vec()), None)
+            .unwrap();
+    let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(rows, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_is_read_only_and_errors_are_400_with_the_reason() {
+    let server = TestServer::start().await;
+    for (sql, needle) in [
+        ("CREATE TABLE t AS SELECT 1", "read-only"),
+        ("INSERT INTO events SELECT * FROM events", "read-only"),
+        ("COPY (SELECT 1) TO '/tmp/x.csv'", "read-only"),
+        ("DROP TABLE events", "read-only"),
+        ("SET datafusion.execution.batch_size = 1", "read-only"),
+        ("SELEC 1", "SELEC"),
+        ("SELECT nope FROM events", "nope"),
+    ] {
+        let (status, body, _) = server.sql(sql, "json").await;
+        assert_eq!(status, 400, "{sql}: {body}");
+        let error = serde_json::from_str::<Value>(&body).unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(error.contains(needle), "{sql}: {error}");
+    }
+    let (status, body, _) = server.sql("SELECT 1", "xml").await;
+    assert_eq!(status, 400);
+    assert!(body.contains("format"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_event_is_visible_to_sql_and_funnels_within_a_second() {
+    let server = TestServer::start().await;
+    let posted = Instant::now();
+    server
+        .post_events(&json!([event(
+            "fresh",
+            "u-fresh",
+            "scan",
+            "jd",
+            "2026-11-11T10:00:00Z"
+        )]))
+        .await;
+    loop {
+        let json = server
+            .sql_json("SELECT count(*) AS n FROM events WHERE event_id = 'fresh'")
+            .await;
+        if json["rows"][0][0] == 1 {
+            break;
+        }
+        assert!(
+            posted.elapsed() < Duration::from_secs(1),
+            "not visible within 1 s"
+        );
+    }
+    let funnel: Value = server
+        .http
+        .get(format!(
+            "{}/v1/funnel?campaign=parcel-lottery&steps=scan,view&window=24h",
+            server.url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(funnel["total"]["counts"], json!([1, 0]));
+    assert!(posted.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn funnel_endpoints_over_http() {
+    let server = TestServer::start().await;
+    server
+        .post_events(&json!([
+            event("1", "u1", "scan", "jd", "2026-11-11T10:00:00Z"),
+            event("2", "u1", "view", "jd", "2026-11-11T10:05:00Z"),
+            event("3", "u2", "scan", "tmall", "2026-11-11T10:00:00Z"),
+        ]))
+        .await;
+    server.store.flush().await.unwrap();
+    server
+        .post_events(&json!([event(
+            "4",
+            "u2",
+            "view",
+            "tmall",
+            "2026-11-11T12:00:00Z"
+        )]))
+        .await;
+
+    let get = |q: &str| {
+        let url = format!("{}/v1/funnel{q}", server.url);
+        let http = server.http.clone();
+        async move {
+            let resp = http.get(url).send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, r) =
+        get("?campaign=parcel-lottery&steps=scan,view&window=1h&breakdown=channel").await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["total"]["counts"], json!([2, 1]));
+    assert_eq!(r["groups"][0]["value"], "jd");
+    assert!(r["as_of"].as_str().unwrap().ends_with('Z'));
+
+    let post = server
+        .http
+        .post(format!("{}/v1/funnel", server.url))
+        .json(&json!({"campaign": "parcel-lottery", "steps": ["scan", {"event": "view", "where": {"n": 1}}],
+                      "window": 10800}))
+        .send()
+        .await
+        .unwrap();
+    let r: Value = post.json().await.unwrap();
+    assert_eq!(r["total"]["counts"], json!([2, 2]), "{r}");
+    assert_eq!(
+        r["total"]["median_seconds"],
+        json!([0.0, 300.0]),
+        "lower median of 300 s and 7200 s"
+    );
+
+    let (status, r) =
+        get("/trend?campaign=parcel-lottery&steps=scan,view&window=3h&interval=1h").await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["buckets"][0]["counts"], json!([2, 2]));
+
+    for (q, field) in [
+        ("?steps=scan", "campaign"),
+        ("?campaign=parcel-lottery", "steps"),
+        ("?campaign=parcel-lottery&steps=scan&window=soon", "window"),
+        ("?campaign=parcel-lottery&steps=scan&from=yesterday", "from"),
+        (
+            "?campaign=parcel-lottery&steps=scan&breakdown=colour",
+            "breakdown",
+        ),
+    ] {
+        let (status, r) = get(q).await;
+        assert_eq!(status, 400, "{q}");
+        assert!(r["error"].as_str().unwrap().starts_with(field), "{q}: {r}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_racing_queries_never_drops_or_doubles_a_row() {
+    let server = TestServer::start().await;
+    let mut expected = 0;
+    for round in 0..20 {
+        let batch: Vec<Value> = (0..50)
+            .map(|i| {
+                event(
+                    &format!("r{round}-{i}"),
+                    &format!("u{i}"),
+                    "scan",
+                    "jd",
+                    "2026-11-11T10:00:00Z",
+                )
+            })
+            .collect();
+        server.post_events(&Value::Array(batch)).await;
+        expected += 50;
+        let flush = {
+            let store = std::sync::Arc::clone(&server.store);
+            tokio::spawn(async move { store.flush().await.unwrap() })
+        };
+        loop {
+            let json = server
+                .sql_json("SELECT count(*), count(DISTINCT event_id) FROM events")
+                .await;
+            assert_eq!(
+                json["rows"][0],
+                json!([expected, expected]),
+                "round {round}"
+            );
+            if flush.is_finished() {
+                break;
+            }
+        }
+        flush.await.unwrap();
+        let json = server.sql_json("SELECT count(*) FROM events").await;
+        assert_eq!(json["rows"][0][0], expected);
+    }
+}

@@ -1,0 +1,129 @@
+//! Shared fixtures: the collector and query routers over one store on 127.0.0.1:0, and
+//! engines over fixed in-memory event sets.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use funnelhouse_ingest::{CollectorState, EventStore, IngestConfig, Metrics, Snapshot};
+use funnelhouse_query::{QueryEngine, QueryOptions, QueryState, SnapshotSource, StaticSource};
+use funnelhouse_schemas::{Event, events_to_batch};
+use serde_json::Value;
+
+pub struct TestServer {
+    pub url: String,
+    pub store: Arc<EventStore>,
+    pub http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = IngestConfig {
+            flush_interval: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        };
+        let metrics = Arc::new(Metrics::default());
+        let path = dir.path().to_path_buf();
+        let m = Arc::clone(&metrics);
+        let c = cfg.clone();
+        let (store, _) = tokio::task::spawn_blocking(move || EventStore::open(&path, &c, m))
+            .await
+            .unwrap()
+            .unwrap();
+        let store = Arc::new(store);
+        let source: Arc<dyn SnapshotSource> = Arc::clone(&store) as Arc<dyn SnapshotSource>;
+        let engine = QueryEngine::new(
+            source,
+            dir.path(),
+            &QueryOptions::default(),
+            Arc::clone(&metrics),
+        )
+        .unwrap();
+        let ingest = CollectorState::new(cfg, Default::default(), metrics);
+        ingest.store.set(Arc::clone(&store)).ok().unwrap();
+        let query = QueryState {
+            engine: Arc::new(OnceLock::new()),
+            read_tokens: Arc::new(Vec::new()),
+        };
+        query.engine.set(engine).ok().unwrap();
+        let app = funnelhouse_ingest::router(ingest).merge(funnelhouse_query::router(query));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        TestServer {
+            url,
+            store,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    pub async fn post_events(&self, events: &Value) -> Value {
+        let resp = self
+            .http
+            .post(format!("{}/v1/events", self.url))
+            .json(events)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json().await.unwrap()
+    }
+
+    /// POST /v1/sql with a JSON body; (status, body text, content type).
+    pub async fn sql(&self, sql: &str, format: &str) -> (u16, String, String) {
+        let resp = self
+            .http
+            .post(format!("{}/v1/sql?format={format}", self.url))
+            .json(&serde_json::json!({ "sql": sql }))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        (status, resp.text().await.unwrap(), ct)
+    }
+
+    pub async fn sql_json(&self, sql: &str) -> Value {
+        let (status, body, _) = self.sql(sql, "json").await;
+        assert_eq!(status, 200, "{sql}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+/// An engine over exactly these events, held in memory.
+pub fn engine_over(events: &[Event]) -> QueryEngine {
+    let snapshot = Snapshot {
+        files: Arc::new(Vec::new()),
+        batches: vec![events_to_batch(events)],
+    };
+    let opts = QueryOptions {
+        target_partitions: 2,
+        ..QueryOptions::default()
+    };
+    QueryEngine::new(
+        Arc::new(StaticSource(snapshot)),
+        Path::new("."),
+        &opts,
+        Arc::new(Metrics::default()),
+    )
+    .unwrap()
+}
+
+pub fn ev(id: &str, user: &str, event: &str, channel: &str, ts: i64, props: Option<&str>) -> Event {
+    Event {
+        event_id: id.into(),
+        event: event.into(),
+        user_id: user.into(),
+        campaign: "c".into(),
+        channel: channel.into(),
+        ts,
+        received_at: 0,
+        properties: props.map(Into::into),
+    }
+}

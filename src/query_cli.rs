@@ -1,0 +1,283 @@
+//! `funnelhouse sql "..."` and `funnelhouse funnel ...`: against a running server
+//! (`--server URL`) or, without one, the config's data dir read as it is on disk.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use clap::Args;
+use funnelhouse_ingest::{Metrics, Snapshot};
+use funnelhouse_query::{FunnelRequest, QueryEngine, StaticSource, output};
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::error::CliError;
+
+#[derive(Args)]
+pub struct SqlArgs {
+    /// The query (read-only).
+    sql: String,
+    /// Ask this server instead of reading the data dir.
+    #[arg(long)]
+    server: Option<String>,
+    /// Print the JSON answer instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct FunnelArgs {
+    #[arg(long)]
+    campaign: String,
+    /// Comma-separated event names, in order.
+    #[arg(long)]
+    steps: String,
+    /// Conversion window: seconds or 30m, 24h, 7d.
+    #[arg(long, default_value = "24h")]
+    window: String,
+    /// First-step time range start (RFC 3339).
+    #[arg(long)]
+    from: Option<String>,
+    /// First-step time range end, exclusive (RFC 3339).
+    #[arg(long)]
+    to: Option<String>,
+    /// channel, campaign, event or properties.KEY
+    #[arg(long)]
+    breakdown: Option<String>,
+    #[arg(long)]
+    server: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn offline_engine(cfg: &Config) -> Result<QueryEngine, CliError> {
+    let snapshot = Snapshot::read(&cfg.data_dir)?;
+    let opts = crate::serve::query_options(cfg);
+    QueryEngine::new(
+        Arc::new(StaticSource(snapshot)),
+        &cfg.data_dir,
+        &opts,
+        Arc::new(Metrics::default()),
+    )
+    .map_err(|e| CliError::Query(e.to_string()))
+}
+
+async fn post_json(url: String, body: Value) -> Result<Value, CliError> {
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| {
+            CliError::Delivery(format!(
+                "{url}: {e} (is the server running? check --server)"
+            ))
+        })?;
+    let status = resp.status();
+    let json: Value = resp
+        .json()
+        .await
+        .map_err(|e| CliError::Delivery(format!("{url}: {e}")))?;
+    if !status.is_success() {
+        return Err(CliError::Query(
+            json["error"].as_str().unwrap_or("query failed").to_string(),
+        ));
+    }
+    Ok(json)
+}
+
+pub async fn sql(args: SqlArgs, cfg: &Config) -> Result<(), CliError> {
+    let json = match &args.server {
+        Some(server) => {
+            post_json(
+                format!("{}/v1/sql?format=json", server.trim_end_matches('/')),
+                serde_json::json!({"sql": args.sql}),
+            )
+            .await?
+        }
+        None => {
+            let engine = offline_engine(cfg)?;
+            let result = engine
+                .sql(&args.sql)
+                .await
+                .map_err(|e| CliError::Query(e.to_string()))?;
+            output::to_json(&result.schema, &result.batches)
+        }
+    };
+    if args.json {
+        println!("{json}");
+        return Ok(());
+    }
+    let header: Vec<String> = json["columns"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| c["name"].as_str().unwrap_or("").to_string())
+        .collect();
+    let rows: Vec<Vec<String>> = json["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| r.as_array().into_iter().flatten().map(plain).collect())
+        .collect();
+    print_table(&header, &rows);
+    println!("({} rows)", rows.len());
+    Ok(())
+}
+
+pub async fn funnel(args: FunnelArgs, cfg: &Config) -> Result<(), CliError> {
+    let mut req = serde_json::json!({
+        "campaign": args.campaign,
+        "steps": args.steps.split(',').map(str::trim).collect::<Vec<_>>(),
+        "window": args.window,
+    });
+    for (k, v) in [
+        ("from", &args.from),
+        ("to", &args.to),
+        ("breakdown", &args.breakdown),
+    ] {
+        if let Some(v) = v {
+            req[k] = Value::String(v.clone());
+        }
+    }
+    let report = match &args.server {
+        Some(server) => {
+            post_json(format!("{}/v1/funnel", server.trim_end_matches('/')), req).await?
+        }
+        None => {
+            let engine = offline_engine(cfg)?;
+            let spec = serde_json::from_value::<FunnelRequest>(req)
+                .map_err(|e| CliError::Query(e.to_string()))?
+                .into_spec()
+                .map_err(|e| CliError::Query(e.to_string()))?;
+            let report = funnelhouse_query::funnel::funnel(&engine, &spec)
+                .await
+                .map_err(|e| CliError::Query(e.to_string()))?;
+            serde_json::to_value(report).expect("report serialises")
+        }
+    };
+    if args.json {
+        println!("{report}");
+        return Ok(());
+    }
+    println!(
+        "campaign {}, window {} s, as of {}",
+        plain(&report["campaign"]),
+        plain(&report["window_seconds"]),
+        plain(&report["as_of"])
+    );
+    let steps: Vec<String> = report["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(plain)
+        .collect();
+    let total = &report["total"];
+    let header: Vec<String> = [
+        "step",
+        "users",
+        "conversion",
+        "step conversion",
+        "pending",
+        "median",
+    ]
+    .map(String::from)
+    .to_vec();
+    let rows: Vec<Vec<String>> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            vec![
+                s.clone(),
+                plain(&total["counts"][i]),
+                percent(&total["conversion"][i]),
+                percent(&total["step_conversion"][i]),
+                plain(&total["pending"][i]),
+                seconds(&total["median_seconds"][i]),
+            ]
+        })
+        .collect();
+    print_table(&header, &rows);
+    if let Some(groups) = report["groups"].as_array().filter(|g| !g.is_empty()) {
+        println!(
+            "\nby {} (users per step, step conversion):",
+            plain(&report["breakdown"])
+        );
+        let mut header = vec![plain(&report["breakdown"])];
+        header.extend(steps.iter().cloned());
+        let rows: Vec<Vec<String>> = groups
+            .iter()
+            .map(|g| {
+                let mut row = vec![plain(&g["value"])];
+                row.extend((0..steps.len()).map(|i| {
+                    format!(
+                        "{} ({})",
+                        plain(&g["counts"][i]),
+                        percent(&g["step_conversion"][i])
+                    )
+                }));
+                row
+            })
+            .collect();
+        print_table(&header, &rows);
+    }
+    Ok(())
+}
+
+fn plain(v: &Value) -> String {
+    match v {
+        Value::Null => "NULL".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn percent(v: &Value) -> String {
+    v.as_f64()
+        .map_or("-".into(), |f| format!("{:.1}%", f * 100.0))
+}
+
+fn seconds(v: &Value) -> String {
+    let Some(s) = v.as_f64() else {
+        return "-".into();
+    };
+    let s = s.round() as i64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        _ => format!("{}h {}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+fn print_table(header: &[String], rows: &[Vec<String>]) {
+    let mut widths: BTreeMap<usize, usize> = header
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (i, h.chars().count()))
+        .collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            let w = widths.entry(i).or_default();
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[&i]))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    println!("{}", line(header));
+    println!(
+        "{}",
+        widths
+            .values()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("-+-")
+    );
+    for r in rows {
+        println!("{}", line(r));
+    }
+}

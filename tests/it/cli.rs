@@ -1,0 +1,339 @@
+//! The CLI as a person uses it: serve (logs, config precedence, SIGTERM), import, gen, compact.
+
+use std::process::Output;
+
+use arrow::array::RecordBatch;
+use funnelhouse_schemas::{Event, events_to_batch};
+
+use crate::support::{Server, event_line, funnelhouse, stored_ids, write_file};
+
+fn run(args: &[&str]) -> Output {
+    funnelhouse().args(args).output().expect("run funnelhouse")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test]
+async fn serve_logs_where_it_listens_and_flushes_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &[]).await;
+    let log = server.log_text();
+    assert!(log.contains("listening on http://127.0.0.1:"), "{log}");
+    assert!(
+        log.contains(&format!("data in {}", data.display())),
+        "{log}"
+    );
+    let body: String = (0..100)
+        .map(|i| event_line(&format!("t{i}")) + "\n")
+        .collect();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/events", server.url))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let status = server.terminate();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        stored_ids(&data).len(),
+        100,
+        "SIGTERM flushed the live buffer to Parquet"
+    );
+}
+
+#[tokio::test]
+async fn flags_beat_environment_beat_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_file(
+        dir.path(),
+        "f.toml",
+        &format!("data_dir = \"{}/from-file\"\n", dir.path().display()),
+    );
+    let start = |env_dir: Option<&str>, flag_dir: Option<&str>| {
+        let mut cmd = funnelhouse();
+        cmd.args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--config",
+            cfg.to_str().unwrap(),
+        ]);
+        if let Some(d) = env_dir {
+            cmd.env("FUNNELHOUSE_DATA_DIR", dir.path().join(d));
+        }
+        if let Some(d) = flag_dir {
+            cmd.arg("--data-dir").arg(dir.path().join(d));
+        }
+        Server::spawn(cmd)
+    };
+    for (env_dir, flag_dir, expected) in [
+        (None, None, "from-file"),
+        (Some("from-env"), None, "from-env"),
+        (Some("from-env"), Some("from-flag"), "from-flag"),
+    ] {
+        let server = start(env_dir, flag_dir).await;
+        let expected = dir.path().join(expected);
+        assert!(
+            server
+                .log_text()
+                .contains(&format!("data in {}", expected.display())),
+            "{}",
+            server.log_text()
+        );
+        assert_eq!(server.terminate().code(), Some(0));
+    }
+}
+
+#[test]
+fn config_errors_name_the_key_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_file(
+        dir.path(),
+        "funnelhouse.toml",
+        "[ingest]\nmax_request_byte = \"1MiB\"\n",
+    );
+    let out = run(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let msg = text(&out);
+    assert!(
+        msg.contains("max_request_byte") && msg.contains("funnelhouse.toml"),
+        "{msg}"
+    );
+    let cfg = write_file(dir.path(), "bad.toml", "http_addr = \"localhost\"\n");
+    let msg = text(&run(&["serve", "--config", cfg.to_str().unwrap()]));
+    assert!(
+        msg.contains("http_addr") && msg.contains("bad.toml"),
+        "{msg}"
+    );
+}
+
+fn sample_events(prefix: &str, n: usize) -> Vec<Event> {
+    (0..n)
+        .map(|i| Event {
+            event_id: format!("{prefix}{i}"),
+            event: "view".into(),
+            user_id: format!("u{i}"),
+            campaign: "parcel-lottery".into(),
+            channel: "tmall".into(),
+            ts: 1_794_391_200_000_000 + i as i64,
+            received_at: 0,
+            properties: Some(format!(r#"{{"n":{i}}}"#)),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn import_reads_ndjson_csv_and_parquet_and_exits_by_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &[]).await;
+    let ndjson = write_file(
+        dir.path(),
+        "events.ndjson",
+        &format!(
+            "{}\n{}\n\n{{\"event\":\"scan\"}}\n",
+            event_line("n1"),
+            event_line("n2")
+        ),
+    );
+    let csv = write_file(
+        dir.path(),
+        "events.csv",
+        "event_id,event,user_id,campaign,channel,ts,properties\n\
+         c1,scan,u1,parcel-lottery,jd,2026-11-11T10:00:00Z,\"{\"\"card\"\":\"\"A3\"\"}\"\n\
+         c2,view,u1,parcel-lottery,jd,1794391200000,\n",
+    );
+    let batch: RecordBatch = events_to_batch(&sample_events("p", 300));
+    let parquet_dir = tempfile::tempdir().unwrap();
+    let meta =
+        funnelhouse_ingest::parquet_file::write_sorted_file(parquet_dir.path(), &batch, "x", "p")
+            .unwrap();
+    let parquet = parquet_dir.path().join(&meta.path);
+
+    let import = |file: &std::path::Path| {
+        run(&[
+            "import",
+            "--server",
+            &server.url,
+            "--batch-size",
+            "64",
+            file.to_str().unwrap(),
+        ])
+    };
+    let out = import(&ndjson);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let msg = text(&out);
+    assert!(
+        msg.contains("accepted 2, duplicates 0, rejected 1"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("events.ndjson:4: user_id: missing"),
+        "points at the line: {msg}"
+    );
+
+    let out = import(&csv);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("accepted 2, duplicates 0, rejected 0"),
+        "{}",
+        text(&out)
+    );
+
+    let out = import(&parquet);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("accepted 300, duplicates 0, rejected 0"),
+        "{}",
+        text(&out)
+    );
+    let again = import(&parquet);
+    assert!(
+        text(&again).contains("accepted 0, duplicates 300, rejected 0"),
+        "{}",
+        text(&again)
+    );
+
+    let missing = run(&["import", "--server", &server.url, "/nonexistent.ndjson"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        text(&missing).contains("/nonexistent.ndjson"),
+        "{}",
+        text(&missing)
+    );
+
+    assert_eq!(server.terminate().code(), Some(0));
+    let mut ids = stored_ids(&data);
+    ids.sort();
+    assert_eq!(ids.len(), 304);
+    assert!(ids.contains(&"c2".to_string()) && ids.contains(&"p299".to_string()));
+
+    let unreachable = run(&[
+        "import",
+        "--server",
+        "http://127.0.0.1:9",
+        ndjson.to_str().unwrap(),
+    ]);
+    assert_eq!(unreachable.status.code(), Some(2), "{}", text(&unreachable));
+}
+
+#[tokio::test]
+async fn import_waits_out_503_back_pressure() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_file(
+        dir.path(),
+        "small.toml",
+        "[ingest]\nmax_request_bytes = \"64KiB\"\nmax_buffer_bytes = \"512KiB\"\nflush_interval = \"200ms\"\n",
+    );
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &["--config", cfg.to_str().unwrap()]).await;
+    let lines: String = (0..20_000)
+        .map(|i| event_line(&format!("bp{i}")) + "\n")
+        .collect();
+    let file = write_file(dir.path(), "many.ndjson", &lines);
+    let out = run(&[
+        "import",
+        "--server",
+        &server.url,
+        "--batch-size",
+        "200",
+        "--concurrency",
+        "8",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("accepted 20000, duplicates 0, rejected 0"),
+        "{}",
+        text(&out)
+    );
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("funnelhouse_requests_overloaded_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(refused > 0, "the server pushed back at least once");
+    assert_eq!(server.terminate().code(), Some(0));
+    assert_eq!(stored_ids(&data).len(), 20_000);
+}
+
+#[tokio::test]
+async fn gen_writes_a_campaign_funnel_to_a_file_or_a_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("gen.ndjson");
+    let out = run(&[
+        "gen",
+        "--events",
+        "5000",
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("generated"),
+        "progress and summary on stderr"
+    );
+    let body = std::fs::read_to_string(&out_file).unwrap();
+    let events: Vec<serde_json::Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(events.len() >= 5000);
+    let count = |name: &str| events.iter().filter(|e| e["event"] == name).count();
+    assert!(
+        count("package") > count("scan")
+            && count("scan") > count("view")
+            && count("view") > count("draw")
+    );
+    let channels: std::collections::HashSet<&str> = events
+        .iter()
+        .map(|e| e["channel"].as_str().unwrap())
+        .collect();
+    assert!(channels.len() >= 4);
+    let ids: std::collections::HashSet<&str> = events
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap())
+        .collect();
+    assert!(ids.len() < events.len(), "some events are sent twice");
+    let same = run(&["gen", "--events", "5000", "--out", "-"]);
+    assert_eq!(
+        String::from_utf8(same.stdout).unwrap(),
+        body,
+        "the same seed gives the same events"
+    );
+
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &[]).await;
+    let out = run(&["gen", "--events", "3000", "--server", &server.url]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(server.terminate().code(), Some(0));
+    let stored = stored_ids(&data);
+    let unique: std::collections::HashSet<&String> = stored.iter().collect();
+    assert_eq!(unique.len(), stored.len());
+    assert!(
+        stored.len() >= 2900 && stored.len() <= 3000,
+        "{}",
+        stored.len()
+    );
+
+    let compact = run(&["compact", "--data-dir", data.to_str().unwrap()]);
+    assert!(compact.status.success(), "{}", text(&compact));
+    assert!(text(&compact).contains("compacted"), "{}", text(&compact));
+    assert_eq!(stored_ids(&data).len(), stored.len());
+}
