@@ -337,3 +337,69 @@ async fn gen_writes_a_campaign_funnel_to_a_file_or_a_server() {
     assert!(text(&compact).contains("compacted"), "{}", text(&compact));
     assert_eq!(stored_ids(&data).len(), stored.len());
 }
+
+#[tokio::test]
+async fn sql_and_funnel_commands_print_tables_from_a_server_or_the_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &[]).await;
+    let lines = [
+        event_line("s1").replace("u-s1", "alice"),
+        event_line("s2").replace("u-s2", "bob"),
+        event_line("v1")
+            .replace("u-v1", "alice")
+            .replace("\"scan\"", "\"view\"")
+            .replace("10:00:00Z", "10:30:00Z"),
+    ];
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/events", server.url))
+        .header("content-type", "application/x-ndjson")
+        .body(lines.join("\n"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let sql = "SELECT user_id, count(*) AS n FROM events GROUP BY user_id ORDER BY user_id";
+    let funnel_args = [
+        "funnel",
+        "--campaign",
+        "parcel-lottery",
+        "--steps",
+        "scan,view",
+        "--window",
+        "1h",
+        "--breakdown",
+        "channel",
+    ];
+    let check = |sql_out: &Output, funnel_out: &Output| {
+        let s = text(sql_out);
+        assert!(sql_out.status.success(), "{s}");
+        assert!(
+            s.contains("user_id | n") && s.contains("alice   | 2") && s.contains("(2 rows)"),
+            "{s}"
+        );
+        let f = text(funnel_out);
+        assert!(funnel_out.status.success(), "{f}");
+        assert!(
+            f.contains("scan | 2") && f.contains("view | 1") && f.contains("50.0%"),
+            "{f}"
+        );
+        assert!(f.contains("by channel") && f.contains("jd"), "{f}");
+    };
+    let mut with_server = funnel_args.to_vec();
+    with_server.extend(["--server", &server.url]);
+    check(
+        &run(&["sql", sql, "--server", &server.url]),
+        &run(&with_server),
+    );
+    let bad = run(&["sql", "DROP TABLE events", "--server", &server.url]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(text(&bad).contains("read-only"), "{}", text(&bad));
+    // Offline: the data dir as it is on disk (a WAL not yet flushed included), then after SIGTERM.
+    let data_arg = data.to_str().unwrap();
+    let mut offline = funnel_args.to_vec();
+    offline.extend(["--data-dir", data_arg]);
+    check(&run(&["sql", sql, "--data-dir", data_arg]), &run(&offline));
+    assert_eq!(server.terminate().code(), Some(0));
+    check(&run(&["sql", sql, "--data-dir", data_arg]), &run(&offline));
+}
