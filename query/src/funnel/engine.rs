@@ -43,14 +43,35 @@ pub struct GroupStats {
     pub stats: StepStats,
 }
 
+/// What every funnel answer starts with: the question and the time it reflects.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct FunnelReport {
+pub struct ReportHeader {
     pub campaign: String,
     pub steps: Vec<String>,
     pub window_seconds: i64,
     pub from: Option<String>,
     pub to: Option<String>,
+    /// Every event acknowledged before this server time is included.
     pub as_of: String,
+}
+
+impl ReportHeader {
+    fn new(spec: &FunnelSpec, as_of: i64) -> Self {
+        Self {
+            campaign: spec.campaign.clone(),
+            steps: spec.steps.iter().map(|s| s.event.clone()).collect(),
+            window_seconds: spec.window_secs,
+            from: spec.from.map(format_micros),
+            to: spec.to.map(format_micros),
+            as_of: format_micros(as_of),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunnelReport {
+    #[serde(flatten)]
+    pub header: ReportHeader,
     pub total: StepStats,
     pub breakdown: Option<String>,
     pub groups: Vec<GroupStats>,
@@ -72,12 +93,8 @@ pub struct TrendGroup {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrendReport {
-    pub campaign: String,
-    pub steps: Vec<String>,
-    pub window_seconds: i64,
-    pub from: Option<String>,
-    pub to: Option<String>,
-    pub as_of: String,
+    #[serde(flatten)]
+    pub header: ReportHeader,
     pub interval_seconds: i64,
     pub breakdown: Option<String>,
     pub buckets: Vec<TrendBucket>,
@@ -538,10 +555,6 @@ async fn compute(
     Ok(merged)
 }
 
-fn step_names(spec: &FunnelSpec) -> Vec<String> {
-    spec.steps.iter().map(|s| s.event.clone()).collect()
-}
-
 /// The funnel report of the contract.
 pub async fn funnel(engine: &QueryEngine, spec: &FunnelSpec) -> Result<FunnelReport> {
     let as_of = now_micros();
@@ -562,12 +575,7 @@ pub async fn funnel(engine: &QueryEngine, spec: &FunnelSpec) -> Result<FunnelRep
             .then_with(|| a.value.cmp(&b.value))
     });
     Ok(FunnelReport {
-        campaign: spec.campaign.clone(),
-        steps: step_names(spec),
-        window_seconds: spec.window_secs,
-        from: spec.from.map(format_micros),
-        to: spec.to.map(format_micros),
-        as_of: format_micros(as_of),
+        header: ReportHeader::new(spec, as_of),
         total: partial.total.expect("set").stats(),
         breakdown: spec.breakdown.as_ref().map(Breakdown::name),
         groups,
@@ -627,12 +635,7 @@ pub async fn trend(engine: &QueryEngine, spec: &FunnelSpec) -> Result<TrendRepor
         }
     }
     Ok(TrendReport {
-        campaign: spec.campaign.clone(),
-        steps: step_names(spec),
-        window_seconds: spec.window_secs,
-        from: spec.from.map(format_micros),
-        to: spec.to.map(format_micros),
-        as_of: format_micros(as_of),
+        header: ReportHeader::new(spec, as_of),
         interval_seconds: interval_secs,
         breakdown: spec.breakdown.as_ref().map(Breakdown::name),
         buckets,
