@@ -16,7 +16,7 @@ def chdb_funnel(glob, campaign):
     sql = f"""
         SELECT level, count() AS users FROM (
             SELECT user_id,
-                   windowFunnel(86400, 'strict_once')(toDateTime64(ts, 6), {conds}) AS level,
+                   windowFunnel(86400000000, 'strict_once')(toUInt64(toUnixTimestamp64Micro(ts)), {conds}) AS level,
                    argMinIf(channel, ts, event = '{STEPS[0]}') AS channel
             FROM file('{glob}', Parquet)
             WHERE campaign = '{campaign}' AND event IN ({", ".join(f"'{s}'" for s in STEPS)})

@@ -25,7 +25,7 @@ for N in "${SIZES[@]}"; do
   DATA="$OUT/funnel-data-$N"
   if [ ! -f "$DATA/manifest.json" ]; then
     rm -rf "$DATA"
-    FUNNELHOUSE_LOG=warn "$BIN" serve --data-dir "$DATA" --http-addr 127.0.0.1:0 --pg-addr 127.0.0.1:0 2> "$DATA.log" &
+    FUNNELHOUSE_LOG=info "$BIN" serve --data-dir "$DATA" --http-addr 127.0.0.1:0 --pg-addr 127.0.0.1:0 2> "$DATA.log" &
     PID=$!
     URL=""
     for _ in $(seq 1 300); do
