@@ -25,6 +25,18 @@ pub struct CompactOptions {
     pub max_input_bytes: u64,
 }
 
+impl CompactOptions {
+    /// The `[ingest]` settings; `min_files` differs between background and offline runs.
+    pub fn from_config(cfg: &crate::config::IngestConfig, min_files: usize) -> Self {
+        let small = cfg.compact_small_bytes.0 as u64;
+        Self {
+            min_files,
+            small_bytes: small,
+            max_input_bytes: 4 * small,
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct CompactOutcome {
     pub partitions: usize,

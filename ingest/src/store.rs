@@ -500,11 +500,7 @@ impl Flusher {
 
     fn compact(&mut self, partitions: &HashSet<String>) {
         let start = Instant::now();
-        let opts = CompactOptions {
-            min_files: self.cfg.compact_min_files,
-            small_bytes: self.cfg.compact_small_bytes.0 as u64,
-            max_input_bytes: 4 * self.cfg.compact_small_bytes.0 as u64,
-        };
+        let opts = CompactOptions::from_config(&self.cfg, self.cfg.compact_min_files);
         let mut next = self.manifest.clone();
         match compact(&self.data_dir, &mut next, Some(partitions), opts) {
             Ok(outcome) if outcome.partitions > 0 => {
@@ -588,12 +584,12 @@ pub fn compact_data_dir(
 ) -> Result<crate::compact::CompactOutcome> {
     let mut manifest = Manifest::load(data_dir)?;
     manifest.remove_orphans(data_dir)?;
-    let opts = CompactOptions {
-        min_files: 1,
-        small_bytes: cfg.compact_small_bytes.0 as u64,
-        max_input_bytes: 4 * cfg.compact_small_bytes.0 as u64,
-    };
-    let outcome = compact(data_dir, &mut manifest, None, opts)?;
+    let outcome = compact(
+        data_dir,
+        &mut manifest,
+        None,
+        CompactOptions::from_config(cfg, 1),
+    )?;
     for p in &outcome.replaced {
         let path = data_dir.join(p);
         std::fs::remove_file(&path).map_err(IngestError::io(&path))?;

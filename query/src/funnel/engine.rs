@@ -166,12 +166,21 @@ impl Tally {
 }
 
 /// What one partition produced.
-#[derive(Default)]
 struct Partial {
-    total: Option<Tally>,
+    total: Tally,
     groups: HashMap<String, Tally>,
     /// (bucket start, group value) -> counts
     buckets: HashMap<(i64, String), Vec<u64>>,
+}
+
+impl Partial {
+    fn new(k: usize) -> Self {
+        Self {
+            total: Tally::new(k),
+            groups: HashMap::new(),
+            buckets: HashMap::new(),
+        }
+    }
 }
 
 /// One event row kept for its user.
@@ -320,10 +329,7 @@ impl<'a> PartitionFold<'a> {
 
     fn finish(mut self) -> Partial {
         let k = self.spec.steps.len();
-        let mut partial = Partial {
-            total: Some(Tally::new(k)),
-            ..Default::default()
-        };
+        let mut partial = Partial::new(k);
         let mut events = Vec::new();
         let all_rows = std::mem::take(&mut self.rows);
         for mut rows in all_rows {
@@ -340,7 +346,7 @@ impl<'a> PartitionFold<'a> {
             let out = chain::evaluate(&events, &self.params);
             let Some(start) = out.start else { continue };
             let start = rows[start];
-            partial.total.as_mut().expect("set above").add(&out, k);
+            partial.total.add(&out, k);
             let value = if self.spec.breakdown.is_some() {
                 self.group_names[start.group as usize].clone()
             } else {
@@ -523,19 +529,12 @@ async fn compute(
         r.await
             .map_err(|e| QueryError::BadRequest(format!("funnel task failed: {e}")))??;
     }
-    let mut merged = Partial {
-        total: Some(Tally::new(spec.steps.len())),
-        ..Default::default()
-    };
+    let mut merged = Partial::new(spec.steps.len());
     for handle in folds {
         let part = handle
             .await
             .map_err(|e| QueryError::BadRequest(format!("funnel task failed: {e}")))??;
-        merged
-            .total
-            .as_mut()
-            .expect("set")
-            .merge(part.total.expect("set"));
+        merged.total.merge(part.total);
         for (value, tally) in part.groups {
             match merged.groups.get_mut(&value) {
                 Some(t) => t.merge(tally),
@@ -576,7 +575,7 @@ pub async fn funnel(engine: &QueryEngine, spec: &FunnelSpec) -> Result<FunnelRep
     });
     Ok(FunnelReport {
         header: ReportHeader::new(spec, as_of),
-        total: partial.total.expect("set").stats(),
+        total: partial.total.stats(),
         breakdown: spec.breakdown.as_ref().map(Breakdown::name),
         groups,
     })
