@@ -45,33 +45,55 @@ pub struct ChainParams {
 /// Evaluate one user. `events` must be sorted by ts, equal timestamps in event_id order
 /// (the attribution tie-break), and hold each event_id once.
 pub fn evaluate(events: &[FunnelEvent], p: &ChainParams) -> UserOutcome {
-    let mut best = UserOutcome::default();
-    let mut times = Vec::with_capacity(p.steps);
-    let mut group_start = 0;
-    for (s, e) in events.iter().enumerate() {
-        if s > 0 && events[s - 1].ts != e.ts {
-            group_start = s;
+    let mut evaluator = Evaluator::default();
+    evaluator.evaluate(events, p);
+    evaluator.best
+}
+
+/// [`evaluate`] with buffers kept between users, so folding millions of users
+/// allocates nothing per user.
+#[derive(Debug, Default)]
+pub struct Evaluator {
+    best: UserOutcome,
+    times: Vec<i64>,
+    group: Vec<u64>,
+}
+
+impl Evaluator {
+    /// The outcome for `events`, valid until the next call.
+    pub fn evaluate(&mut self, events: &[FunnelEvent], p: &ChainParams) -> &UserOutcome {
+        let best = &mut self.best;
+        best.level = 0;
+        best.start = None;
+        best.step_ts.clear();
+        best.open = false;
+        let mut group_start = 0;
+        for (s, e) in events.iter().enumerate() {
+            if s > 0 && events[s - 1].ts != e.ts {
+                group_start = s;
+            }
+            if e.steps & 1 == 0
+                || p.from.is_some_and(|f| e.ts < f)
+                || p.to.is_some_and(|t| e.ts >= t)
+            {
+                continue;
+            }
+            let depth = chain_from(events, s, group_start, p, &mut self.times, &mut self.group);
+            if depth > best.level {
+                best.level = depth;
+                best.start = Some(s);
+                best.step_ts.clone_from(&self.times);
+                best.open = false;
+            }
+            if depth == best.level && p.as_of.is_some_and(|now| e.ts + p.window > now) {
+                best.open = true;
+            }
+            if best.level == p.steps {
+                break;
+            }
         }
-        if e.steps & 1 == 0 || p.from.is_some_and(|f| e.ts < f) || p.to.is_some_and(|t| e.ts >= t) {
-            continue;
-        }
-        let depth = chain_from(events, s, group_start, p, &mut times);
-        if depth > best.level {
-            best = UserOutcome {
-                level: depth,
-                start: Some(s),
-                step_ts: times.clone(),
-                open: false,
-            };
-        }
-        if depth == best.level && p.as_of.is_some_and(|now| e.ts + p.window > now) {
-            best.open = true;
-        }
-        if best.level == p.steps {
-            break;
-        }
+        &self.best
     }
-    best
 }
 
 /// Depth of the deepest chain starting at `events[s]`; fills `times` with its step times.
@@ -81,6 +103,7 @@ fn chain_from(
     group_start: usize,
     p: &ChainParams,
     times: &mut Vec<i64>,
+    group: &mut Vec<u64>,
 ) -> usize {
     let start_ts = events[s].ts;
     let deadline = start_ts.saturating_add(p.window);
@@ -90,15 +113,18 @@ fn chain_from(
     let mut i = group_start;
     while level < p.steps && i < events.len() && events[i].ts <= deadline {
         let ts = events[i].ts;
-        let mut j = i;
+        let mut j = i + 1;
         while j < events.len() && events[j].ts == ts {
             j += 1;
         }
-        let group: Vec<u64> = (i..j)
-            .filter(|&x| x != s)
-            .map(|x| events[x].steps)
-            .collect();
-        let added = extend_in_group(&group, level, p.steps);
+        // Most timestamps hold one event: no matching needed.
+        let added = if j == i + 1 {
+            usize::from(i != s && events[i].steps >> level & 1 == 1)
+        } else {
+            group.clear();
+            group.extend((i..j).filter(|&x| x != s).map(|x| events[x].steps));
+            extend_in_group(group, level, p.steps)
+        };
         times.extend(std::iter::repeat_n(ts, added));
         level += added;
         i = j;

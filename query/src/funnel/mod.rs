@@ -2,6 +2,7 @@
 
 pub mod chain;
 pub mod engine;
+mod fold;
 pub mod spec;
 
 pub use engine::{FunnelReport, TrendReport, funnel, trend};
