@@ -14,7 +14,7 @@ SIZES=("$@")
 OUT=benches/out
 mkdir -p "$OUT"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/funnelhouse-target}"
-cargo build --release -p funnelhouse --bins
+cargo build --release --workspace --bins
 BIN="$CARGO_TARGET_DIR/release/funnelhouse"
 VENV=benches/.venv
 if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi

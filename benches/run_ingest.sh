@@ -13,7 +13,7 @@ EVENTS="${1:-2000000}"
 OUT=benches/out
 mkdir -p "$OUT"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/funnelhouse-target}"
-cargo build --release -p funnelhouse -p funnelhouse-benches --bins
+cargo build --release --workspace --bins
 BIN="$CARGO_TARGET_DIR/release"
 
 VENV=benches/.venv

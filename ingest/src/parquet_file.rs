@@ -2,12 +2,12 @@
 //! each file sorted by (campaign, user_id, ts) and declaring that order, so funnels
 //! group cheaply and readers may trust the declared `sorting_columns`.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::path::Path;
-use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, TimestampMicrosecondArray};
-use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
+use arrow::array::{AsArray, RecordBatch, TimestampMicrosecondArray, UInt32Array};
+use arrow::compute::{concat_batches, take_record_batch};
 use chrono::DateTime;
 use funnelhouse_schemas::arrow::col;
 use funnelhouse_schemas::event_schema;
@@ -77,20 +77,53 @@ fn ts_column(batch: &RecordBatch) -> &TimestampMicrosecondArray {
         .expect("ts is Timestamp(µs)")
 }
 
-/// Sort rows by the file order (optionally after a leading key).
-fn sort_batch(batch: &RecordBatch, leading: Option<ArrayRef>) -> Result<RecordBatch> {
-    let mut keys: Vec<SortColumn> = leading
+/// Sort rows by (leading key, campaign, user_id, ts): the partition, then the file
+/// order. Compared directly rather than with arrow's `lexsort_to_indices`, whose
+/// per-comparison dispatch took 40% of the flusher's CPU under load: campaigns are
+/// ranked once (there are few), user ids compare an 8-byte prefix before their bytes.
+fn sort_batch(batch: &RecordBatch, leading: Option<&[i64]>) -> Result<RecordBatch> {
+    let n = batch.num_rows();
+    let campaign = batch.column(col::CAMPAIGN).as_string_view();
+    let user = batch.column(col::USER_ID).as_string_view();
+    let ts = ts_column(batch).values();
+    let mut campaigns: Vec<&str> = campaign
+        .iter()
+        .flatten()
+        .collect::<HashSet<_>>()
         .into_iter()
-        .map(|values| SortColumn {
-            values,
-            options: None,
+        .collect();
+    campaigns.sort_unstable();
+    struct Key {
+        /// (leading key, campaign rank) packed so they compare as one integer.
+        lead: (i64, u32),
+        user_prefix: u64,
+        row: u32,
+    }
+    let mut keys: Vec<Key> = (0..n)
+        .map(|r| {
+            let rank = campaigns
+                .binary_search(&campaign.value(r))
+                .unwrap_or_default() as u32;
+            let u = user.value(r).as_bytes();
+            let mut prefix = [0u8; 8];
+            let len = u.len().min(8);
+            prefix[..len].copy_from_slice(&u[..len]);
+            Key {
+                lead: (leading.map_or(0, |l| l[r]), rank),
+                user_prefix: u64::from_be_bytes(prefix),
+                row: r as u32,
+            }
         })
         .collect();
-    keys.extend(SORT_COLUMNS.iter().map(|&i| SortColumn {
-        values: Arc::clone(batch.column(i)),
-        options: None,
-    }));
-    let indices = lexsort_to_indices(&keys, None)?;
+    keys.sort_unstable_by(|a, b| {
+        (a.lead, a.user_prefix)
+            .cmp(&(b.lead, b.user_prefix))
+            .then_with(|| {
+                let (x, y) = (a.row as usize, b.row as usize);
+                user.value(x).cmp(user.value(y)).then(ts[x].cmp(&ts[y]))
+            })
+    });
+    let indices = UInt32Array::from_iter_values(keys.iter().map(|k| k.row));
     Ok(take_record_batch(batch, &indices)?)
 }
 
@@ -110,11 +143,12 @@ pub fn write_partitioned(
         Partitioning::Day => DAY_US,
         Partitioning::Hour => HOUR_US,
     };
-    let keys: Int64Array = ts_column(&batch)
+    let keys: Vec<i64> = ts_column(&batch)
+        .values()
         .iter()
-        .map(|t| t.map(|t| t.div_euclid(unit)))
+        .map(|t| t.div_euclid(unit))
         .collect();
-    let sorted = sort_batch(&batch, Some(Arc::new(keys)))?;
+    let sorted = sort_batch(&batch, Some(&keys))?;
     let ts = ts_column(&sorted).values();
     let mut files = Vec::new();
     let mut start = 0;
@@ -188,4 +222,45 @@ pub fn read_file(path: &Path, columns: Option<&[usize]>) -> Result<Vec<RecordBat
     }
     let reader = builder.with_batch_size(64 * 1024).build()?;
     Ok(reader.collect::<Result<Vec<_>, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use funnelhouse_schemas::{Event, events_to_batch};
+
+    #[test]
+    fn sort_batch_orders_like_a_plain_tuple_sort() {
+        let mut x: u64 = 7;
+        let mut next = |n: u64| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 33) % n
+        };
+        // Shared 8+ byte prefixes, a prefix of another id, short ids, several campaigns.
+        let users = ["user-0000001", "user-0000002", "user-000000", "u", "user-0000001x", "ab"];
+        let events: Vec<Event> = (0..2000)
+            .map(|i| Event {
+                event_id: format!("e{i}"),
+                event: "scan".into(),
+                user_id: users[next(users.len() as u64) as usize].into(),
+                campaign: format!("c{}", next(4)),
+                channel: String::new(),
+                ts: next(5) as i64 * DAY_US / 2 + next(3) as i64,
+                received_at: 0,
+                properties: None,
+            })
+            .collect();
+        let batch = events_to_batch(&events);
+        let lead: Vec<i64> = events.iter().map(|e| e.ts.div_euclid(DAY_US)).collect();
+        let sorted = sort_batch(&batch, Some(&lead)).unwrap();
+        let key = |b: &RecordBatch, r: usize| {
+            let s = |c| b.column(c).as_string_view().value(r).to_string();
+            let ts = ts_column(b).value(r);
+            (ts.div_euclid(DAY_US), s(col::CAMPAIGN), s(col::USER_ID), ts)
+        };
+        let mut expected: Vec<_> = (0..batch.num_rows()).map(|r| key(&batch, r)).collect();
+        expected.sort();
+        let got: Vec<_> = (0..sorted.num_rows()).map(|r| key(&sorted, r)).collect();
+        assert_eq!(got, expected);
+    }
 }

@@ -133,7 +133,13 @@ fn bounded_string(field: &str, value: &RawValue, min: usize, max: usize) -> Resu
             json_kind(text)
         ));
     }
-    let s: String = serde_json::from_str(text).map_err(|e| format!("{field}: {e}"))?;
+    // RawValue has checked the JSON: without escapes the text between the quotes is
+    // the string itself, and most ids and names have none.
+    let s: String = if text.contains('\\') {
+        serde_json::from_str(text).map_err(|e| format!("{field}: {e}"))?
+    } else {
+        text[1..text.len() - 1].to_string()
+    };
     if s.len() < min || s.len() > max {
         return Err(format!(
             "{field}: must be {min}..{max} bytes, got {}",
@@ -184,10 +190,7 @@ fn properties_text(value: &RawValue) -> Result<String, String> {
     }
     // Re-serialise only when the sender pretty-printed (Python's json.dumps does);
     // compact input is kept byte for byte.
-    let compact = if text
-        .bytes()
-        .any(|b| matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
-    {
+    let compact = if has_whitespace_outside_strings(text) {
         let v: serde_json::Value =
             serde_json::from_str(text).map_err(|e| format!("properties: {e}"))?;
         v.to_string()
@@ -204,6 +207,30 @@ fn properties_text(value: &RawValue) -> Result<String, String> {
     Ok(compact)
 }
 
+/// Whether JSON text has insignificant whitespace (a space inside a string value does
+/// not count: the text is compact as it is).
+fn has_whitespace_outside_strings(text: &str) -> bool {
+    let mut in_string = false;
+    let mut escaped = false;
+    for b in text.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b' ' | b'\n' | b'\r' | b'\t' => return true,
+                _ => {}
+            }
+        }
+    }
+    false
+}
+
 fn json_kind(text: &str) -> &'static str {
     match text.as_bytes().first() {
         Some(b'"') => "a string",
@@ -212,5 +239,36 @@ fn json_kind(text: &str) -> &'static str {
         Some(b't' | b'f') => "a boolean",
         Some(b'n') => "null",
         _ => "a number",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props(text: &str) -> String {
+        properties_text(&RawValue::from_string(text.to_string()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn properties_are_compacted_only_outside_strings() {
+        assert_eq!(
+            props(r#"{"a": "x y",  "b":[1, 2]}"#),
+            r#"{"a":"x y","b":[1,2]}"#
+        );
+        assert_eq!(props(r#"{"a":"x y"}"#), r#"{"a":"x y"}"#);
+        assert_eq!(
+            props(r#"{"a":"q\" b","c":"\\"}"#),
+            r#"{"a":"q\" b","c":"\\"}"#
+        );
+        assert_eq!(props(r#"{"a":"q\\" ,"c":1}"#), r#"{"a":"q\\","c":1}"#);
+    }
+
+    #[test]
+    fn strings_with_and_without_escapes() {
+        let s =
+            |t: &str| bounded_string("f", &RawValue::from_string(t.to_string()).unwrap(), 0, 99);
+        assert_eq!(s(r#""plain id""#).unwrap(), "plain id");
+        assert_eq!(s(r#""tab\there \u00e9""#).unwrap(), "tab\there é");
     }
 }

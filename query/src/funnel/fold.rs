@@ -4,10 +4,10 @@
 //! step mask, group id, where its event_id is) and files them into buckets by the top
 //! bits of the user key, so all rows of a user land in the same bucket number of every
 //! partition. Fold: tasks take disjoint ranges of bucket numbers; a bucket's rows from
-//! all partitions are sorted by (user, ts, event_id), repeated event_ids are dropped,
-//! each user is evaluated with [`Evaluator`] and the outcome is added to the counters
-//! of the user's group. No row is copied between partitions and nothing is allocated
-//! per user.
+//! all partitions are grouped by user ([`UserIndex`]), each user's rows are sorted by
+//! (ts, event_id), repeated event_ids are dropped, the user is evaluated with
+//! [`Evaluator`] and the outcome is added to the counters of the user's group. Nothing
+//! is allocated per user.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,7 +44,7 @@ struct Row {
     part: u32,
     batch: u32,
     row: u32,
-    /// Group id: the partition's while collecting, the merged one while folding.
+    /// The partition's group id (see `FoldContext::group_remap`).
     group: u32,
 }
 
@@ -491,26 +491,22 @@ fn fold_buckets(ctx: &FoldContext, work: Vec<Vec<Vec<Row>>>, groups: usize) -> T
     };
     let mut evaluator = Evaluator::default();
     let mut rows: Vec<Row> = Vec::new();
+    let mut index = UserIndex::default();
     let mut user_rows: Vec<Row> = Vec::new();
     let mut events: Vec<FunnelEvent> = Vec::new();
     for parts in work {
         rows.clear();
         for part in parts {
-            rows.extend(part.into_iter().map(|r| Row {
-                group: ctx.group_remap[r.part as usize][r.group as usize],
-                ..r
-            }));
+            rows.extend_from_slice(&part);
         }
-        // Each user's rows together, in (ts, event_id) order.
-        let key = |r: &Row| (u128::from(r.user[0]) << 64 | u128::from(r.user[1]), r.ts);
-        rows.sort_unstable_by(|a, b| {
-            key(a)
-                .cmp(&key(b))
-                .then_with(|| ctx.event_id(a).cmp(ctx.event_id(b)))
-        });
-        for user in rows.chunk_by(|a, b| a.user == b.user) {
+        index.build(&rows);
+        for first in index.users() {
             user_rows.clear();
-            user_rows.extend_from_slice(user);
+            user_rows.extend(index.rows_of(first).map(|i| rows[i]));
+            user_rows.sort_unstable_by(|a, b| {
+                a.ts.cmp(&b.ts)
+                    .then_with(|| ctx.event_id(a).cmp(ctx.event_id(b)))
+            });
             dedup_event_ids(&mut user_rows, |r| ctx.event_id(r));
             events.clear();
             events.extend(user_rows.iter().map(|r| FunnelEvent {
@@ -520,23 +516,81 @@ fn fold_buckets(ctx: &FoldContext, work: Vec<Vec<Vec<Row>>>, groups: usize) -> T
             let outcome = evaluator.evaluate(&events, p);
             let Some(start) = outcome.start else { continue };
             let start = user_rows[start];
+            let group = ctx.group_remap[start.part as usize][start.group as usize];
             out.total.add(outcome, k);
             if let Some(interval) = ctx.interval {
                 let bucket = start.ts - start.ts.rem_euclid(interval);
                 let counts = out
                     .buckets
-                    .entry((bucket, start.group))
+                    .entry((bucket, group))
                     .or_insert_with(|| vec![0; k]);
                 counts.iter_mut().take(outcome.level).for_each(|c| *c += 1);
             }
             if ctx.has_breakdown {
-                out.groups[start.group as usize]
+                out.groups[group as usize]
                     .get_or_insert_with(|| Tally::new(k, durations))
                     .add(outcome, k);
             }
         }
     }
     out
+}
+
+/// The rows of each user of one bucket, found through an open-addressing table of
+/// per-user chains. This is linear in the rows where sorting the bucket was not, and
+/// only a user's few rows get sorted.
+#[derive(Default)]
+struct UserIndex {
+    /// Slot -> the user's last row, or NONE.
+    slots: Vec<u32>,
+    /// Row -> the same user's previous row, or NONE.
+    next: Vec<u32>,
+    /// The slots in use.
+    used: Vec<u32>,
+}
+
+impl UserIndex {
+    const NONE: u32 = u32::MAX;
+
+    fn build(&mut self, rows: &[Row]) {
+        let capacity = (rows.len() * 2).next_power_of_two().max(16);
+        let mask = capacity - 1;
+        self.slots.clear();
+        self.slots.resize(capacity, Self::NONE);
+        self.next.clear();
+        self.next.resize(rows.len(), Self::NONE);
+        self.used.clear();
+        for (i, row) in rows.iter().enumerate() {
+            // The bucket was picked by the key's top bits; its low bits pick the slot.
+            let mut slot = row.user[1] as usize & mask;
+            loop {
+                let last = self.slots[slot];
+                if last == Self::NONE {
+                    self.used.push(slot as u32);
+                    self.slots[slot] = i as u32;
+                    break;
+                }
+                if rows[last as usize].user == row.user {
+                    self.next[i] = last;
+                    self.slots[slot] = i as u32;
+                    break;
+                }
+                slot = (slot + 1) & mask;
+            }
+        }
+    }
+
+    /// One row per user: the start of its chain.
+    fn users(&self) -> impl Iterator<Item = u32> + '_ {
+        self.used.iter().map(|&slot| self.slots[slot as usize])
+    }
+
+    fn rows_of(&self, first: u32) -> impl Iterator<Item = usize> + '_ {
+        std::iter::successors(Some(first), |&i| {
+            Some(self.next[i as usize]).filter(|&n| n != Self::NONE)
+        })
+        .map(|i| i as usize)
+    }
 }
 
 /// Keep the first row of each event_id (rows are sorted by ts, event_id). Users have
