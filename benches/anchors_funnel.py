@@ -1,6 +1,7 @@
 """Anchors for the funnel benchmark: the 4-step, 24 h channel funnel of one campaign
 over the same Parquet files, in ClickHouse (chdb: windowFunnel + attribution) and
-DuckDB (chained earliest-next-step joins). Prints one JSON line per engine with the
+DuckDB (chained earliest-next-step joins), both grouped by level and channel (the
+per-channel breakdown; the attribution is approximate: the earliest first step). Prints one JSON line per engine with the
 best of N runs and the per-step counts (for a sanity comparison)."""
 import json
 import sys
@@ -21,9 +22,12 @@ def chdb_funnel(glob, campaign):
             FROM file('{glob}', Parquet)
             WHERE campaign = '{campaign}' AND event IN ({", ".join(f"'{s}'" for s in STEPS)})
             GROUP BY user_id)
-        WHERE level > 0 GROUP BY level ORDER BY level FORMAT JSONEachRow"""
+        WHERE level > 0 GROUP BY level, channel ORDER BY level, channel FORMAT JSONEachRow"""
     out = chdb.query(sql).bytes().decode()
-    return {int(json.loads(l)["level"]): int(json.loads(l)["users"]) for l in out.splitlines() if l}
+    levels = {}
+    for row in map(json.loads, filter(None, out.splitlines())):
+        levels[int(row["level"])] = levels.get(int(row["level"]), 0) + int(row["users"])
+    return levels
 
 
 def duckdb_funnel(glob, campaign):
@@ -47,8 +51,11 @@ def duckdb_funnel(glob, campaign):
     lv AS (SELECT user_id, channel, t1,
                   1 + (t2 IS NOT NULL)::INT + (t3 IS NOT NULL)::INT + (t4 IS NOT NULL)::INT AS level FROM s4),
     per_user AS (SELECT user_id, arg_min(channel, (-level, t1)) AS channel, max(level) AS level FROM lv GROUP BY user_id)
-    SELECT level, count(*) FROM per_user GROUP BY level ORDER BY level"""
-    return {int(l): int(n) for l, n in con.execute(sql).fetchall()}
+    SELECT level, channel, count(*) FROM per_user GROUP BY level, channel ORDER BY level, channel"""
+    levels = {}
+    for level, _channel, n in con.execute(sql).fetchall():
+        levels[int(level)] = levels.get(int(level), 0) + int(n)
+    return levels
 
 
 def main():

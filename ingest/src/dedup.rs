@@ -48,8 +48,11 @@ pub struct DedupIndex {
 
 impl DedupIndex {
     pub fn new(window: std::time::Duration, max_ids: usize) -> Self {
+        // Start with room for a busy minute or so: growing the set rehashes every id on
+        // the writer thread, which showed up under load.
+        const INITIAL_IDS: usize = 1 << 20;
         Self {
-            ids: HashSet::default(),
+            ids: HashSet::with_capacity_and_hasher(max_ids.min(INITIAL_IDS), Default::default()),
             order: VecDeque::new(),
             window_us: window.as_micros() as i64,
             max_ids,

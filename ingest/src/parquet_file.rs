@@ -233,11 +233,20 @@ mod tests {
     fn sort_batch_orders_like_a_plain_tuple_sort() {
         let mut x: u64 = 7;
         let mut next = |n: u64| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (x >> 33) % n
         };
         // Shared 8+ byte prefixes, a prefix of another id, short ids, several campaigns.
-        let users = ["user-0000001", "user-0000002", "user-000000", "u", "user-0000001x", "ab"];
+        let users = [
+            "user-0000001",
+            "user-0000002",
+            "user-000000",
+            "u",
+            "user-0000001x",
+            "ab",
+        ];
         let events: Vec<Event> = (0..2000)
             .map(|i| Event {
                 event_id: format!("e{i}"),

@@ -179,7 +179,10 @@ impl EventStore {
                 .spawn(move || writer.run(rx)),
             std::thread::Builder::new()
                 .name("fh-flusher".into())
-                .spawn(move || flusher.run(flush_rx)),
+                .spawn(move || {
+                    background_priority();
+                    flusher.run(flush_rx)
+                }),
         ]
         .into_iter()
         .collect::<std::io::Result<Vec<_>>>()
@@ -283,6 +286,19 @@ struct Writer {
     flush_tx: Sender<FlushJob>,
     flush_bytes: usize,
     flush_interval: Duration,
+}
+
+/// Flushes and compactions are background work that takes a core for seconds; on a
+/// small machine they must not delay acks, so the flusher thread runs at nice 10
+/// (on Linux `PRIO_PROCESS` with `who = 0` sets the calling thread's nice value).
+fn background_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    unsafe {
+        if libc::setpriority(libc::PRIO_PROCESS, 0, 10) != 0 {
+            tracing::debug!("could not lower the flusher's priority");
+        }
+    }
 }
 
 /// Most requests in one group commit; larger groups add latency without saving fsyncs.
