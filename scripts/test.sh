@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the whole Funnelhouse test suite on a fresh machine: installs what is missing,
-# then builds and runs every test of the workspace (unit, integration, crash).
+# then builds and runs every test of the workspace (unit, integration, crash) and
+# checks the workspace lints with clippy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,3 +20,6 @@ fi
 
 cargo build --workspace --tests --bins
 cargo nextest run --workspace --no-fail-fast "$@"
+# The lints denied in [workspace.lints] (dbg_macro, todo, clone_on_ref_ptr) and the
+# default clippy set; warnings fail the run.
+cargo clippy --workspace --all-targets -- -D warnings

@@ -302,7 +302,7 @@ fn csv_lines(f: File) -> Result<impl Iterator<Item = Result<(usize, String), Str
                 }
                 _ => continue,
             };
-            if !(name == "event_id" && value.is_empty()) && !(name == "ts" && value.is_empty()) {
+            if !((name == "event_id" || name == "ts") && value.is_empty()) {
                 obj.insert(name.to_string(), v);
             }
         }

@@ -27,7 +27,7 @@ impl Snapshot {
             crate::wal::Wal::read_unflushed(&data_dir.join("wal"), manifest.wal_flushed_through)?;
         let batches = records
             .iter()
-            .map(|events| funnelhouse_schemas::events_to_batch(events))
+            .map(funnelhouse_schemas::events_to_batch)
             .collect();
         Ok(Snapshot {
             files: Arc::new(manifest.files),

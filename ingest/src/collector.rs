@@ -125,7 +125,7 @@ pub fn check_write_key(auth: &AuthConfig, headers: &HeaderMap) -> Result<()> {
         return Ok(());
     }
     match header_key(headers) {
-        Some(key) if auth.write_keys.iter().any(|k| *k == key) => Ok(()),
+        Some(key) if auth.write_keys.contains(&key) => Ok(()),
         _ => Err(IngestError::Unauthorized),
     }
 }

@@ -44,11 +44,9 @@ pub fn writer_properties() -> WriterProperties {
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_sorting_columns(Some(sorting));
     // Unique ids and timestamps gain nothing from a dictionary; delta encodings suit them.
-    for name in ["event_id"] {
-        b = b
-            .set_column_dictionary_enabled(ColumnPath::from(name), false)
-            .set_column_encoding(ColumnPath::from(name), Encoding::DELTA_BYTE_ARRAY);
-    }
+    b = b
+        .set_column_dictionary_enabled(ColumnPath::from("event_id"), false)
+        .set_column_encoding(ColumnPath::from("event_id"), Encoding::DELTA_BYTE_ARRAY);
     for name in ["ts", "received_at"] {
         b = b
             .set_column_dictionary_enabled(ColumnPath::from(name), false)
