@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
-use arrow::array::{Array, RecordBatch, StringViewArray, UInt32Array};
+use arrow::array::{AsArray, RecordBatch, UInt32Array};
 use arrow::compute::{concat_batches, sort_to_indices, take_record_batch};
 use funnelhouse_schemas::arrow::col;
 use funnelhouse_schemas::event_schema;
@@ -87,7 +87,7 @@ pub fn compact(
         let mut seen = HashSet::new();
         for f in &big {
             for b in read_file(&data_dir.join(&f.path), Some(&[col::EVENT_ID]))? {
-                seen.extend(string_column(&b, 0).iter().flatten().map(id_hash));
+                seen.extend(b.column(0).as_string_view().iter().flatten().map(id_hash));
             }
         }
         let kept = first_received_per_id(&merged, seen)?;
@@ -115,18 +115,10 @@ pub fn compact(
     Ok(out)
 }
 
-fn string_column(batch: &RecordBatch, i: usize) -> &StringViewArray {
-    batch
-        .column(i)
-        .as_any()
-        .downcast_ref()
-        .expect("string columns are Utf8View")
-}
-
 /// Keep, per event_id, the first received row, and none whose id is in `seen`.
 fn first_received_per_id(batch: &RecordBatch, mut seen: HashSet<u128>) -> Result<RecordBatch> {
     let order = sort_to_indices(batch.column(col::RECEIVED_AT), None, None)?;
-    let ids = string_column(batch, col::EVENT_ID);
+    let ids = batch.column(col::EVENT_ID).as_string_view();
     let keep: UInt32Array = order
         .values()
         .iter()

@@ -68,11 +68,7 @@ pub fn partition_of(ts: i64, partitioning: Partitioning) -> String {
 }
 
 fn ts_column(batch: &RecordBatch) -> &TimestampMicrosecondArray {
-    batch
-        .column(col::TS)
-        .as_any()
-        .downcast_ref()
-        .expect("ts is Timestamp(µs)")
+    batch.column(col::TS).as_primitive()
 }
 
 /// Sort rows by (leading key, campaign, user_id, ts): the partition, then the file

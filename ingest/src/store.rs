@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use arrow::array::{Array, RecordBatch, StringViewArray, TimestampMicrosecondArray};
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::TimestampMicrosecondType;
 use funnelhouse_schemas::arrow::col;
 use funnelhouse_schemas::time::now_micros;
 use funnelhouse_schemas::{Event, events_to_batch};
@@ -573,16 +574,10 @@ impl Flusher {
 fn id_pairs(batches: &[RecordBatch]) -> Vec<(i64, u128)> {
     let mut out = Vec::with_capacity(batches.iter().map(|b| b.num_rows()).sum());
     for b in batches {
-        let ids: &StringViewArray = b
-            .column(col::EVENT_ID)
-            .as_any()
-            .downcast_ref()
-            .expect("event_id is Utf8View");
-        let at: &TimestampMicrosecondArray = b
+        let ids = b.column(col::EVENT_ID).as_string_view();
+        let at = b
             .column(col::RECEIVED_AT)
-            .as_any()
-            .downcast_ref()
-            .expect("received_at is Timestamp(µs)");
+            .as_primitive::<TimestampMicrosecondType>();
         out.extend(
             at.values()
                 .iter()
