@@ -20,6 +20,9 @@ pub enum QueryError {
     BadRequest(String),
     #[error("missing or unknown read token: send it as a Bearer token")]
     Unauthorized,
+    /// A failure of ours, not of the request (a panicked task, a column of the wrong type).
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error(transparent)]
     Ingest(#[from] funnelhouse_ingest::IngestError),
 }
@@ -53,6 +56,7 @@ impl QueryError {
                 StatusCode::BAD_REQUEST
             }
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Ingest(e) => e.status(),
         }
     }

@@ -165,7 +165,7 @@ async fn compute(
         collectors.push(handle.await.map_err(fold::task_failed)??);
     }
     let scanned = started.elapsed();
-    let partial = fold::fold_all(collectors, params, interval, tasks).await?;
+    let partial = fold::fold_all(&matcher, collectors, params, interval, tasks).await?;
     tracing::debug!(
         campaign = %spec.campaign,
         scan_ms = scanned.as_millis() as u64,

@@ -343,8 +343,8 @@ impl RowCollector {
 
 fn string_col(b: &RecordBatch, i: usize) -> Result<&StringViewArray> {
     b.column(i).as_string_view_opt().ok_or_else(|| {
-        QueryError::BadRequest(format!(
-            "internal: column {i} is {} not Utf8View",
+        QueryError::Internal(format!(
+            "column {i} is {} not Utf8View",
             b.column(i).data_type()
         ))
     })
@@ -372,15 +372,14 @@ impl FoldContext {
 
 /// Fold everything the partitions collected into named counters, with `tasks` tasks.
 pub(super) async fn fold_all(
+    matcher: &StepMatcher,
     collectors: Vec<RowCollector>,
     params: ChainParams,
     interval: Option<i64>,
     tasks: usize,
 ) -> Result<Partial> {
     let k = params.steps;
-    let has_breakdown = collectors
-        .first()
-        .is_some_and(|c| c.matcher.breakdown.is_some());
+    let has_breakdown = matcher.breakdown.is_some();
     // Merge the partitions' group names; every partition's ids map into one space.
     let mut names: Vec<String> = Vec::new();
     let mut ids: HashMap<String, u32> = HashMap::new();
@@ -470,7 +469,7 @@ pub(super) async fn fold_all(
 }
 
 pub(super) fn task_failed(e: tokio::task::JoinError) -> QueryError {
-    QueryError::BadRequest(format!("funnel task failed: {e}"))
+    QueryError::Internal(format!("funnel task failed: {e}"))
 }
 
 /// The counters of one fold task, by merged group id.
