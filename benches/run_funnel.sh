@@ -7,41 +7,24 @@
 # (`funnelhouse funnel`, offline on the data dir, peak RSS via /usr/bin/time) and the
 # same funnel in ClickHouse (chdb) and DuckDB over the same Parquet files.
 # Results: benches/out/funnel-*.json and a table on stdout.
-set -euo pipefail
-cd "$(dirname "$0")/.."
 SIZES=("$@")
 [ ${#SIZES[@]} -gt 0 ] || SIZES=(10000000 50000000)
-OUT=benches/out
-mkdir -p "$OUT"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/funnelhouse-target}"
-cargo build --release --workspace --bins
-BIN="$CARGO_TARGET_DIR/release/funnelhouse"
-VENV=benches/.venv
-if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
-"$VENV/bin/pip" install -q duckdb chdb
+source "$(dirname "$0")/common.sh"
 command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time; }
 
 for N in "${SIZES[@]}"; do
   DATA="$OUT/funnel-data-$N"
   if [ ! -f "$DATA/manifest.json" ]; then
-    rm -rf "$DATA"
-    FUNNELHOUSE_LOG=info "$BIN" serve --data-dir "$DATA" --http-addr 127.0.0.1:0 --pg-addr 127.0.0.1:0 2> "$DATA.log" &
-    PID=$!
-    URL=""
-    for _ in $(seq 1 300); do
-      URL=$(grep -o 'listening on http://[0-9.:]*' "$DATA.log" 2>/dev/null | head -1 | sed 's/listening on //') || true
-      [ -n "$URL" ] && curl -sf "$URL/readyz" >/dev/null && break
-      sleep 0.1
-    done
-    FUNNELHOUSE_LOG=info "$BIN" gen --events "$N" --server "$URL" --batch-size 2000
-    kill -TERM "$PID"; wait "$PID"
-    "$BIN" compact --data-dir "$DATA"
+    start_server "$DATA"
+    FUNNELHOUSE_LOG=info "$BIN/funnelhouse" gen --events "$N" --server "$URL" --batch-size 2000
+    stop_server
+    "$BIN/funnelhouse" compact --data-dir "$DATA"
   fi
   STEPS=package,scan,view,draw
   best=""
   for run in 1 2 3; do
     /usr/bin/time -f '%e %M' -o "$OUT/funnel-time-$N.txt" \
-      "$BIN" funnel --data-dir "$DATA" --campaign parcel-lottery --steps "$STEPS" --window 24h \
+      "$BIN/funnelhouse" funnel --data-dir "$DATA" --campaign parcel-lottery --steps "$STEPS" --window 24h \
       --breakdown channel --json > "$OUT/funnel-ours-$N.json"
     read -r secs rss_kb < "$OUT/funnel-time-$N.txt"
     if [ -z "$best" ] || awk "BEGIN{exit !($secs < $best)}"; then best=$secs; best_rss=$rss_kb; fi

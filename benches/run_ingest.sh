@@ -7,41 +7,11 @@
 #    NDJSON batches with durable acks; SIGTERM flushes; Parquet bytes per stored event;
 # 4. half load: a fresh server offered half the peak rate; ack latency percentiles.
 # Results: benches/out/ingest-*.json and a table on stdout.
-set -euo pipefail
-cd "$(dirname "$0")/.."
 EVENTS="${1:-2000000}"
-OUT=benches/out
-mkdir -p "$OUT"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/funnelhouse-target}"
-cargo build --release --workspace --bins
-BIN="$CARGO_TARGET_DIR/release"
-
-VENV=benches/.venv
-if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
-"$VENV/bin/pip" install -q duckdb chdb
+source "$(dirname "$0")/common.sh"
 
 "$BIN/funnelhouse" gen --events "$EVENTS" --out "$OUT/events.ndjson"
 "$VENV/bin/python" benches/anchors_ingest.py "$OUT/events.ndjson" "$OUT" | tee "$OUT/ingest-anchors.json"
-
-# start_server DATA_DIR -> sets SERVER_PID and URL
-start_server() {
-  rm -rf "$1"
-  FUNNELHOUSE_LOG=info "$BIN/funnelhouse" serve --data-dir "$1" --http-addr 127.0.0.1:0 --pg-addr 127.0.0.1:0 \
-    2> "$1.log" &
-  SERVER_PID=$!
-  for _ in $(seq 1 300); do
-    URL=$(grep -o 'listening on http://[0-9.:]*' "$1.log" 2>/dev/null | head -1 | sed 's/listening on //') || true
-    if [ -n "${URL:-}" ] && curl -sf "$URL/readyz" >/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "server did not start; see $1.log" >&2
-  exit 1
-}
-
-stop_server() {
-  kill -TERM "$SERVER_PID"
-  wait "$SERVER_PID"
-}
 
 start_server "$OUT/data-peak"
 "$BIN/load" --url "$URL" --file "$OUT/events.ndjson" --clients 8 --batch 500 | tee "$OUT/ingest-peak.json"

@@ -1,0 +1,34 @@
+# Shared set-up of the benchmark scripts (sourced, not run):
+# a release build, the Python venv with the anchors, and a server on a free port.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=benches/out
+mkdir -p "$OUT"
+# --workspace, not -p: another package set changes feature unification and rebuilds DataFusion.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/funnelhouse-target}"
+cargo build --release --workspace --bins
+BIN="$CARGO_TARGET_DIR/release"
+VENV=benches/.venv
+if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
+"$VENV/bin/pip" install -q duckdb chdb
+
+# start_server DATA_DIR -> sets SERVER_PID and URL (a fresh data dir, log in DATA_DIR.log)
+start_server() {
+  rm -rf "$1"
+  FUNNELHOUSE_LOG=info "$BIN/funnelhouse" serve --data-dir "$1" --http-addr 127.0.0.1:0 --pg-addr 127.0.0.1:0 \
+    2> "$1.log" &
+  SERVER_PID=$!
+  for _ in $(seq 1 300); do
+    URL=$(grep -o 'listening on http://[0-9.:]*' "$1.log" 2>/dev/null | head -1 | sed 's/listening on //') || true
+    if [ -n "${URL:-}" ] && curl -sf "$URL/readyz" >/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "server did not start; see $1.log" >&2
+  exit 1
+}
+
+# stop_server: SIGTERM (flushes the live buffer) and wait for the exit.
+stop_server() {
+  kill -TERM "$SERVER_PID"
+  wait "$SERVER_PID"
+}
