@@ -1,12 +1,12 @@
 //! `funnelhouse.toml`: one typed struct, every field with its default. Flags beat
 //! environment variables beat the file; unknown keys are an error naming key and file.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use funnelhouse_ingest::config::{ByteSize, de_duration};
-use funnelhouse_ingest::{AuthConfig, IngestConfig};
+use funnelhouse_ingest::{AuthConfig, HttpConfig, IngestConfig};
+use funnelhouse_query::CampaignConfig;
 use serde::Deserialize;
 
 use crate::error::CliError;
@@ -22,6 +22,7 @@ pub struct Config {
     pub pg_addr: String,
     /// Write keys and read tokens. Default: none required.
     pub auth: AuthConfig,
+    pub http: HttpConfig,
     pub ingest: IngestConfig,
     pub query: QueryConfig,
     /// Named campaign funnels, targets and alerts. Default none.
@@ -35,6 +36,7 @@ impl Default for Config {
             http_addr: "127.0.0.1:8080".into(),
             pg_addr: "127.0.0.1:5433".into(),
             auth: AuthConfig::default(),
+            http: HttpConfig::default(),
             ingest: IngestConfig::default(),
             query: QueryConfig::default(),
             campaigns: Vec::new(),
@@ -60,70 +62,6 @@ impl Default for QueryConfig {
             memory_limit: ByteSize(8 << 30),
         }
     }
-}
-
-/// `[[campaigns]]`. Parsed and validated now so that config files written to the contract
-/// load; scan links, targets and alerts read it.
-#[allow(dead_code)]
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CampaignConfig {
-    pub name: String,
-    /// Where scan links redirect to. Default none.
-    #[serde(default)]
-    pub landing_url: Option<String>,
-    #[serde(default)]
-    pub funnel: Option<FunnelConfig>,
-    /// channel -> step event -> target user count.
-    #[serde(default)]
-    pub targets: BTreeMap<String, BTreeMap<String, u64>>,
-    #[serde(default)]
-    pub alerts: Vec<AlertConfig>,
-}
-
-#[allow(dead_code)]
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FunnelConfig {
-    pub steps: Vec<StepConfig>,
-    /// Conversion window. Default `"24h"`.
-    #[serde(default = "default_window", deserialize_with = "de_duration")]
-    pub window: Duration,
-}
-
-fn default_window() -> Duration {
-    Duration::from_secs(86400)
-}
-
-/// A step: an event name, or `{event = "draw", where = {prize = "gold"}}`.
-#[allow(dead_code)]
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum StepConfig {
-    Name(String),
-    Filtered {
-        event: String,
-        #[serde(default, rename = "where")]
-        filter: BTreeMap<String, toml::Value>,
-    },
-}
-
-#[allow(dead_code)]
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AlertConfig {
-    pub step: String,
-    #[serde(default)]
-    pub min_step_conversion: Option<f64>,
-    /// Evaluation window. Default `"1h"`.
-    #[serde(default = "default_over", deserialize_with = "de_duration")]
-    pub over: Duration,
-    #[serde(default)]
-    pub webhook: Option<String>,
-}
-
-fn default_over() -> Duration {
-    Duration::from_secs(3600)
 }
 
 /// Values given as flags or environment variables (clap has already merged those two).
@@ -169,21 +107,41 @@ impl Config {
             })?;
         }
         self.ingest.validate()?;
+        self.http.validate()?;
+        self.check_exposure()?;
         let mut names = std::collections::HashSet::new();
         for c in &self.campaigns {
             if !names.insert(&c.name) {
                 return Err(format!("campaigns: {:?} is defined twice", c.name));
             }
-            if let Some(f) = &c.funnel
-                && f.steps.is_empty()
-            {
-                return Err(format!(
-                    "campaigns.funnel.steps: campaign {:?} has no steps",
-                    c.name
-                ));
-            }
+            c.validate()?;
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// A collector open to the network with neither keys nor tokens takes anyone's
+    /// events and answers anyone's queries: only with `[auth] open = true`.
+    fn check_exposure(&self) -> Result<(), String> {
+        let Ok(addr) = self.http_addr.parse::<std::net::SocketAddr>() else {
+            return Ok(());
+        };
+        let unguarded = self.auth.write_keys.is_empty() && self.auth.read_tokens.is_empty();
+        if unguarded && !addr.ip().is_loopback() && !self.auth.open {
+            return Err(format!(
+                "http_addr: {addr} is reachable from other machines and [auth] has no write_keys or read_tokens; add keys, or set [auth] open = true if that is meant"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Campaign -> landing URL, the campaigns scan links may name.
+    pub fn landing_pages(&self) -> std::collections::HashMap<String, Option<String>> {
+        self.campaigns
+            .iter()
+            .map(|c| (c.name.clone(), c.landing_url.clone()))
+            .collect()
     }
 }
 
@@ -210,9 +168,13 @@ partition = "day"
 [query]
 timeout = "60s"
 memory_limit = "8GiB"
+[http]
+cors_origins = ["*"]
 [[campaigns]]
 name = "parcel-lottery"
 landing_url = "https://shop.example/lottery"
+start = "2026-11-01T00:00:00Z"
+end = "2026-11-30T00:00:00Z"
 [campaigns.funnel]
 steps = ["package", "scan", "view", {event = "draw", where = {prize = "gold"}}]
 window = "24h"
@@ -223,6 +185,7 @@ scan = 20000
 step = "scan"
 min_step_conversion = 0.3
 over = "1h"
+min_users = 30
 webhook = "http://127.0.0.1:9000/hook"
 "#;
         let cfg: Config = toml::from_str(text).unwrap();

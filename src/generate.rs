@@ -53,6 +53,24 @@ pub struct GenArgs {
     batch_size: usize,
 }
 
+impl GenArgs {
+    /// One campaign (`parcel-lottery`) over `days` from `start`, no late arrivals.
+    pub fn demo(start: String, days: u32, events: usize) -> Self {
+        Self {
+            events,
+            campaigns: 1,
+            start,
+            days,
+            duplicates: 0.005,
+            late: 0.0,
+            seed: 7,
+            out: None,
+            server: None,
+            batch_size: 500,
+        }
+    }
+}
+
 /// Channel name, weight of users, and the probability of each next step (scan, view, draw).
 const CHANNELS: [(&str, u32, [f64; 3]); 5] = [
     ("jd", 30, [0.45, 0.80, 0.55]),

@@ -2,6 +2,7 @@
 //! by the `funnelhouse-schemas`, `funnelhouse-ingest` and `funnelhouse-query` crates.
 
 mod config;
+mod demo;
 mod error;
 mod generate;
 mod import;
@@ -53,8 +54,8 @@ struct GlobalArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the collector and query server.
-    Serve,
+    /// Run the collector, the query server, the Postgres wire and the dashboard.
+    Serve(serve::ServeArgs),
     /// Post events from NDJSON, CSV or Parquet files to a running server.
     Import(import::ImportArgs),
     /// Generate synthetic campaign events (NDJSON to a file, or straight to a server).
@@ -92,8 +93,8 @@ fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
         .build()
         .map_err(|e| CliError::Io(format!("cannot start the runtime: {e}")))?;
     match command {
-        Command::Serve => runtime
-            .block_on(serve::serve(cfg))
+        Command::Serve(args) => runtime
+            .block_on(serve::serve(cfg, args))
             .map(|()| ExitCode::SUCCESS),
         Command::Import(args) => runtime.block_on(import::run(args, &cfg)),
         Command::Gen(args) => runtime

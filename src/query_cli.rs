@@ -16,9 +16,8 @@ use crate::error::CliError;
 pub struct SqlArgs {
     /// The query (read-only).
     sql: String,
-    /// Ask this server instead of reading the data dir.
-    #[arg(long)]
-    server: Option<String>,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Print the JSON answer instead of a table.
     #[arg(long)]
     json: bool,
@@ -43,10 +42,56 @@ pub struct FunnelArgs {
     /// channel, campaign, event or properties.KEY
     #[arg(long)]
     breakdown: Option<String>,
-    #[arg(long)]
-    server: Option<String>,
+    #[command(flatten)]
+    server: ServerArgs,
     #[arg(long)]
     json: bool,
+}
+
+/// Where to send a query instead of reading the data dir, and the read token it needs.
+#[derive(Args)]
+pub struct ServerArgs {
+    /// Ask this server (e.g. http://127.0.0.1:8080) instead of reading the data dir.
+    #[arg(long)]
+    server: Option<String>,
+    /// Read token for a server with `[auth] read_tokens`.
+    #[arg(long, env = "FUNNELHOUSE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl ServerArgs {
+    /// POST `body` to `path` of the server, when one was given.
+    async fn post(&self, path: &str, body: Value) -> Result<Option<Value>, CliError> {
+        let Some(server) = &self.server else {
+            return Ok(None);
+        };
+        let url = format!("{}{path}", server.trim_end_matches('/'));
+        let mut request = reqwest::Client::new().post(&url).json(&body);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let resp = request.send().await.map_err(|e| {
+            CliError::Delivery(format!(
+                "{url}: {e} (is the server running? check --server)"
+            ))
+        })?;
+        let status = resp.status();
+        let json: Value = resp
+            .json()
+            .await
+            .map_err(|e| CliError::Delivery(format!("{url}: {e}")))?;
+        if !status.is_success() {
+            let error = json["error"].as_str().unwrap_or("query failed");
+            return Err(CliError::Query(
+                if status == reqwest::StatusCode::UNAUTHORIZED {
+                    format!("{error} (pass a read token with --token or FUNNELHOUSE_TOKEN)")
+                } else {
+                    error.to_string()
+                },
+            ));
+        }
+        Ok(Some(json))
+    }
 }
 
 fn offline_engine(cfg: &Config) -> Result<QueryEngine, CliError> {
@@ -61,39 +106,13 @@ fn offline_engine(cfg: &Config) -> Result<QueryEngine, CliError> {
     .map_err(|e| CliError::Query(e.to_string()))
 }
 
-async fn post_json(url: String, body: Value) -> Result<Value, CliError> {
-    let resp = reqwest::Client::new()
-        .post(&url)
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| {
-            CliError::Delivery(format!(
-                "{url}: {e} (is the server running? check --server)"
-            ))
-        })?;
-    let status = resp.status();
-    let json: Value = resp
-        .json()
-        .await
-        .map_err(|e| CliError::Delivery(format!("{url}: {e}")))?;
-    if !status.is_success() {
-        return Err(CliError::Query(
-            json["error"].as_str().unwrap_or("query failed").to_string(),
-        ));
-    }
-    Ok(json)
-}
-
 pub async fn sql(args: SqlArgs, cfg: &Config) -> Result<(), CliError> {
-    let json = match &args.server {
-        Some(server) => {
-            post_json(
-                format!("{}/v1/sql?format=json", server.trim_end_matches('/')),
-                serde_json::json!({"sql": args.sql}),
-            )
-            .await?
-        }
+    let answer = args
+        .server
+        .post("/v1/sql?format=json", serde_json::json!({"sql": &args.sql}))
+        .await?;
+    let json = match answer {
+        Some(json) => json,
         None => {
             let engine = offline_engine(cfg)?;
             let result = engine
@@ -139,10 +158,8 @@ pub async fn funnel(args: FunnelArgs, cfg: &Config) -> Result<(), CliError> {
             req[k] = Value::String(v.clone());
         }
     }
-    let report = match &args.server {
-        Some(server) => {
-            post_json(format!("{}/v1/funnel", server.trim_end_matches('/')), req).await?
-        }
+    let report = match args.server.post("/v1/funnel", req.clone()).await? {
+        Some(report) => report,
         None => {
             let engine = offline_engine(cfg)?;
             let spec = serde_json::from_value::<FunnelRequest>(req)

@@ -1,23 +1,47 @@
-//! `funnelhouse serve`: bind, open the store (WAL replay), serve until SIGTERM / Ctrl-C,
-//! then finish in-flight requests, flush the live buffer and exit 0.
+//! `funnelhouse serve`: bind HTTP and the Postgres wire, open the store (WAL replay),
+//! serve until SIGTERM / Ctrl-C, then finish in-flight requests, flush the live buffer
+//! and exit 0.
 
 use std::sync::Arc;
 
 use std::sync::OnceLock;
 
 use funnelhouse_ingest::{CollectorState, EventStore, Metrics};
-use funnelhouse_query::{QueryEngine, QueryOptions, QueryState, SnapshotSource};
+use funnelhouse_query::{Alerts, QueryEngine, QueryOptions, QueryState, SnapshotSource};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::error::CliError;
 
-pub async fn serve(cfg: Config) -> Result<(), CliError> {
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Add a demo campaign (config written to the data dir) with three days of history and
+    /// live events trickling in, to see the dashboard move.
+    #[arg(long)]
+    demo: bool,
+}
+
+pub async fn serve(mut cfg: Config, args: ServeArgs) -> Result<(), CliError> {
+    let demo = match args.demo {
+        true => {
+            let campaign = crate::demo::campaign(&cfg.data_dir)?;
+            cfg.campaigns.retain(|c| c.name != campaign.name);
+            cfg.campaigns.push(campaign.clone());
+            Some(campaign)
+        }
+        false => None,
+    };
     let metrics = Arc::new(Metrics::default());
-    let state = CollectorState::new(cfg.ingest.clone(), cfg.auth.clone(), Arc::clone(&metrics));
+    let state = CollectorState::new(cfg.ingest.clone(), cfg.auth.clone(), Arc::clone(&metrics))
+        .with_http(cfg.http.clone())
+        .with_landing_pages(cfg.landing_pages());
+    let campaigns = Arc::new(cfg.campaigns.clone());
+    let alerts = Arc::new(Alerts::open(Arc::clone(&campaigns), &cfg.data_dir));
     let query_state = QueryState {
         engine: Arc::new(OnceLock::new()),
         read_tokens: Arc::new(cfg.auth.read_tokens.clone()),
+        campaigns,
+        alerts: Some(Arc::clone(&alerts)),
     };
     let app = funnelhouse_ingest::router(state.clone())
         .merge(funnelhouse_query::router(query_state.clone()));
@@ -31,9 +55,24 @@ pub async fn serve(cfg: Config) -> Result<(), CliError> {
     let addr = listener
         .local_addr()
         .map_err(|e| CliError::Io(e.to_string()))?;
+    let pg_listener = TcpListener::bind(&cfg.pg_addr).await.map_err(|e| {
+        CliError::Io(format!(
+            "pg_addr {}: cannot bind: {e} (pick another with --pg-addr)",
+            cfg.pg_addr
+        ))
+    })?;
+    let pg_addr = pg_listener
+        .local_addr()
+        .map_err(|e| CliError::Io(e.to_string()))?;
     let data_dir = std::path::absolute(&cfg.data_dir).unwrap_or_else(|_| cfg.data_dir.clone());
     tracing::info!("listening on http://{addr}");
+    tracing::info!(
+        "postgres wire on {pg_addr} (database funnelhouse; psql -h {} -p {} funnelhouse)",
+        pg_addr.ip(),
+        pg_addr.port()
+    );
     tracing::info!("data in {}", data_dir.display());
+    tracing::info!("dashboard at http://{addr}/");
 
     let server = tokio::spawn(
         axum::serve(listener, app)
@@ -67,12 +106,32 @@ pub async fn serve(cfg: Config) -> Result<(), CliError> {
     let source: Arc<dyn SnapshotSource> = Arc::clone(&store) as Arc<dyn SnapshotSource>;
     let engine = QueryEngine::new(source, &cfg.data_dir, &query_options(&cfg), metrics)
         .map_err(|e| CliError::Query(e.to_string()))?;
+    let pg_engine = engine.clone();
+    let read_tokens = cfg.auth.read_tokens.clone();
+    let pg = tokio::spawn(async move {
+        if let Err(e) = funnelhouse_query::serve_pg(pg_listener, &pg_engine, read_tokens).await {
+            tracing::error!(error = %e, "postgres wire stopped");
+        }
+    });
+    let demo_trickle = match &demo {
+        Some(campaign) => {
+            crate::demo::seed_history(&store, &cfg.data_dir, campaign).await?;
+            Some(tokio::spawn(crate::demo::trickle(Arc::clone(&store))))
+        }
+        None => None,
+    };
+    let evaluator = tokio::spawn(alerts.run(engine.clone()));
     let _ = query_state.engine.set(engine);
     let _ = state.store.set(Arc::clone(&store));
 
     let served = server
         .await
         .map_err(|e| CliError::Io(format!("server task failed: {e}")))?;
+    pg.abort();
+    evaluator.abort();
+    if let Some(t) = demo_trickle {
+        t.abort();
+    }
     tracing::info!("stopped accepting requests; flushing the live buffer");
     store.shutdown().await?;
     served.map_err(|e| CliError::Io(format!("http server: {e}")))?;

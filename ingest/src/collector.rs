@@ -1,21 +1,28 @@
 //! The HTTP collector: thin axum handlers that extract the request, call the store and
-//! map errors (see [`IngestError`]'s `IntoResponse`).
+//! map errors (see [`IngestError`]'s `IntoResponse`). Three ways in share one path
+//! (decode -> [`EventStore::write`] -> answer): the native `/v1/events`, the
+//! Segment-compatible routes, and scan links (see [`crate::scan`]).
 
+use std::collections::HashMap;
 use std::io::Read;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use funnelhouse_schemas::time::now_micros;
-use funnelhouse_schemas::{BodyFormat, DecodeContext, Rejection, decode_body};
+use funnelhouse_schemas::{
+    BodyFormat, DecodeContext, DecodedBatch, MessageType, Rejection, decode_body, decode_segment,
+};
 use serde::{Deserialize, Serialize};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::config::{AuthConfig, IngestConfig};
+use crate::config::{AuthConfig, HttpConfig, IngestConfig};
 use crate::error::{IngestError, Result};
 use crate::metrics::Metrics;
 use crate::store::EventStore;
@@ -28,6 +35,9 @@ pub struct CollectorState {
     pub metrics: Arc<Metrics>,
     pub auth: Arc<AuthConfig>,
     pub ingest: Arc<IngestConfig>,
+    pub http: Arc<HttpConfig>,
+    /// Campaigns that scan links may name, with the page a scan redirects to.
+    pub landing_pages: Arc<HashMap<String, Option<String>>>,
 }
 
 impl CollectorState {
@@ -37,11 +47,33 @@ impl CollectorState {
             metrics,
             auth: Arc::new(auth),
             ingest: Arc::new(ingest),
+            http: Arc::new(HttpConfig::default()),
+            landing_pages: Arc::new(HashMap::new()),
         }
+    }
+
+    pub fn with_http(mut self, http: HttpConfig) -> Self {
+        self.http = Arc::new(http);
+        self
+    }
+
+    /// Campaign name -> landing URL (none: the scan is recorded and a page says so).
+    pub fn with_landing_pages(mut self, pages: HashMap<String, Option<String>>) -> Self {
+        self.landing_pages = Arc::new(pages);
+        self
     }
 
     pub fn store(&self) -> Result<&Arc<EventStore>> {
         self.store.get().ok_or(IngestError::NotReady)
+    }
+
+    fn decode_context(&self, received_at: i64) -> DecodeContext {
+        DecodeContext {
+            received_at,
+            skew: 0,
+            max_event_bytes: self.ingest.max_event_bytes.0,
+            max_future: self.ingest.max_future.map(|d| d.as_micros() as i64),
+        }
     }
 }
 
@@ -53,13 +85,77 @@ pub struct IngestResponse {
     pub rejected: Vec<Rejection>,
 }
 
+/// The answer to a Segment request: what Segment's API answers (`success`), which the
+/// SDKs check, plus our counts for people reading it.
+#[derive(Debug, Serialize)]
+pub struct SegmentResponse {
+    pub success: bool,
+    #[serde(flatten)]
+    pub counts: IngestResponse,
+}
+
+/// Segment's routes, each with the message type it implies (`None`: a batch).
+const SEGMENT_ROUTES: &[(&str, Option<MessageType>)] = &[
+    ("/v1/batch", None),
+    ("/v1/import", None),
+    ("/v1/b", None),
+    ("/v1/track", Some(MessageType::Track)),
+    ("/v1/t", Some(MessageType::Track)),
+    ("/v1/page", Some(MessageType::Page)),
+    ("/v1/p", Some(MessageType::Page)),
+    ("/v1/screen", Some(MessageType::Screen)),
+    ("/v1/s", Some(MessageType::Screen)),
+    ("/v1/identify", Some(MessageType::Identify)),
+    ("/v1/i", Some(MessageType::Identify)),
+    ("/v1/group", Some(MessageType::Group)),
+    ("/v1/g", Some(MessageType::Group)),
+    ("/v1/alias", Some(MessageType::Alias)),
+    ("/v1/a", Some(MessageType::Alias)),
+];
+
 pub fn router(state: CollectorState) -> Router {
+    // Routes pages on other origins post to: they answer CORS preflights.
+    let mut ingest = Router::new().route("/v1/events", post(post_events));
+    for &(path, kind) in SEGMENT_ROUTES {
+        let route: MethodRouter<CollectorState> = post(
+            move |state: State<CollectorState>, headers: HeaderMap, body: Body| {
+                post_segment(state, kind, headers, body)
+            },
+        );
+        ingest = ingest.route(path, route);
+    }
+    let ingest = ingest.layer(cors_layer(&state.http));
     Router::new()
-        .route("/v1/events", post(post_events))
+        .merge(ingest)
+        .route("/s/{campaign}/{channel}", get(crate::scan::scan_link))
+        .route("/sdk.js", get(crate::scan::sdk_js))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// Any origin by default, `[http] cors_origins` narrows it. The SDK sends no
+/// credentials, so a wildcard is safe; preflights allow the headers SDKs send.
+fn cors_layer(http: &HttpConfig) -> CorsLayer {
+    let origin = if http.cors_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            http.cors_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    CorsLayer::new()
+        .allow_origin(origin)
+        .allow_methods([Method::POST, Method::OPTIONS])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            header::CONTENT_ENCODING,
+        ])
+        .max_age(std::time::Duration::from_secs(3600))
 }
 
 async fn post_events(
@@ -72,30 +168,57 @@ async fn post_events(
     let format = body_format(&headers)?;
     let bytes = read_body(&headers, body, state.ingest.max_request_bytes.0).await?;
     let _admission = store.admit(bytes.len())?;
-    let response = ingest(&state, store, &bytes, format).await?;
-    Ok(Json(response))
+    let received_at = now_micros();
+    let decoded = decode_body(&bytes, format, &state.decode_context(received_at))?;
+    Ok(Json(ingest(&state, store, decoded, received_at).await?))
 }
 
-/// Decode, validate and store one body. Shared by every ingest endpoint.
+async fn post_segment(
+    State(state): State<CollectorState>,
+    kind: Option<MessageType>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<SegmentResponse>> {
+    // The key may also be in the body, so a missing header key is checked after decoding.
+    let header_ok = state
+        .auth
+        .accepts_write_key(header_key(&headers).as_deref());
+    let store = state.store()?;
+    if body_format(&headers)? != BodyFormat::Json {
+        return Err(IngestError::UnsupportedMediaType(
+            "Segment routes take JSON (application/json or text/plain)".into(),
+        ));
+    }
+    let bytes = read_body(&headers, body, state.ingest.max_request_bytes.0).await?;
+    let _admission = store.admit(bytes.len())?;
+    let received_at = now_micros();
+    let segment = decode_segment(&bytes, kind, &state.decode_context(received_at))?;
+    if !header_ok && !state.auth.accepts_write_key(segment.write_key.as_deref()) {
+        return Err(IngestError::Unauthorized);
+    }
+    state
+        .metrics
+        .segment_long_names
+        .fetch_add(segment.long_names as u64, Relaxed);
+    let counts = ingest(&state, store, segment.decoded, received_at).await?;
+    Ok(Json(SegmentResponse {
+        success: true,
+        counts,
+    }))
+}
+
+/// Store the valid events of a decoded body and count the rejected ones.
 pub async fn ingest(
     state: &CollectorState,
     store: &EventStore,
-    body: &[u8],
-    format: BodyFormat,
+    decoded: DecodedBatch,
+    received_at: i64,
 ) -> Result<IngestResponse> {
-    let received_at = now_micros();
-    let ctx = DecodeContext {
-        received_at,
-        skew: 0,
-        max_event_bytes: state.ingest.max_event_bytes.0,
-        max_future: state.ingest.max_future.map(|d| d.as_micros() as i64),
-    };
-    let decoded = decode_body(body, format, &ctx)?;
     let outcome = store.write(decoded.events, received_at).await?;
-    state.metrics.rejected.fetch_add(
-        decoded.rejected.len() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    state
+        .metrics
+        .rejected
+        .fetch_add(decoded.rejected.len() as u64, Relaxed);
     Ok(IngestResponse {
         accepted: outcome.accepted,
         duplicates: outcome.duplicates,
@@ -121,12 +244,10 @@ async fn metrics(State(state): State<CollectorState>) -> Response {
 /// Keys are required exactly when `[auth] write_keys` is non-empty; accepted as a Bearer
 /// token or as the HTTP Basic user name (Segment's convention, empty password).
 pub fn check_write_key(auth: &AuthConfig, headers: &HeaderMap) -> Result<()> {
-    if auth.write_keys.is_empty() {
-        return Ok(());
-    }
-    match header_key(headers) {
-        Some(key) if auth.write_keys.contains(&key) => Ok(()),
-        _ => Err(IngestError::Unauthorized),
+    if auth.accepts_write_key(header_key(headers).as_deref()) {
+        Ok(())
+    } else {
+        Err(IngestError::Unauthorized)
     }
 }
 

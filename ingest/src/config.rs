@@ -93,6 +93,65 @@ pub struct AuthConfig {
     pub write_keys: Vec<String>,
     /// Tokens accepted by the query endpoints and the Postgres wire. Default none.
     pub read_tokens: Vec<String>,
+    /// Allow a non-loopback `http_addr` with neither keys nor tokens. Default false.
+    pub open: bool,
+}
+
+impl AuthConfig {
+    /// Whether an ingest request with this key (if any) may write.
+    pub fn accepts_write_key(&self, key: Option<&str>) -> bool {
+        self.write_keys.is_empty() || key.is_some_and(|k| contains_secret(&self.write_keys, k))
+    }
+
+    /// Whether a query with this token (if any) may read.
+    pub fn accepts_read_token(&self, token: Option<&str>) -> bool {
+        self.read_tokens.is_empty() || token.is_some_and(|t| contains_secret(&self.read_tokens, t))
+    }
+}
+
+/// Whether `candidate` is one of `secrets`, in time that does not depend on where the
+/// bytes differ (so response timing does not reveal a key byte by byte).
+pub fn contains_secret(secrets: &[String], candidate: &str) -> bool {
+    secrets.iter().fold(false, |found, secret| {
+        found | constant_time_eq(secret.as_bytes(), candidate.as_bytes())
+    })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// `[http]`: what browsers on other origins may do.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Origins whose pages may post to the ingest routes (CORS); `"*"` is any. Default `["*"]`.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            cors_origins: vec!["*".into()],
+        }
+    }
+}
+
+impl HttpConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        for origin in &self.cors_origins {
+            if origin != "*" && axum::http::HeaderValue::from_str(origin).is_err() {
+                return Err(format!(
+                    "http.cors_origins: {origin:?} is not a valid origin"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How Parquet files are partitioned by event ts (UTC).

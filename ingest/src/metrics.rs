@@ -10,6 +10,7 @@ pub struct Metrics {
     pub accepted: AtomicU64,
     pub rejected: AtomicU64,
     pub duplicates: AtomicU64,
+    pub segment_long_names: AtomicU64,
     pub requests_overloaded: AtomicU64,
     pub wal_fsyncs: AtomicU64,
     pub wal_fsync_micros: AtomicU64,
@@ -51,6 +52,11 @@ impl Metrics {
                 "funnelhouse_events_duplicates_total",
                 "Events dropped as duplicates.",
                 &self.duplicates,
+            ),
+            (
+                "funnelhouse_segment_long_names_dropped_total",
+                "Segment track events dropped because their name is over 64 bytes.",
+                &self.segment_long_names,
             ),
             (
                 "funnelhouse_requests_overloaded_total",

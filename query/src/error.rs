@@ -20,6 +20,8 @@ pub enum QueryError {
     BadRequest(String),
     #[error("missing or unknown read token: send it as a Bearer token")]
     Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
     /// A failure of ours, not of the request (a panicked task, a column of the wrong type).
     #[error("internal error: {0}")]
     Internal(String),
@@ -56,6 +58,7 @@ impl QueryError {
                 StatusCode::BAD_REQUEST
             }
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Ingest(e) => e.status(),
         }

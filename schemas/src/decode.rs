@@ -7,7 +7,7 @@ use serde_json::value::RawValue;
 
 use crate::error::SchemaError;
 use crate::event::Event;
-use crate::validate::{DecodeContext, parse_ts, validate_event};
+use crate::validate::{DecodeContext, clock_skew, parse_ts, validate_event};
 
 /// How the body is framed, from the request's `Content-Type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +33,7 @@ pub struct DecodedBatch {
 }
 
 impl DecodedBatch {
-    fn push(&mut self, index: usize, result: Result<Event, String>) {
+    pub(crate) fn push(&mut self, index: usize, result: Result<Event, String>) {
         match result {
             Ok(event) => self.events.push(event),
             Err(error) => self.rejected.push(Rejection { index, error }),
@@ -95,7 +95,7 @@ fn decode_json(body: &[u8], ctx: &DecodeContext) -> Result<DecodedBatch, SchemaE
                     if let Some(sent_at) = envelope.sent_at {
                         let sent_at = parse_ts(sent_at)
                             .ok_or_else(|| SchemaError::BadBody("sent_at: not RFC 3339 or epoch ms".into()))?;
-                        ctx.skew = ctx.received_at - sent_at;
+                        ctx.skew = clock_skew(ctx.received_at, sent_at);
                     }
                     if !events.get().starts_with('[') {
                         return Err(SchemaError::BadBody("events: must be an array".into()));
@@ -123,6 +123,6 @@ fn decode_array(text: &str, ctx: &DecodeContext) -> Result<DecodedBatch, SchemaE
     Ok(out)
 }
 
-fn not_json(e: serde_json::Error) -> SchemaError {
+pub(crate) fn not_json(e: serde_json::Error) -> SchemaError {
     SchemaError::BadBody(format!("body is not valid JSON: {e}"))
 }

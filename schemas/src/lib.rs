@@ -1,13 +1,14 @@
 //! Funnelhouse's event model. This crate owns what an event is and how it gets in:
 //! the validated [`Event`], the field rules of the contract (with errors that name the
 //! field), the decoding of request bodies (JSON array, object, NDJSON, `sent_at`
-//! envelope) into events and per-event rejections, and the Arrow schema of the stored
+//! envelope, and Segment-compatible messages) into events and per-event rejections, and the Arrow schema of the stored
 //! columns with the builder that turns events into `RecordBatch`es.
 
 pub mod arrow;
 pub mod decode;
 pub mod error;
 pub mod event;
+pub mod segment;
 pub mod time;
 pub mod validate;
 
@@ -15,4 +16,5 @@ pub use arrow::{EventBatchBuilder, event_schema, events_to_batch};
 pub use decode::{BodyFormat, DecodedBatch, Rejection, decode_body};
 pub use error::SchemaError;
 pub use event::Event;
+pub use segment::{MessageType, SegmentBatch, decode_segment};
 pub use validate::{DecodeContext, validate_event};

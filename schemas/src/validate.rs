@@ -120,12 +120,20 @@ pub fn validate_event(text: &str, ctx: &DecodeContext) -> Result<Event, String> 
     })
 }
 
-fn required<'a>(value: Option<&'a RawValue>, field: &str) -> Result<&'a RawValue, String> {
+pub(crate) fn required<'a>(
+    value: Option<&'a RawValue>,
+    field: &str,
+) -> Result<&'a RawValue, String> {
     value.ok_or_else(|| format!("{field}: missing"))
 }
 
 /// A JSON string of `min..=max` bytes (UTF-8).
-fn bounded_string(field: &str, value: &RawValue, min: usize, max: usize) -> Result<String, String> {
+pub(crate) fn bounded_string(
+    field: &str,
+    value: &RawValue,
+    min: usize,
+    max: usize,
+) -> Result<String, String> {
     let text = value.get();
     if !text.starts_with('"') {
         return Err(format!(
@@ -168,6 +176,21 @@ pub fn check_event_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// A device clock more than this far off is ignored rather than corrected (the
+/// contract's rule, as Segment does): such a sender's `sent_at` is more likely wrong.
+const MAX_SKEW_MICROS: Micros = 30 * 86_400 * 1_000_000;
+
+/// The correction to add to each `ts` of a request sent at `sent_at` (device clock)
+/// and received at `received_at` (server clock): their difference, or 0 past 30 days.
+pub fn clock_skew(received_at: Micros, sent_at: Micros) -> Micros {
+    let skew = received_at.saturating_sub(sent_at);
+    if skew.abs() > MAX_SKEW_MICROS {
+        0
+    } else {
+        skew
+    }
+}
+
 /// RFC 3339 string or integer epoch milliseconds.
 pub fn parse_ts(value: &RawValue) -> Option<Micros> {
     let text = value.get();
@@ -180,7 +203,7 @@ pub fn parse_ts(value: &RawValue) -> Option<Micros> {
 }
 
 /// A JSON object, stored as compact text of at most 16 KiB.
-fn properties_text(value: &RawValue) -> Result<String, String> {
+pub(crate) fn properties_text(value: &RawValue) -> Result<String, String> {
     let text = value.get();
     if !text.starts_with('{') {
         return Err(format!(
@@ -231,7 +254,7 @@ fn has_whitespace_outside_strings(text: &str) -> bool {
     false
 }
 
-fn json_kind(text: &str) -> &'static str {
+pub(crate) fn json_kind(text: &str) -> &'static str {
     match text.as_bytes().first() {
         Some(b'"') => "a string",
         Some(b'{') => "an object",

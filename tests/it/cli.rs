@@ -64,6 +64,8 @@ async fn flags_beat_environment_beat_the_config_file() {
             "serve",
             "--http-addr",
             "127.0.0.1:0",
+            "--pg-addr",
+            "127.0.0.1:0",
             "--config",
             cfg.to_str().unwrap(),
         ]);
@@ -402,4 +404,41 @@ async fn sql_and_funnel_commands_print_tables_from_a_server_or_the_data_dir() {
     check(&run(&["sql", sql, "--data-dir", data_arg]), &run(&offline));
     assert_eq!(server.terminate().code(), Some(0));
     check(&run(&["sql", sql, "--data-dir", data_arg]), &run(&offline));
+}
+
+#[tokio::test]
+async fn sql_and_funnel_send_a_read_token_from_the_flag_or_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_file(dir.path(), "f.toml", "[auth]\nread_tokens = [\"rt_cli\"]\n");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--config", cfg.to_str().unwrap()],
+    )
+    .await;
+    let sql = ["sql", "SELECT 40 + 2 AS answer", "--server", &server.url];
+    let without = run(&sql);
+    assert_eq!(without.status.code(), Some(2));
+    assert!(text(&without).contains("--token"), "{}", text(&without));
+    let flag = run(&[&sql[..], &["--token", "rt_cli"]].concat());
+    assert!(
+        flag.status.success() && text(&flag).contains("42"),
+        "{}",
+        text(&flag)
+    );
+    let env = funnelhouse()
+        .args([
+            "funnel",
+            "--campaign",
+            "c",
+            "--steps",
+            "scan",
+            "--server",
+            &server.url,
+        ])
+        .env("FUNNELHOUSE_TOKEN", "rt_cli")
+        .output()
+        .unwrap();
+    assert!(env.status.success(), "{}", text(&env));
+    let wrong = run(&[&sql[..], &["--token", "rt_other"]].concat());
+    assert_eq!(wrong.status.code(), Some(2));
 }

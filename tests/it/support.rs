@@ -18,6 +18,8 @@ pub fn funnelhouse() -> Command {
     cmd.env_remove("FUNNELHOUSE_DATA_DIR")
         .env_remove("FUNNELHOUSE_HTTP_ADDR")
         .env_remove("FUNNELHOUSE_CONFIG")
+        .env_remove("FUNNELHOUSE_PG_ADDR")
+        .env_remove("FUNNELHOUSE_TOKEN")
         .env("FUNNELHOUSE_LOG", "info");
     cmd
 }

@@ -188,7 +188,7 @@ async fn unsupported_content_type_and_encoding_are_415() {
 async fn write_keys_are_required_exactly_when_configured() {
     let auth = AuthConfig {
         write_keys: vec!["wk_live_1".into()],
-        read_tokens: vec![],
+        ..Default::default()
     };
     let server = TestServer::start_with(config(), auth, None).await;
     let url = format!("{}/v1/events", server.url);

@@ -2,6 +2,8 @@
 
 mod durability;
 mod http;
+mod scan;
+mod segment;
 mod storage;
 mod support;
 mod validation;

@@ -33,12 +33,22 @@ impl TestServer {
 
     /// Start on `dir` (a restart) or a fresh temporary dir.
     pub async fn start_with(cfg: IngestConfig, auth: AuthConfig, dir: Option<&Path>) -> TestServer {
+        Self::start_state(cfg, auth, dir, |state| state).await
+    }
+
+    /// Like [`start_with`], with the collector state adjusted (landing pages, `[http]`).
+    pub async fn start_state(
+        cfg: IngestConfig,
+        auth: AuthConfig,
+        dir: Option<&Path>,
+        adjust: impl FnOnce(CollectorState) -> CollectorState,
+    ) -> TestServer {
         let tmp = dir.is_none().then(|| tempfile::tempdir().unwrap());
         let dir = dir
             .map(Path::to_path_buf)
             .unwrap_or_else(|| tmp.as_ref().unwrap().path().to_path_buf());
         let metrics = Arc::new(Metrics::default());
-        let state = CollectorState::new(cfg.clone(), auth, Arc::clone(&metrics));
+        let state = adjust(CollectorState::new(cfg.clone(), auth, Arc::clone(&metrics)));
         let (store, _) = {
             let dir = dir.clone();
             tokio::task::spawn_blocking(move || EventStore::open(&dir, &cfg, metrics))

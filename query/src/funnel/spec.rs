@@ -91,6 +91,18 @@ impl Breakdown {
     }
 }
 
+/// Unknown query parameters are a 400 naming them, except those starting with `_`, which
+/// dashboards add to defeat caches.
+pub fn check_params(params: &HashMap<String, String>, known: &[&str]) -> Result<()> {
+    match params
+        .keys()
+        .find(|k| !k.starts_with('_') && !known.contains(&k.as_str()))
+    {
+        Some(k) => Err(bad(format!("{k}: unknown parameter"))),
+        None => Ok(()),
+    }
+}
+
 fn bad(msg: String) -> QueryError {
     QueryError::BadRequest(msg)
 }
@@ -111,20 +123,10 @@ pub struct FunnelRequest {
 impl FunnelRequest {
     /// From `?campaign=C&steps=a,b,c&window=24h&from=..&to=..&breakdown=..&interval=1h`.
     pub fn from_query(params: &HashMap<String, String>) -> Result<Self> {
-        if let Some(k) = params.keys().find(|k| {
-            ![
-                "campaign",
-                "steps",
-                "window",
-                "from",
-                "to",
-                "breakdown",
-                "interval",
-            ]
-            .contains(&k.as_str())
-        }) {
-            return Err(bad(format!("{k}: unknown parameter")));
-        }
+        check_params(
+            params,
+            &["campaign", "steps", "window", "from", "to", "breakdown", "interval"],
+        )?;
         let steps = params.get("steps").map(|s| {
             Value::Array(
                 s.split(',')

@@ -63,6 +63,49 @@ async fn sql_answers_in_json_csv_and_arrow() {
     assert_eq!(rows, 2);
 }
 
+/// `curl -d '{"sql": ...}'` says form-urlencoded: a body that parses as `{"sql"}` is taken
+/// as one whatever the Content-Type, and anything else is the SQL text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_body_is_json_whatever_the_content_type() {
+    let server = TestServer::start().await;
+    for (content_type, body) in [
+        (
+            "application/x-www-form-urlencoded",
+            r#"{"sql": "SELECT 41 + 1 AS n"}"#,
+        ),
+        ("text/plain", r#"{"sql": "SELECT 41 + 1 AS n"}"#),
+        ("text/plain", "SELECT 41 + 1 AS n"),
+        ("application/x-www-form-urlencoded", "SELECT 41 + 1 AS n"),
+    ] {
+        let resp = server
+            .http
+            .post(format!("{}/v1/sql", server.url))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{content_type}: {body}");
+        let json: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(
+            json["rows"],
+            serde_json::json!([[42]]),
+            "{content_type}: {body}"
+        );
+    }
+    let resp = server
+        .http
+        .post(format!("{}/v1/sql", server.url))
+        .header("content-type", "application/json")
+        .body(r#"{"query": "SELECT 1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let json: serde_json::Value = resp.json().await.unwrap();
+    assert!(json["error"].as_str().unwrap().contains("sql"), "{json}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_is_read_only_and_errors_are_400_with_the_reason() {
     let server = TestServer::start().await;

@@ -2,7 +2,7 @@
 //! engines over fixed in-memory event sets.
 
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use funnelhouse_ingest::{CollectorState, EventStore, IngestConfig, Metrics, Snapshot};
 use funnelhouse_query::{QueryEngine, QueryOptions, QueryState, SnapshotSource, StaticSource};
@@ -13,11 +13,17 @@ pub struct TestServer {
     pub url: String,
     pub store: Arc<EventStore>,
     pub http: reqwest::Client,
+    pub engine: QueryEngine,
     _dir: tempfile::TempDir,
 }
 
 impl TestServer {
     pub async fn start() -> TestServer {
+        Self::start_with(QueryState::default()).await
+    }
+
+    /// With campaigns, alerts or read tokens set in `query`.
+    pub async fn start_with(query: QueryState) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let cfg = IngestConfig {
             flush_interval: std::time::Duration::from_secs(3600),
@@ -42,11 +48,7 @@ impl TestServer {
         .unwrap();
         let ingest = CollectorState::new(cfg, Default::default(), metrics);
         ingest.store.set(Arc::clone(&store)).ok().unwrap();
-        let query = QueryState {
-            engine: Arc::new(OnceLock::new()),
-            read_tokens: Arc::new(Vec::new()),
-        };
-        query.engine.set(engine).ok().unwrap();
+        query.engine.set(engine.clone()).ok().unwrap();
         let app = funnelhouse_ingest::router(ingest).merge(funnelhouse_query::router(query));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -55,6 +57,7 @@ impl TestServer {
             url,
             store,
             http: reqwest::Client::new(),
+            engine,
             _dir: dir,
         }
     }

@@ -1,0 +1,231 @@
+//! Campaign alert rules, evaluated every 10 s per channel over their trailing period:
+//! which rules fire now, since when, and a webhook POST when one starts or stops firing.
+//!
+//! The firing set is kept in `data_dir/alerts.json` (written atomically after each
+//! change), so a restart neither forgets `since` nor sends a webhook again for an alert
+//! that was already firing. Webhooks go out from their own task with retries and never
+//! hold up ingest, queries or the next evaluation.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use funnelhouse_schemas::time::{Micros, format_micros, now_micros};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::campaign::CampaignConfig;
+use crate::error::Result;
+use crate::funnel;
+use crate::session::QueryEngine;
+
+/// How often rules are evaluated.
+pub const EVALUATION_INTERVAL: Duration = Duration::from_secs(10);
+/// Webhook attempts before giving up on one notification.
+const WEBHOOK_ATTEMPTS: u32 = 8;
+
+/// One rule firing for one channel: the contract's alert object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FiringAlert {
+    pub campaign: String,
+    pub channel: String,
+    pub step: String,
+    /// The step's step_conversion over the period.
+    pub observed: f64,
+    pub threshold: f64,
+    /// Step-1 users counted over the period.
+    pub users: u64,
+    /// When the rule started firing for this channel.
+    pub since: String,
+}
+
+impl FiringAlert {
+    fn key(&self) -> (String, String, String) {
+        (self.campaign.clone(), self.channel.clone(), self.step.clone())
+    }
+}
+
+/// A change to notify: the alert and whether it started (`firing`) or stopped (`resolved`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub status: &'static str,
+    pub alert: FiringAlert,
+    pub webhook: Option<String>,
+}
+
+type Key = (String, String, String);
+
+pub struct Alerts {
+    campaigns: Arc<Vec<CampaignConfig>>,
+    firing: Mutex<BTreeMap<Key, FiringAlert>>,
+    state_file: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Alerts {
+    /// Load the persisted firing set of `data_dir` (none on a first start).
+    pub fn open(campaigns: Arc<Vec<CampaignConfig>>, data_dir: &Path) -> Self {
+        let state_file = data_dir.join("alerts.json");
+        let firing = std::fs::read(&state_file)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Vec<FiringAlert>>(&bytes).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| (a.key(), a))
+            .collect();
+        Self {
+            campaigns,
+            firing: Mutex::new(firing),
+            state_file,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The rules of `campaign` firing at the latest evaluation.
+    pub fn firing(&self, campaign: &str) -> Vec<FiringAlert> {
+        self.firing
+            .lock()
+            .expect("alerts lock")
+            .values()
+            .filter(|a| a.campaign == campaign)
+            .cloned()
+            .collect()
+    }
+
+    /// Evaluate every rule at `now`, update the firing set, persist it, and return what
+    /// changed (the caller sends the webhooks: see [`Alerts::notify`]).
+    pub async fn evaluate(&self, engine: &QueryEngine, now: Micros) -> Result<Vec<Transition>> {
+        let mut found: BTreeMap<Key, (FiringAlert, Option<String>)> = BTreeMap::new();
+        for campaign in self.campaigns.iter() {
+            for rule in &campaign.alerts {
+                let from = format_micros(now - rule.over.as_micros() as i64);
+                let spec = campaign.spec(Some(from), Some(format_micros(now)), Some("channel".into()))?;
+                let Some(k) = spec.steps.iter().position(|s| s.event == rule.step) else {
+                    continue;
+                };
+                let report = funnel::funnel(engine, &spec).await?;
+                for group in &report.groups {
+                    let users = group.stats.counts[0];
+                    let observed = group.stats.step_conversion[k];
+                    if users >= rule.min_users && observed < rule.min_step_conversion {
+                        let alert = FiringAlert {
+                            campaign: campaign.name.clone(),
+                            channel: group.value.clone(),
+                            step: rule.step.clone(),
+                            observed,
+                            threshold: rule.min_step_conversion,
+                            users,
+                            since: format_micros(now),
+                        };
+                        found.insert(alert.key(), (alert, rule.webhook.clone()));
+                    }
+                }
+            }
+        }
+        let webhook_of = |key: &Key| -> Option<String> {
+            self.campaigns
+                .iter()
+                .find(|c| c.name == key.0)
+                .and_then(|c| c.alerts.iter().find(|r| r.step == key.2))
+                .and_then(|r| r.webhook.clone())
+        };
+        let mut transitions = Vec::new();
+        let snapshot = {
+            let mut firing = self.firing.lock().expect("alerts lock");
+            let resolved: Vec<Key> = firing
+                .keys()
+                .filter(|k| !found.contains_key(*k))
+                .cloned()
+                .collect();
+            for key in resolved {
+                if let Some(alert) = firing.remove(&key) {
+                    transitions.push(Transition {
+                        status: "resolved",
+                        webhook: webhook_of(&key),
+                        alert,
+                    });
+                }
+            }
+            for (key, (mut alert, webhook)) in found {
+                match firing.get(&key) {
+                    // Still firing: keep `since`, refresh the numbers.
+                    Some(previous) => alert.since = previous.since.clone(),
+                    None => transitions.push(Transition {
+                        status: "firing",
+                        alert: alert.clone(),
+                        webhook,
+                    }),
+                }
+                firing.insert(key, alert);
+            }
+            firing.values().cloned().collect::<Vec<_>>()
+        };
+        if !transitions.is_empty() {
+            self.persist(&snapshot);
+        }
+        Ok(transitions)
+    }
+
+    fn persist(&self, firing: &[FiringAlert]) {
+        let tmp = self.state_file.with_extension("json.tmp");
+        let written = serde_json::to_vec_pretty(firing)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &self.state_file));
+        if let Err(e) = written {
+            tracing::warn!(file = %self.state_file.display(), error = %e, "cannot save alert state");
+        }
+    }
+
+    /// POST each transition to its rule's webhook from a task of its own, retried with
+    /// exponential backoff (1 s, 2 s, ... up to 60 s, 8 attempts).
+    pub fn notify(&self, transitions: Vec<Transition>) {
+        for t in transitions {
+            tracing::info!(
+                status = t.status,
+                campaign = %t.alert.campaign,
+                channel = %t.alert.channel,
+                step = %t.alert.step,
+                observed = t.alert.observed,
+                "alert"
+            );
+            let Some(url) = t.webhook else { continue };
+            let http = self.http.clone();
+            let mut body = serde_json::to_value(&t.alert).unwrap_or_default();
+            body["status"] = json!(t.status);
+            tokio::spawn(async move {
+                let mut delay = Duration::from_secs(1);
+                for attempt in 1..=WEBHOOK_ATTEMPTS {
+                    match http.post(&url).json(&body).send().await {
+                        Ok(r) if r.status().is_success() => return,
+                        Ok(r) => tracing::warn!(%url, status = %r.status(), attempt, "webhook refused"),
+                        Err(e) => tracing::warn!(%url, error = %e, attempt, "webhook failed"),
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                }
+                tracing::error!(%url, "webhook given up after {WEBHOOK_ATTEMPTS} attempts");
+            });
+        }
+    }
+
+    /// Evaluate every [`EVALUATION_INTERVAL`] until the task is dropped.
+    pub async fn run(self: Arc<Self>, engine: QueryEngine) {
+        if self.campaigns.iter().all(|c| c.alerts.is_empty()) {
+            return;
+        }
+        let mut tick = tokio::time::interval(EVALUATION_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match self.evaluate(&engine, now_micros()).await {
+                Ok(transitions) => self.notify(transitions),
+                Err(e) => tracing::warn!(error = %e, "alert evaluation failed"),
+            }
+        }
+    }
+}
