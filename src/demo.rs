@@ -57,9 +57,10 @@ pub fn campaign(data_dir: &Path) -> Result<CampaignConfig, CliError> {
             ));
         }
         text.push_str(
-            "[[campaigns.alerts]]\nstep = \"scan\"\nmin_step_conversion = 0.3\nover = \"1h\"\nmin_users = 30\n",
+            "[[campaigns.alerts]]\nstep = \"view\"\nmin_step_conversion = 0.3\nover = \"6h\"\nmin_users = 30\n",
         );
-        std::fs::write(&path, text).map_err(|e| CliError::Io(format!("{}: {e}", path.display())))?;
+        std::fs::write(&path, text)
+            .map_err(|e| CliError::Io(format!("{}: {e}", path.display())))?;
     }
     #[derive(serde::Deserialize)]
     struct File {
@@ -67,8 +68,8 @@ pub fn campaign(data_dir: &Path) -> Result<CampaignConfig, CliError> {
     }
     let text = std::fs::read_to_string(&path)
         .map_err(|e| CliError::Io(format!("{}: {e}", path.display())))?;
-    let file: File = toml::from_str(&text)
-        .map_err(|e| CliError::Config(format!("{}: {e}", path.display())))?;
+    let file: File =
+        toml::from_str(&text).map_err(|e| CliError::Config(format!("{}: {e}", path.display())))?;
     file.campaigns
         .into_iter()
         .next()
@@ -76,7 +77,11 @@ pub fn campaign(data_dir: &Path) -> Result<CampaignConfig, CliError> {
 }
 
 /// Three days of history up to now, written once (a marker file remembers it).
-pub async fn seed_history(store: &EventStore, data_dir: &Path, campaign: &CampaignConfig) -> Result<(), CliError> {
+pub async fn seed_history(
+    store: &EventStore,
+    data_dir: &Path,
+    campaign: &CampaignConfig,
+) -> Result<(), CliError> {
     let marker = data_dir.join("demo.seeded");
     if marker.exists() {
         return Ok(());
@@ -140,7 +145,8 @@ pub async fn trickle(store: Arc<EventStore>) {
         }
         due.make_contiguous().sort_by_key(|(t, _)| *t);
         let ready: Vec<Event> = std::iter::from_fn(|| {
-            (due.front().is_some_and(|(t, _)| *t <= now)).then(|| due.pop_front().map(|(_, e)| e))?
+            (due.front().is_some_and(|(t, _)| *t <= now))
+                .then(|| due.pop_front().map(|(_, e)| e))?
         })
         .collect();
         if let Err(e) = store.write(ready, now).await {
@@ -163,7 +169,11 @@ fn live_event(user_id: &str, name: &str, channel: &str, ts: i64) -> Event {
 }
 
 fn decode(ndjson: &str, received_at: i64) -> Vec<Event> {
-    decode_body(ndjson.as_bytes(), BodyFormat::Ndjson, &DecodeContext::new(received_at))
-        .map(|d| d.events)
-        .unwrap_or_default()
+    decode_body(
+        ndjson.as_bytes(),
+        BodyFormat::Ndjson,
+        &DecodeContext::new(received_at),
+    )
+    .map(|d| d.events)
+    .unwrap_or_default()
 }

@@ -127,7 +127,7 @@ fn absorb(
     totals.sent += n;
     totals.accepted += resp.accepted;
     totals.duplicates += resp.duplicates;
-    totals.rejected += resp.rejected.len();
+    totals.rejected += resp.rejected_count.max(resp.rejected.len());
     for r in resp.rejected {
         if totals.examples.len() < 20 {
             let line = origin.first_line.get(r.index).copied().unwrap_or(0);

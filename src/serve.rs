@@ -22,14 +22,13 @@ pub struct ServeArgs {
 }
 
 pub async fn serve(mut cfg: Config, args: ServeArgs) -> Result<(), CliError> {
-    let demo = match args.demo {
-        true => {
-            let campaign = crate::demo::campaign(&cfg.data_dir)?;
-            cfg.campaigns.retain(|c| c.name != campaign.name);
-            cfg.campaigns.push(campaign.clone());
-            Some(campaign)
-        }
-        false => None,
+    let demo = if args.demo {
+        let campaign = crate::demo::campaign(&cfg.data_dir)?;
+        cfg.campaigns.retain(|c| c.name != campaign.name);
+        cfg.campaigns.push(campaign.clone());
+        Some(campaign)
+    } else {
+        None
     };
     let metrics = Arc::new(Metrics::default());
     let state = CollectorState::new(cfg.ingest.clone(), cfg.auth.clone(), Arc::clone(&metrics))
@@ -43,8 +42,10 @@ pub async fn serve(mut cfg: Config, args: ServeArgs) -> Result<(), CliError> {
         campaigns,
         alerts: Some(Arc::clone(&alerts)),
     };
-    let app = funnelhouse_ingest::router(state.clone())
-        .merge(funnelhouse_query::router(query_state.clone()));
+    let app = funnelhouse_ingest::collector::with_json_fallbacks(
+        funnelhouse_ingest::router(state.clone())
+            .merge(funnelhouse_query::router(query_state.clone())),
+    );
 
     let listener = TcpListener::bind(&cfg.http_addr).await.map_err(|e| {
         CliError::Io(format!(

@@ -77,13 +77,18 @@ impl CollectorState {
     }
 }
 
-/// The answer to an ingest request.
+/// The answer to an ingest request. `rejected` lists at most [`MAX_LISTED_REJECTIONS`];
+/// `rejected_count` counts them all, so an answer stays small whatever the request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IngestResponse {
     pub accepted: usize,
     pub duplicates: usize,
     pub rejected: Vec<Rejection>,
+    #[serde(default)]
+    pub rejected_count: usize,
 }
+
+pub const MAX_LISTED_REJECTIONS: usize = 100;
 
 /// The answer to a Segment request: what Segment's API answers (`success`), which the
 /// SDKs check, plus our counts for people reading it.
@@ -112,6 +117,25 @@ const SEGMENT_ROUTES: &[(&str, Option<MessageType>)] = &[
     ("/v1/alias", Some(MessageType::Alias)),
     ("/v1/a", Some(MessageType::Alias)),
 ];
+
+/// Unknown routes and methods answer `{"error": ...}` like every other error of the API.
+pub fn with_json_fallbacks(router: Router) -> Router {
+    router
+        .fallback(|uri: axum::http::Uri| async move {
+            (
+                StatusCode::NOT_FOUND,
+                Json(serde_json::json!({ "error": format!("no such route: {}", uri.path()) })),
+            )
+        })
+        .method_not_allowed_fallback(|method: Method, uri: axum::http::Uri| async move {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                Json(serde_json::json!({
+                    "error": format!("{method} is not allowed on {}", uri.path())
+                })),
+            )
+        })
+}
 
 pub fn router(state: CollectorState) -> Router {
     // Routes pages on other origins post to: they answer CORS preflights.
@@ -215,14 +239,18 @@ pub async fn ingest(
     received_at: i64,
 ) -> Result<IngestResponse> {
     let outcome = store.write(decoded.events, received_at).await?;
+    let mut rejected = decoded.rejected;
+    let rejected_count = rejected.len();
     state
         .metrics
         .rejected
-        .fetch_add(decoded.rejected.len() as u64, Relaxed);
+        .fetch_add(rejected_count as u64, Relaxed);
+    rejected.truncate(MAX_LISTED_REJECTIONS);
     Ok(IngestResponse {
         accepted: outcome.accepted,
         duplicates: outcome.duplicates,
-        rejected: decoded.rejected,
+        rejected,
+        rejected_count,
     })
 }
 

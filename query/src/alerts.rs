@@ -42,7 +42,11 @@ pub struct FiringAlert {
 
 impl FiringAlert {
     fn key(&self) -> (String, String, String) {
-        (self.campaign.clone(), self.channel.clone(), self.step.clone())
+        (
+            self.campaign.clone(),
+            self.channel.clone(),
+            self.step.clone(),
+        )
     }
 }
 
@@ -103,7 +107,8 @@ impl Alerts {
         for campaign in self.campaigns.iter() {
             for rule in &campaign.alerts {
                 let from = format_micros(now - rule.over.as_micros() as i64);
-                let spec = campaign.spec(Some(from), Some(format_micros(now)), Some("channel".into()))?;
+                let spec =
+                    campaign.spec(Some(from), Some(format_micros(now)), Some("channel".into()))?;
                 let Some(k) = spec.steps.iter().position(|s| s.event == rule.step) else {
                     continue;
                 };
@@ -202,7 +207,9 @@ impl Alerts {
                 for attempt in 1..=WEBHOOK_ATTEMPTS {
                     match http.post(&url).json(&body).send().await {
                         Ok(r) if r.status().is_success() => return,
-                        Ok(r) => tracing::warn!(%url, status = %r.status(), attempt, "webhook refused"),
+                        Ok(r) => {
+                            tracing::warn!(%url, status = %r.status(), attempt, "webhook refused")
+                        }
                         Err(e) => tracing::warn!(%url, error = %e, attempt, "webhook failed"),
                     }
                     tokio::time::sleep(delay).await;

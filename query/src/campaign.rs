@@ -112,7 +112,9 @@ impl CampaignConfig {
         if let (Some(s), Some(e)) = (start, end)
             && s >= e
         {
-            return Err(format!("campaigns.end: campaign {name:?} ends before it starts"));
+            return Err(format!(
+                "campaigns.end: campaign {name:?} ends before it starts"
+            ));
         }
         let steps = match &self.funnel {
             Some(_) => self
@@ -212,9 +214,8 @@ impl CampaignConfig {
 
 fn rfc3339(key: &str, name: &str, v: Option<&str>) -> std::result::Result<Option<Micros>, String> {
     v.map(|t| {
-        parse_rfc3339(t).ok_or_else(|| {
-            format!("campaigns.{key}: {t:?} of campaign {name:?} is not RFC 3339")
-        })
+        parse_rfc3339(t)
+            .ok_or_else(|| format!("campaigns.{key}: {t:?} of campaign {name:?} is not RFC 3339"))
     })
     .transpose()
 }
@@ -239,7 +240,11 @@ pub async fn campaign_funnel(
 pub fn annotate(campaign: &CampaignConfig, report: &FunnelReport, by_channel: bool) -> Value {
     let steps = &report.header.steps;
     let target_of = |channel: &str, step: &str| -> Option<u64> {
-        campaign.targets.get(channel).and_then(|t| t.get(step)).copied()
+        campaign
+            .targets
+            .get(channel)
+            .and_then(|t| t.get(step))
+            .copied()
     };
     let total_targets: Vec<Option<u64>> = steps
         .iter()
@@ -257,7 +262,13 @@ pub fn annotate(campaign: &CampaignConfig, report: &FunnelReport, by_channel: bo
     for (i, group) in report.groups.iter().enumerate() {
         let targets: Vec<Option<u64>> = steps
             .iter()
-            .map(|step| if by_channel { target_of(&group.value, step) } else { None })
+            .map(|step| {
+                if by_channel {
+                    target_of(&group.value, step)
+                } else {
+                    None
+                }
+            })
             .collect();
         extend(&mut value["groups"][i], &group.stats, &targets);
     }
@@ -325,7 +336,13 @@ mod tests {
             counts: counts.to_vec(),
             conversion: counts.iter().map(|&c| rate(c, counts[0])).collect(),
             step_conversion: (0..k)
-                .map(|i| if i == 0 { 1.0 } else { rate(counts[i], counts[i - 1]) })
+                .map(|i| {
+                    if i == 0 {
+                        1.0
+                    } else {
+                        rate(counts[i], counts[i - 1])
+                    }
+                })
                 .collect(),
             pending: vec![0; k],
             median_seconds: vec![None; k],

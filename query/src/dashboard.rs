@@ -5,26 +5,34 @@
 
 use std::collections::HashMap;
 
+use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
 use funnelhouse_ingest::collector::header_key;
 use funnelhouse_ingest::config::contains_secret;
 
 use crate::error::{QueryError, Result};
 use crate::http::QueryState;
 
-const PAGE: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../web/dashboard.html"));
+const PAGE: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../web/dashboard.html"
+));
 const SCRIPT: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../web/dashboard.js"));
-const ECHARTS: &str =
-    include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../web/vendor/echarts.min.js"));
+const ECHARTS: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../web/vendor/echarts.min.js"
+));
 
 pub fn routes() -> Router<QueryState> {
     Router::new()
         .route("/", get(page))
-        .route("/assets/dashboard.js", get(|| async { script(SCRIPT, "no-cache") }))
+        .route(
+            "/assets/dashboard.js",
+            get(|| async { script(SCRIPT, "no-cache") }),
+        )
         .route(
             "/assets/echarts.min.js",
             get(|| async { script(ECHARTS, "public, max-age=86400") }),
@@ -36,7 +44,10 @@ async fn page(
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response> {
-    let token = params.get("token").cloned().or_else(|| header_key(&headers));
+    let token = params
+        .get("token")
+        .cloned()
+        .or_else(|| header_key(&headers));
     if !state.read_tokens.is_empty()
         && !token.is_some_and(|t| contains_secret(&state.read_tokens, &t))
     {
@@ -48,7 +59,10 @@ async fn page(
 fn script(body: &'static str, cache: &'static str) -> Response {
     (
         [
-            (header::CONTENT_TYPE, "application/javascript; charset=utf-8"),
+            (
+                header::CONTENT_TYPE,
+                "application/javascript; charset=utf-8",
+            ),
             (header::CACHE_CONTROL, cache),
         ],
         body,

@@ -50,7 +50,9 @@ impl QueryState {
         self.campaigns
             .iter()
             .find(|c| c.name == name)
-            .ok_or_else(|| QueryError::NotFound(format!("no campaign named {name:?} in the config")))
+            .ok_or_else(|| {
+                QueryError::NotFound(format!("no campaign named {name:?} in the config"))
+            })
     }
 }
 
@@ -156,7 +158,11 @@ async fn trend_post(
 
 async fn campaigns(State(state): State<QueryState>, headers: HeaderMap) -> Result<Json<Value>> {
     state.engine(&headers)?;
-    let list: Vec<Value> = state.campaigns.iter().map(CampaignConfig::describe).collect();
+    let list: Vec<Value> = state
+        .campaigns
+        .iter()
+        .map(CampaignConfig::describe)
+        .collect();
     Ok(Json(json!({ "campaigns": list })))
 }
 
@@ -171,8 +177,14 @@ async fn campaign_funnel(
     funnel::spec::check_params(&params, &["from", "to", "breakdown"])?;
     let param = |k: &str| params.get(k).filter(|v| !v.is_empty()).cloned();
     Ok(Json(
-        campaign::campaign_funnel(engine, campaign, param("from"), param("to"), param("breakdown"))
-            .await?,
+        campaign::campaign_funnel(
+            engine,
+            campaign,
+            param("from"),
+            param("to"),
+            param("breakdown"),
+        )
+        .await?,
     ))
 }
 
@@ -183,6 +195,10 @@ async fn campaign_alerts(
 ) -> Result<Json<Value>> {
     state.engine(&headers)?;
     state.campaign(&name)?;
-    let firing = state.alerts.as_ref().map(|a| a.firing(&name)).unwrap_or_default();
+    let firing = state
+        .alerts
+        .as_ref()
+        .map(|a| a.firing(&name))
+        .unwrap_or_default();
     Ok(Json(json!({ "alerts": firing })))
 }

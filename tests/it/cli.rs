@@ -442,3 +442,63 @@ async fn sql_and_funnel_send_a_read_token_from_the_flag_or_the_environment() {
     let wrong = run(&[&sql[..], &["--token", "rt_other"]].concat());
     assert_eq!(wrong.status.code(), Some(2));
 }
+
+#[tokio::test]
+async fn serve_demo_shows_a_moving_campaign_and_its_dashboard() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &["--demo"]).await;
+    assert!(
+        data.join("demo.toml").exists(),
+        "the demo config is written to the data dir"
+    );
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        let req = http.get(format!("{}{path}", server.url));
+        async move {
+            req.send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let list = get("/v1/campaigns").await;
+    assert_eq!(list["campaigns"][0]["name"], "parcel-lottery", "{list}");
+    let first = get("/v1/campaigns/parcel-lottery/funnel").await;
+    let users = |f: &serde_json::Value| f["total"]["counts"][0].as_u64().unwrap();
+    assert!(users(&first) > 1_000, "three days of history: {first}");
+    assert!(
+        first["groups"][0]["targets"][0].as_u64().is_some(),
+        "{first}"
+    );
+    assert!(first["elapsed"].as_f64().unwrap() > 0.0);
+    // Live users keep arriving.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let now = get("/v1/campaigns/parcel-lottery/funnel").await;
+        if users(&now) > users(&first) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no live events: {now}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let page = http.get(format!("{}/", server.url)).send().await.unwrap();
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    assert!(
+        page.text()
+            .await
+            .unwrap()
+            .contains("/assets/echarts.min.js")
+    );
+    assert_eq!(server.terminate().code(), Some(0));
+}

@@ -54,7 +54,7 @@ async fn gzip_bodies_are_accepted_in_every_format() {
         let reply = server.request(req).await;
         assert_eq!(
             reply.json,
-            json!({"accepted": 2, "duplicates": 0, "rejected": []})
+            json!({"accepted": 2, "duplicates": 0, "rejected": [], "rejected_count": 0})
         );
     }
     let garbage = server
@@ -241,12 +241,12 @@ async fn duplicates_within_a_batch_and_across_requests_are_counted_not_stored() 
     let reply = server.post_json(&json!([first, second, event("d2")])).await;
     assert_eq!(
         reply.json,
-        json!({"accepted": 2, "duplicates": 1, "rejected": []})
+        json!({"accepted": 2, "duplicates": 1, "rejected": [], "rejected_count": 0})
     );
     let reply = server.post_json(&json!([event("d2"), event("d3")])).await;
     assert_eq!(
         reply.json,
-        json!({"accepted": 1, "duplicates": 1, "rejected": []})
+        json!({"accepted": 1, "duplicates": 1, "rejected": [], "rejected_count": 0})
     );
     let rows = server.rows();
     assert_eq!(rows.len(), 3);
@@ -378,4 +378,43 @@ async fn health_is_up_at_once_and_ready_only_with_a_store() {
             .status,
         200
     );
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_json_errors() {
+    let state = CollectorState::new(
+        config(),
+        AuthConfig::default(),
+        Arc::new(Metrics::default()),
+    );
+    let app = funnelhouse_ingest::collector::with_json_fallbacks(router(state));
+    let (status, body) = oneshot(app.clone(), "/v1/nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let json: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        json["error"].as_str().unwrap().contains("/v1/nope"),
+        "{json}"
+    );
+    let (status, body) = oneshot(app, "/v1/events").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let json: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        json["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("GET is not allowed"),
+        "{json}"
+    );
+}
+
+#[tokio::test]
+async fn a_flood_of_bad_lines_gets_a_small_answer_with_the_full_count() {
+    let server = TestServer::start(config()).await;
+    let body = "{}\n".repeat(5_000);
+    let reply = server.post(body, "application/x-ndjson").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json["rejected_count"], 5_000);
+    let listed = reply.json["rejected"].as_array().unwrap();
+    assert_eq!(listed.len(), 100);
+    assert_eq!(listed[99]["index"], 99);
 }

@@ -86,7 +86,10 @@ async fn a_batch_is_mapped_field_by_field_and_a_retry_is_stored_once() {
     // A null in the item's context counts as absent: the batch's context applies.
     let null_context = row(&rows, "m-4");
     assert_eq!(
-        (null_context.campaign.as_str(), null_context.channel.as_str()),
+        (
+            null_context.campaign.as_str(),
+            null_context.channel.as_str()
+        ),
         ("parcel-lottery", "tmall")
     );
 
@@ -104,9 +107,14 @@ async fn a_batch_is_mapped_field_by_field_and_a_retry_is_stored_once() {
 
     // No campaign anywhere: stored with campaign "" (SDKs never read per-item errors).
     let bare = server
-        .request(server.http.post(format!("{}/v1/track", server.url)).json(&json!({
-            "event": "scan", "anonymousId": "a-9", "messageId": "m-9"
-        })))
+        .request(
+            server
+                .http
+                .post(format!("{}/v1/track", server.url))
+                .json(&json!({
+                    "event": "scan", "anonymousId": "a-9", "messageId": "m-9"
+                })),
+        )
         .await;
     assert_eq!(bare.json["accepted"], 1);
     let rows = server.rows();

@@ -190,7 +190,7 @@ async fn fields_exactly_at_their_limits_are_accepted() {
     let reply = server.post_json(&e).await;
     assert_eq!(
         reply.json,
-        json!({"accepted": 1, "duplicates": 0, "rejected": []})
+        json!({"accepted": 1, "duplicates": 0, "rejected": [], "rejected_count": 0})
     );
     let row = &server.rows()[0];
     assert_eq!(row.properties.as_deref().map(str::len), Some(16384));

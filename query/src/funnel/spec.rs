@@ -125,7 +125,15 @@ impl FunnelRequest {
     pub fn from_query(params: &HashMap<String, String>) -> Result<Self> {
         check_params(
             params,
-            &["campaign", "steps", "window", "from", "to", "breakdown", "interval"],
+            &[
+                "campaign",
+                "steps",
+                "window",
+                "from",
+                "to",
+                "breakdown",
+                "interval",
+            ],
         )?;
         let steps = params.get("steps").map(|s| {
             Value::Array(

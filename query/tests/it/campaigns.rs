@@ -98,7 +98,12 @@ async fn campaign_funnel_has_targets_attainment_bottleneck_and_pace() {
     let (status, f) = get(format!("{}/v1/campaigns/c/funnel?_=123", server.url)).await;
     assert_eq!(status, 200, "{f}");
     assert_eq!(f["breakdown"], "channel");
-    let values: Vec<&str> = f["groups"].as_array().unwrap().iter().map(|g| g["value"].as_str().unwrap()).collect();
+    let values: Vec<&str> = f["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["value"].as_str().unwrap())
+        .collect();
     assert_eq!(values, ["jd", "tmall", "京东"]);
 
     let jd = &f["groups"][0];
@@ -111,7 +116,10 @@ async fn campaign_funnel_has_targets_attainment_bottleneck_and_pace() {
     let tmall = &f["groups"][1];
     assert_eq!(tmall["targets"], json!([4, null, null]));
     assert_eq!(tmall["attainment"], json!([0.5, null, null]));
-    assert_eq!(tmall["bottleneck"], 2, "without all targets: the lowest step conversion");
+    assert_eq!(
+        tmall["bottleneck"], 2,
+        "without all targets: the lowest step conversion"
+    );
 
     let kj = &f["groups"][2];
     assert_eq!(kj["targets"], json!([null, null, null]));
@@ -198,7 +206,10 @@ async fn alerts_fire_resolve_survive_a_restart_and_call_the_webhook() {
 
     let first = alerts.evaluate(&server.engine, now_micros()).await.unwrap();
     assert_eq!(first.len(), 1, "{first:?}");
-    assert_eq!((first[0].status, first[0].alert.channel.as_str()), ("firing", "jd"));
+    assert_eq!(
+        (first[0].status, first[0].alert.channel.as_str()),
+        ("firing", "jd")
+    );
     assert_eq!((first[0].alert.users, first[0].alert.observed), (4, 0.25));
     alerts.notify(first);
 
@@ -213,22 +224,43 @@ async fn alerts_fire_resolve_survive_a_restart_and_call_the_webhook() {
         .unwrap();
     let firing = &reply["alerts"][0];
     assert_eq!(
-        (firing["campaign"].as_str(), firing["channel"].as_str(), firing["step"].as_str()),
+        (
+            firing["campaign"].as_str(),
+            firing["channel"].as_str(),
+            firing["step"].as_str()
+        ),
         (Some("c"), Some("jd"), Some("view"))
     );
     assert_eq!(firing["threshold"], 0.5);
     let since = firing["since"].as_str().unwrap().to_string();
 
     // Still firing: no new transition, the same `since`.
-    assert!(alerts.evaluate(&server.engine, now_micros()).await.unwrap().is_empty());
+    assert!(
+        alerts
+            .evaluate(&server.engine, now_micros())
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // A restart reads the firing set back: no second "firing" webhook, `since` kept.
     let restarted = Alerts::open(Arc::clone(&campaigns), data_dir.path());
-    assert!(restarted.evaluate(&server.engine, now_micros()).await.unwrap().is_empty());
+    assert!(
+        restarted
+            .evaluate(&server.engine, now_micros())
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(restarted.firing("c")[0].since, since);
 
     // Three more jd users view: 4 of 4, resolved.
-    server.post_events(&Value::Array(users("j2", "jd", 3, 2, 10))).await;
-    let resolved = restarted.evaluate(&server.engine, now_micros()).await.unwrap();
+    server
+        .post_events(&Value::Array(users("j2", "jd", 3, 2, 10)))
+        .await;
+    let resolved = restarted
+        .evaluate(&server.engine, now_micros())
+        .await
+        .unwrap();
     assert_eq!(resolved.len(), 1);
     assert_eq!(resolved[0].status, "resolved");
     assert!(restarted.firing("c").is_empty());
@@ -236,8 +268,18 @@ async fn alerts_fire_resolve_survive_a_restart_and_call_the_webhook() {
 
     // The receiver refused the first POST; the retry delivered it.
     let calls = wait_for(&received, 2).await;
-    let statuses: Vec<&str> = calls.iter().map(|c| c["status"].as_str().unwrap()).collect();
+    let statuses: Vec<&str> = calls
+        .iter()
+        .map(|c| c["status"].as_str().unwrap())
+        .collect();
     assert_eq!(statuses.len(), 2, "{calls:?}");
-    assert!(statuses.contains(&"firing") && statuses.contains(&"resolved"), "{calls:?}");
-    assert!(calls.iter().all(|c| c["channel"] == "jd" && c["step"] == "view"));
+    assert!(
+        statuses.contains(&"firing") && statuses.contains(&"resolved"),
+        "{calls:?}"
+    );
+    assert!(
+        calls
+            .iter()
+            .all(|c| c["channel"] == "jd" && c["step"] == "view")
+    );
 }
