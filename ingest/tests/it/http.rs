@@ -1,7 +1,6 @@
 //! The HTTP surface: encodings, size limits one byte under and over, status codes,
 //! auth, back-pressure, and the health endpoints.
 
-use std::io::Write;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -10,13 +9,7 @@ use funnelhouse_ingest::{AuthConfig, ByteSize, CollectorState, IngestConfig, Met
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use crate::support::{TestServer, config, event};
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    enc.write_all(bytes).unwrap();
-    enc.finish().unwrap()
-}
+use crate::support::{TestServer, config, event, gzip};
 
 /// An NDJSON body of exactly `len` bytes: events, then padding inside the last event's properties.
 fn ndjson_of_len(len: usize) -> String {

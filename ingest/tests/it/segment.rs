@@ -1,19 +1,12 @@
 //! Segment-compatible ingest: every route and alias, the field mapping, write keys in
 //! each place SDKs put them, text/plain and gzip bodies, retried batches, and CORS.
 
-use std::io::Write;
 
 use funnelhouse_ingest::{AuthConfig, HttpConfig};
 use funnelhouse_schemas::time::{format_micros, now_micros};
 use serde_json::json;
 
-use crate::support::{Row, TestServer, config};
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    enc.write_all(bytes).unwrap();
-    enc.finish().unwrap()
-}
+use crate::support::{Row, TestServer, config, gzip};
 
 fn row<'a>(rows: &'a [Row], event_id: &str) -> &'a Row {
     rows.iter()
