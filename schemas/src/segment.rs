@@ -20,7 +20,7 @@ use crate::decode::{DecodedBatch, not_json};
 use crate::error::SchemaError;
 use crate::event::{Event, limits};
 use crate::validate::{
-    DecodeContext, bounded_string, clock_skew, json_kind, parse_ts, properties_text,
+    DecodeContext, bounded_string, check_ts_floor, clock_skew, json_kind, parse_ts, properties_text,
 };
 
 /// The message types of the Segment spec.
@@ -268,9 +268,11 @@ fn to_event(
         None => String::new(),
     };
     let ts = match m.timestamp.or(m.original_timestamp) {
-        Some(v) => parse_ts(v)
-            .ok_or("timestamp: not RFC 3339 or epoch ms")?
-            .saturating_add(ctx.skew),
+        Some(v) => check_ts_floor(
+            "timestamp",
+            parse_ts(v).ok_or("timestamp: not RFC 3339 or epoch ms")?,
+        )?
+        .saturating_add(ctx.skew),
         None => ctx.received_at,
     };
 

@@ -90,8 +90,7 @@ pub fn validate_event(text: &str, ctx: &DecodeContext) -> Result<Event, String> 
         None => String::new(),
     };
     let ts = match raw.ts {
-        Some(v) => parse_ts(v)
-            .ok_or("ts: not RFC 3339 or epoch ms")?
+        Some(v) => check_ts_floor("ts", parse_ts(v).ok_or("ts: not RFC 3339 or epoch ms")?)?
             .saturating_add(ctx.skew),
         None => ctx.received_at,
     };
@@ -191,6 +190,22 @@ pub fn clock_skew(received_at: Micros, sent_at: Micros) -> Micros {
     }
 }
 
+/// 2000-01-01T00:00:00Z: earlier timestamps are refused, since they are most often epoch
+/// seconds sent where milliseconds belong.
+const TS_FLOOR: Micros = 946_684_800_000_000;
+
+/// `ts` itself, or an error naming `field` when it is before 2000.
+pub(crate) fn check_ts_floor(field: &str, ts: Micros) -> Result<Micros, String> {
+    if ts < TS_FLOOR {
+        Err(format!(
+            "{field}: {} is before 2000-01-01 (epoch seconds sent as milliseconds?)",
+            crate::time::format_micros(ts)
+        ))
+    } else {
+        Ok(ts)
+    }
+}
+
 /// RFC 3339 string or integer epoch milliseconds.
 pub fn parse_ts(value: &RawValue) -> Option<Micros> {
     let text = value.get();
@@ -211,15 +226,9 @@ pub(crate) fn properties_text(value: &RawValue) -> Result<String, String> {
             json_kind(text)
         ));
     }
-    // Re-serialise only when the sender pretty-printed (Python's json.dumps does);
-    // compact input is kept byte for byte.
-    let compact = if has_whitespace_outside_strings(text) {
-        let v: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| format!("properties: {e}"))?;
-        v.to_string()
-    } else {
-        text.to_string()
-    };
+    // Drop the whitespace a pretty-printer adds (Python's json.dumps does) without
+    // re-serialising: numbers keep their text (`1e3` stays `1e3`) and keys their order.
+    let compact = compact_json(text).into_owned();
     if compact.len() > limits::PROPERTIES_MAX {
         return Err(format!(
             "properties: {} bytes serialized, the limit is {}",
@@ -230,28 +239,32 @@ pub(crate) fn properties_text(value: &RawValue) -> Result<String, String> {
     Ok(compact)
 }
 
-/// Whether JSON text has insignificant whitespace (a space inside a string value does
-/// not count: the text is compact as it is).
-fn has_whitespace_outside_strings(text: &str) -> bool {
+/// JSON text without insignificant whitespace (a space inside a string value stays):
+/// borrowed as it is when there is none, which is the common case.
+fn compact_json(text: &str) -> std::borrow::Cow<'_, str> {
     let mut in_string = false;
     let mut escaped = false;
-    for b in text.bytes() {
-        if in_string {
-            match b {
+    let mut out: Option<String> = None;
+    for (i, c) in text.char_indices() {
+        let insignificant = if in_string {
+            match c {
                 _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
                 _ => {}
             }
+            false
         } else {
-            match b {
-                b'"' => in_string = true,
-                b' ' | b'\n' | b'\r' | b'\t' => return true,
-                _ => {}
-            }
+            in_string = c == '"';
+            matches!(c, ' ' | '\n' | '\r' | '\t')
+        };
+        match (&mut out, insignificant) {
+            (None, true) => out = Some(text[..i].to_string()),
+            (Some(o), false) => o.push(c),
+            _ => {}
         }
     }
-    false
+    out.map_or(std::borrow::Cow::Borrowed(text), std::borrow::Cow::Owned)
 }
 
 pub(crate) fn json_kind(text: &str) -> &'static str {
@@ -285,6 +298,11 @@ mod tests {
             r#"{"a":"q\" b","c":"\\"}"#
         );
         assert_eq!(props(r#"{"a":"q\\" ,"c":1}"#), r#"{"a":"q\\","c":1}"#);
+        // Numbers keep their JSON text and keys their order.
+        assert_eq!(
+            props("{\"z\": 1e3,\n  \"a\": [2.50, -0.0]}"),
+            r#"{"z":1e3,"a":[2.50,-0.0]}"#
+        );
     }
 
     #[test]

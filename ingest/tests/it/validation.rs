@@ -123,6 +123,16 @@ fn bad_cases() -> Vec<(&'static str, Value, &'static str)> {
             "ts: not RFC 3339 or epoch ms",
         ),
         (
+            "ts epoch seconds sent as ms",
+            with("ts", json!(1_762_855_200)),
+            "ts: 1970-01-21T09:40:55.200000Z is before 2000-01-01",
+        ),
+        (
+            "ts before 2000",
+            with("ts", json!("1999-12-31T23:59:59Z")),
+            "ts: 1999-12-31T23:59:59.000000Z is before 2000-01-01",
+        ),
+        (
             "properties array",
             with("properties", json!([1])),
             "properties: must be a JSON object, got an array",

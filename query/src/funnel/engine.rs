@@ -130,7 +130,8 @@ async fn compute(
     }
     let mut columns = vec![col("user_id"), col("event_id"), col("ts"), col("event")];
     if let Some(Breakdown::Column(c)) = &spec.breakdown {
-        columns.push(col(c.as_str()));
+        // Aliased: `breakdown=event` would otherwise name `event` twice in the projection.
+        columns.push(col(c.as_str()).alias("breakdown"));
     }
     let matcher = Arc::new(StepMatcher::new(spec));
     if matcher.needs_properties() {

@@ -207,6 +207,17 @@ async fn funnel_endpoints_over_http() {
     assert_eq!(r["total"]["counts"], json!([2, 1]));
     assert_eq!(r["groups"][0]["value"], "jd");
     assert!(r["as_of"].as_str().unwrap().ends_with('Z'));
+    // breakdown=event names `event` twice in the scan unless aliased; `_` is a
+    // dashboard's cache-buster and is ignored.
+    let (status, r) =
+        get("?campaign=parcel-lottery&steps=scan,view&window=1h&breakdown=event&_=1732").await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(
+        r["groups"],
+        json!([{"value": "scan", "counts": [2, 1],
+        "conversion": [1.0, 0.5], "step_conversion": [1.0, 0.5], "pending": [0, 0],
+        "median_seconds": [0.0, 300.0]}])
+    );
 
     let post = server
         .http
@@ -238,6 +249,7 @@ async fn funnel_endpoints_over_http() {
             "?campaign=parcel-lottery&steps=scan&breakdown=colour",
             "breakdown",
         ),
+        ("?campaign=parcel-lottery&steps=scan&colour=red", "colour"),
     ] {
         let (status, r) = get(q).await;
         assert_eq!(status, 400, "{q}");
