@@ -54,9 +54,10 @@ impl QueryError {
             Self::DataFusion(DataFusionError::ResourcesExhausted(_)) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::DataFusion(_) | Self::ReadOnly(_) | Self::Timeout(_) | Self::BadRequest(_) => {
+            Self::DataFusion(_) | Self::ReadOnly(_) | Self::BadRequest(_) => {
                 StatusCode::BAD_REQUEST
             }
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

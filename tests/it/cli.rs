@@ -502,3 +502,18 @@ async fn serve_demo_shows_a_moving_campaign_and_its_dashboard() {
     );
     assert_eq!(server.terminate().code(), Some(0));
 }
+
+#[test]
+fn a_public_address_without_keys_refuses_to_start_unless_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let refused = run(&["serve", "--http-addr", "0.0.0.0:0", "--data-dir", data]);
+    assert_eq!(refused.status.code(), Some(2));
+    let msg = text(&refused);
+    assert!(
+        msg.contains("http_addr") && msg.contains("open = true"),
+        "{msg}"
+    );
+    assert!(!dir.path().join("data").exists(), "nothing started");
+}

@@ -297,3 +297,31 @@ async fn a_flush_racing_queries_never_drops_or_doubles_a_row() {
         assert_eq!(json["rows"][0][0], expected);
     }
 }
+
+/// A query past `[query] timeout` is cancelled and answered 504 naming the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_past_the_timeout_is_a_504_naming_the_limit() {
+    let engine = funnelhouse_query::QueryEngine::new(
+        std::sync::Arc::new(funnelhouse_query::StaticSource(
+            funnelhouse_ingest::Snapshot {
+                files: std::sync::Arc::new(Vec::new()),
+                batches: Vec::new(),
+            },
+        )),
+        std::path::Path::new("."),
+        &funnelhouse_query::QueryOptions {
+            timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+        std::sync::Arc::new(funnelhouse_ingest::Metrics::default()),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let err = engine
+        .sql("SELECT count(*) FROM generate_series(1, 10000000000)")
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(err.status(), axum::http::StatusCode::GATEWAY_TIMEOUT);
+    assert!(err.to_string().contains("query.timeout"), "{err}");
+}
