@@ -39,7 +39,9 @@
     var parts = document.cookie ? document.cookie.split("; ") : [];
     for (var i = 0; i < parts.length; i++) {
       var kv = parts[i].split("=");
-      if (kv[0] === name) return decodeURIComponent(kv.slice(1).join("="));
+      if (kv[0] === name) {
+        try { return decodeURIComponent(kv.slice(1).join("=")); } catch (e) { return kv.slice(1).join("="); }
+      }
     }
     return "";
   }
@@ -67,13 +69,15 @@
     return h;
   }
 
-  function send(events, attempt) {
+  // keepalive lets a send outlive the page, but browsers cap keepalive bodies at 64 KiB
+  // in all, so it is used only for what goes out when the page is hidden.
+  function send(events, attempt, keepalive) {
     var retry = function () {
       if (attempt >= RETRY_MAX) return;
       var delay = Math.min(30000, 500 * Math.pow(2, attempt));
-      setTimeout(function () { send(events, attempt + 1); }, delay);
+      setTimeout(function () { send(events, attempt + 1, false); }, delay);
     };
-    fetch(url(), { method: "POST", headers: headers(), body: body(events), keepalive: true, credentials: "omit" })
+    fetch(url(), { method: "POST", headers: headers(), body: body(events), keepalive: !!keepalive, credentials: "omit" })
       .then(function (res) {
         if (res.status === 429 || res.status >= 500) retry();
         else if (!res.ok && global.console) console.warn("funnelhouse: events refused (" + res.status + ")");
@@ -83,7 +87,7 @@
   function flush() {
     if (timer) { clearTimeout(timer); timer = null; }
     if (!queue.length) return;
-    send(queue.splice(0, queue.length), 0);
+    send(queue.splice(0, queue.length), 0, false);
   }
 
   // On page hide, fetch may be cut off; a beacon is delivered after the page is gone.
@@ -96,7 +100,7 @@
     if (!config.writeKey && global.navigator && navigator.sendBeacon) {
       sent = navigator.sendBeacon(url(), new Blob([body(events)], { type: "text/plain" }));
     }
-    if (!sent) send(events, 0);
+    if (!sent) send(events, 0, true);
   }
 
   var funnelhouse = {

@@ -139,12 +139,11 @@
     var c = current();
     if (!c) return;
     var name = encodeURIComponent(c.name);
-    var weekAgo = new Date(Date.now() - 7 * 864e5).toISOString();
-    var from = c.start && c.start > weekAgo ? c.start : weekAgo;
+    var from = new Date(Math.max(Date.now() - 7 * 864e5, c.start ? Date.parse(c.start) : 0)).toISOString();
     Promise.all([
       api("/v1/campaigns/" + name + "/funnel"),
       api("/v1/campaigns/" + name + "/alerts"),
-      api("/v1/funnel/trend", { campaign: c.name, steps: c.steps, window: c.window_seconds,
+      api("/v1/funnel/trend", { campaign: c.name, steps: c.steps, window: c.window,
                                 interval: "1h", from: from })
     ]).then(function (r) {
       renderFunnel(r[0]);

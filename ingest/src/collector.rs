@@ -119,6 +119,9 @@ const SEGMENT_ROUTES: &[(&str, Option<MessageType>)] = &[
 ];
 
 /// Unknown routes and methods answer `{"error": ...}` like every other error of the API.
+/// A wrong method is rewritten on its way out rather than with axum's
+/// `method_not_allowed_fallback`, which would take OPTIONS from the CORS layer of the
+/// ingest routes and break browsers' preflights.
 pub fn with_json_fallbacks(router: Router) -> Router {
     router
         .fallback(|uri: axum::http::Uri| async move {
@@ -127,14 +130,27 @@ pub fn with_json_fallbacks(router: Router) -> Router {
                 Json(serde_json::json!({ "error": format!("no such route: {}", uri.path()) })),
             )
         })
-        .method_not_allowed_fallback(|method: Method, uri: axum::http::Uri| async move {
-            (
-                StatusCode::METHOD_NOT_ALLOWED,
-                Json(serde_json::json!({
-                    "error": format!("{method} is not allowed on {}", uri.path())
-                })),
-            )
-        })
+        .layer(axum::middleware::from_fn(json_method_not_allowed))
+}
+
+async fn json_method_not_allowed(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED
+        || response.headers().contains_key(header::CONTENT_TYPE)
+    {
+        return response;
+    }
+    let body = Json(serde_json::json!({ "error": format!("{method} is not allowed on {path}") }));
+    let mut json = (StatusCode::METHOD_NOT_ALLOWED, body).into_response();
+    if let Some(allow) = response.headers().get(header::ALLOW) {
+        json.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    json
 }
 
 pub fn router(state: CollectorState) -> Router {
@@ -214,6 +230,9 @@ async fn post_segment(
         ));
     }
     let bytes = read_body(&headers, body, state.ingest.max_request_bytes.0).await?;
+    if !header_ok && !contains(&bytes, b"\"writeKey\"") {
+        return Err(IngestError::Unauthorized);
+    }
     let _admission = store.admit(bytes.len())?;
     let received_at = now_micros();
     let segment = decode_segment(&bytes, kind, &state.decode_context(received_at))?;
@@ -229,6 +248,10 @@ async fn post_segment(
         success: true,
         counts,
     }))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Store the valid events of a decoded body and count the rejected ones.

@@ -73,16 +73,40 @@ pub async fn scan_link(
             &format!("channel: must be at most {} bytes", limits::CHANNEL_MAX),
         );
     }
-    let user_id = match params.get("uid").cloned().or_else(|| uid_cookie(&headers)) {
-        Some(uid) if !uid.is_empty() && uid.len() <= limits::USER_ID_MAX => uid,
-        Some(_) => {
-            return page(
-                StatusCode::BAD_REQUEST,
-                "Bad link",
-                &format!("uid: must be 1..{} bytes", limits::USER_ID_MAX),
+    // An empty or over-long uid (a template printed without its id, a cookie another
+    // page wrote) must not cost the scan: such a scanner gets a new id.
+    let valid = |uid: &String| !uid.is_empty() && uid.len() <= limits::USER_ID_MAX;
+    let user_id = params
+        .get("uid")
+        .cloned()
+        .filter(valid)
+        .or_else(|| uid_cookie(&headers).filter(valid))
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    // The answer is built before the write, so a scan is stored only if it can be answered.
+    let mut response = match landing {
+        Some(url) => {
+            let target = landing_url(
+                url,
+                &[
+                    ("fh_uid", user_id.as_str()),
+                    ("fh_campaign", campaign.as_str()),
+                    ("fh_channel", channel.as_str()),
+                ],
             );
+            match HeaderValue::from_str(&target) {
+                Ok(location) => (StatusCode::FOUND, [(header::LOCATION, location)]).into_response(),
+                Err(_) => {
+                    return error_page(IngestError::BadRequest(format!(
+                        "the campaign's landing_url {url:?} is not a valid URL"
+                    )));
+                }
+            }
         }
-        None => uuid::Uuid::now_v7().to_string(),
+        None => page(
+            StatusCode::OK,
+            "Scan recorded",
+            "Thank you! This campaign has no landing page configured (landing_url).",
+        ),
     };
     let store = match state.store() {
         Ok(store) => store,
@@ -107,33 +131,6 @@ pub async fn scan_link(
         "{UID_COOKIE}={}; Path=/; Max-Age=31536000; SameSite=Lax",
         utf8_percent_encode(&user_id, QUERY_VALUE)
     );
-    let mut response = match landing {
-        Some(url) => {
-            let target = landing_url(
-                url,
-                &[
-                    ("fh_uid", user_id.as_str()),
-                    ("fh_campaign", campaign.as_str()),
-                    ("fh_channel", channel.as_str()),
-                ],
-            );
-            let mut r = StatusCode::FOUND.into_response();
-            match HeaderValue::from_str(&target) {
-                Ok(v) => r.headers_mut().insert(header::LOCATION, v),
-                Err(_) => {
-                    return error_page(IngestError::BadRequest(format!(
-                        "the campaign's landing_url {url:?} is not a valid URL"
-                    )));
-                }
-            };
-            r
-        }
-        None => page(
-            StatusCode::OK,
-            "Scan recorded",
-            "Thank you! This campaign has no landing page configured (landing_url).",
-        ),
-    };
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         headers.insert(header::SET_COOKIE, v);

@@ -15,7 +15,7 @@ use funnelhouse_schemas::time::{Micros, format_micros, now_micros};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::campaign::CampaignConfig;
+use crate::campaign::{AlertConfig, CampaignConfig};
 use crate::error::Result;
 use crate::funnel;
 use crate::session::QueryEngine;
@@ -101,32 +101,28 @@ impl Alerts {
     }
 
     /// Evaluate every rule at `now`, update the firing set, persist it, and return what
-    /// changed (the caller sends the webhooks: see [`Alerts::notify`]).
-    pub async fn evaluate(&self, engine: &QueryEngine, now: Micros) -> Result<Vec<Transition>> {
+    /// changed (the caller sends the webhooks: see [`Alerts::notify`]). A rule whose funnel
+    /// fails keeps its previous state.
+    pub async fn evaluate(&self, engine: &QueryEngine, now: Micros) -> Vec<Transition> {
         let mut found: BTreeMap<Key, (FiringAlert, Option<String>)> = BTreeMap::new();
         for campaign in self.campaigns.iter() {
             for rule in &campaign.alerts {
-                let from = format_micros(now - rule.over.as_micros() as i64);
-                let spec =
-                    campaign.spec(Some(from), Some(format_micros(now)), Some("channel".into()))?;
-                let Some(k) = spec.steps.iter().position(|s| s.event == rule.step) else {
-                    continue;
-                };
-                let report = funnel::funnel(engine, &spec).await?;
-                for group in &report.groups {
-                    let users = group.stats.counts[0];
-                    let observed = group.stats.step_conversion[k];
-                    if users >= rule.min_users && observed < rule.min_step_conversion {
-                        let alert = FiringAlert {
-                            campaign: campaign.name.clone(),
-                            channel: group.value.clone(),
-                            step: rule.step.clone(),
-                            observed,
-                            threshold: rule.min_step_conversion,
-                            users,
-                            since: format_micros(now),
-                        };
-                        found.insert(alert.key(), (alert, rule.webhook.clone()));
+                match self.evaluate_rule(engine, campaign, rule, now).await {
+                    Ok(firing) => found.extend(
+                        firing
+                            .into_iter()
+                            .map(|a| (a.key(), (a, rule.webhook.clone()))),
+                    ),
+                    Err(e) => {
+                        // One failing funnel (a limit, a timeout) must not resolve this
+                        // rule's alerts or hold up the other rules: keep its last state.
+                        tracing::warn!(campaign = %campaign.name, step = %rule.step, error = %e, "alert rule not evaluated");
+                        let kept = self.firing.lock().expect("alerts lock");
+                        for (key, alert) in kept.iter() {
+                            if key.0 == campaign.name && key.2 == rule.step {
+                                found.insert(key.clone(), (alert.clone(), rule.webhook.clone()));
+                            }
+                        }
                     }
                 }
             }
@@ -172,7 +168,40 @@ impl Alerts {
         if !transitions.is_empty() {
             self.persist(&snapshot);
         }
-        Ok(transitions)
+        transitions
+    }
+
+    /// The channels for which `rule` fires at `now`.
+    async fn evaluate_rule(
+        &self,
+        engine: &QueryEngine,
+        campaign: &CampaignConfig,
+        rule: &AlertConfig,
+        now: Micros,
+    ) -> Result<Vec<FiringAlert>> {
+        let from = format_micros(now - rule.over.as_micros() as i64);
+        let spec = campaign.spec(Some(from), Some(format_micros(now)), Some("channel".into()))?;
+        let Some(k) = spec.steps.iter().position(|s| s.event == rule.step) else {
+            return Ok(Vec::new());
+        };
+        let report = funnel::funnel(engine, &spec).await?;
+        Ok(report
+            .groups
+            .iter()
+            .filter(|g| {
+                g.stats.counts[0] >= rule.min_users
+                    && g.stats.step_conversion[k] < rule.min_step_conversion
+            })
+            .map(|g| FiringAlert {
+                campaign: campaign.name.clone(),
+                channel: g.value.clone(),
+                step: rule.step.clone(),
+                observed: g.stats.step_conversion[k],
+                threshold: rule.min_step_conversion,
+                users: g.stats.counts[0],
+                since: format_micros(now),
+            })
+            .collect())
     }
 
     fn persist(&self, firing: &[FiringAlert]) {
@@ -229,10 +258,8 @@ impl Alerts {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            match self.evaluate(&engine, now_micros()).await {
-                Ok(transitions) => self.notify(transitions),
-                Err(e) => tracing::warn!(error = %e, "alert evaluation failed"),
-            }
+            let transitions = self.evaluate(&engine, now_micros()).await;
+            self.notify(transitions);
         }
     }
 }

@@ -101,10 +101,11 @@ impl CampaignConfig {
             return Err("campaigns.name: must not be empty".into());
         }
         if let Some(url) = &self.landing_url
-            && !(url.starts_with("https://") || url.starts_with("http://"))
+            && (!(url.starts_with("https://") || url.starts_with("http://"))
+                || !url.bytes().all(|b| b.is_ascii_graphic()))
         {
             return Err(format!(
-                "campaigns.landing_url: {url:?} of campaign {name:?} must be an http(s) URL"
+                "campaigns.landing_url: {url:?} of campaign {name:?} must be an http(s) URL without spaces or non-ASCII characters (percent-encode them)"
             ));
         }
         let start = self.start_micros()?;
@@ -138,7 +139,13 @@ impl CampaignConfig {
                 ));
             }
         }
-        for rule in &self.alerts {
+        for (i, rule) in self.alerts.iter().enumerate() {
+            if self.alerts[..i].iter().any(|r| r.step == rule.step) {
+                return Err(format!(
+                    "campaigns.alerts.step: campaign {name:?} has two rules on step {:?}; keep one",
+                    rule.step
+                ));
+            }
             match steps.iter().filter(|s| **s == rule.step).count() {
                 0 => {
                     return Err(format!(
@@ -183,7 +190,7 @@ impl CampaignConfig {
             "start": self.start,
             "end": self.end,
             "steps": self.funnel.as_ref().map(|f| &f.steps),
-            "window_seconds": self.funnel.as_ref().map(|f| f.window.as_secs()),
+            "window": self.funnel.as_ref().map(|f| f.window.as_secs()),
             "targets": self.targets,
             "alerts": self.alerts,
         })

@@ -48,8 +48,8 @@ pub const DATABASE: &str = "funnelhouse";
 
 /// Client-side settings datafusion-postgres keeps per connection; any other SET would
 /// reach the session every connection shares, so it is answered without effect.
+/// (`statement_timeout` is not among them: `[query] timeout` holds for every client.)
 const PER_CONNECTION_SETTINGS: &[&str] = &[
-    "statement_timeout",
     "datestyle",
     "bytea_output",
     "intervalstyle",
@@ -257,8 +257,28 @@ fn read_only_error(message: String) -> PgWireError {
     )))
 }
 
-fn respond(statement: &Statement) -> Option<PgWireResult<Response>> {
-    match verdict(statement) {
+/// The verdict on the statement's syntax, then, for a query that passes, on its plan:
+/// `SELECT ... INTO t` is a query by syntax but plans as CREATE TABLE, which the same
+/// `SQLOptions` as `/v1/sql` refuse. A statement that does not plan here is left to
+/// datafusion-postgres, which reports the planning error itself.
+async fn verdict_with_plan(statement: &Statement, ctx: &SessionContext) -> Verdict {
+    let verdict = verdict(statement);
+    if !matches!(verdict, Verdict::Pass)
+        || !matches!(statement, Statement::Query(_) | Statement::Explain { .. })
+    {
+        return verdict;
+    }
+    let parsed = datafusion::sql::parser::Statement::Statement(Box::new(statement.clone()));
+    match ctx.state().statement_to_plan(parsed).await {
+        Ok(plan) if QueryEngine::read_only_options().verify_plan(&plan).is_err() => {
+            refuse(statement)
+        }
+        _ => Verdict::Pass,
+    }
+}
+
+fn respond(verdict: Verdict) -> Option<PgWireResult<Response>> {
+    match verdict {
         Verdict::Pass => None,
         Verdict::Absorb => Some(Ok(Response::Execution(Tag::new("SET")))),
         Verdict::Refuse(message) => Some(Err(read_only_error(message))),
@@ -270,21 +290,21 @@ impl QueryHook for ReadOnlyHook {
     async fn handle_simple_query(
         &self,
         statement: &Statement,
-        _ctx: &SessionContext,
+        ctx: &SessionContext,
         _client: &mut dyn HookClient,
     ) -> Option<PgWireResult<Response>> {
-        respond(statement)
+        respond(verdict_with_plan(statement, ctx).await)
     }
 
     async fn handle_extended_parse_query(
         &self,
         statement: &Statement,
-        _ctx: &SessionContext,
+        ctx: &SessionContext,
         _client: &(dyn ClientInfo + Send + Sync),
     ) -> Option<PgWireResult<LogicalPlan>> {
         // A refused statement fails at Parse; an absorbed SET is planned by SetShowHook
         // and answered at Execute below.
-        match verdict(statement) {
+        match verdict_with_plan(statement, ctx).await {
             Verdict::Refuse(message) => Some(Err(read_only_error(message))),
             _ => None,
         }
@@ -298,7 +318,8 @@ impl QueryHook for ReadOnlyHook {
         _ctx: &SessionContext,
         _client: &mut dyn HookClient,
     ) -> Option<PgWireResult<Response>> {
-        respond(statement)
+        // Refusals happened at Parse; only absorbed SETs are left to answer.
+        respond(verdict(statement))
     }
 }
 
@@ -324,6 +345,7 @@ mod tests {
         assert_eq!(kind("SELECT count(*) FROM events"), "pass");
         assert_eq!(kind("EXPLAIN SELECT 1"), "pass");
         assert_eq!(kind("SET extra_float_digits = 3"), "pass");
+        assert_eq!(kind("SET statement_timeout = 0"), "absorb");
         assert_eq!(kind("SET datafusion.execution.batch_size = 1"), "absorb");
         assert_eq!(kind("INSERT INTO events VALUES (1)"), "refuse");
         assert_eq!(kind("CREATE TABLE t (a int)"), "refuse");

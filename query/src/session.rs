@@ -87,14 +87,18 @@ impl QueryEngine {
         self.timeout
     }
 
-    /// Plan `sql` as a read-only query: DDL, DML (COPY included) and statements are refused.
-    pub async fn plan(&self, sql: &str) -> Result<DataFrame> {
-        let options = SQLOptions::new()
+    /// What read-only SQL may plan: no DDL, no DML (COPY included), no statements.
+    pub fn read_only_options() -> SQLOptions {
+        SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
-            .with_allow_statements(false);
+            .with_allow_statements(false)
+    }
+
+    /// Plan `sql` as a read-only query: DDL, DML (COPY included) and statements are refused.
+    pub async fn plan(&self, sql: &str) -> Result<DataFrame> {
         self.ctx
-            .sql_with_options(sql, options)
+            .sql_with_options(sql, Self::read_only_options())
             .await
             .map_err(QueryError::from_planning)
     }

@@ -20,7 +20,7 @@ use crate::decode::{DecodedBatch, not_json};
 use crate::error::SchemaError;
 use crate::event::{Event, limits};
 use crate::validate::{
-    DecodeContext, bounded_string, check_ts_floor, clock_skew, json_kind, parse_ts, properties_text,
+    DecodeContext, bounded_string, clock_skew, event_ts, json_kind, parse_ts, properties_text,
 };
 
 /// The message types of the Segment spec.
@@ -267,14 +267,7 @@ fn to_event(
         Some(v) => scalar_text("channel", v, limits::CHANNEL_MAX)?,
         None => String::new(),
     };
-    let ts = match m.timestamp.or(m.original_timestamp) {
-        Some(v) => check_ts_floor(
-            "timestamp",
-            parse_ts(v).ok_or("timestamp: not RFC 3339 or epoch ms")?,
-        )?
-        .saturating_add(ctx.skew),
-        None => ctx.received_at,
-    };
+    let ts = event_ts("timestamp", m.timestamp.or(m.original_timestamp), ctx)?;
 
     // identify and group carry traits rather than properties (rudder-sdk-python sends
     // identify's in context.traits).
@@ -450,6 +443,24 @@ mod tests {
         );
         assert_eq!(out.long_names, 1);
         assert!(out.decoded.events.is_empty());
+    }
+
+    #[test]
+    fn timestamps_follow_the_native_rules() {
+        let mut ctx = DecodeContext::new(1_800_000_000_000_000);
+        ctx.max_future = Some(3_600_000_000);
+        let body = r#"{"batch":[
+            {"type":"track","event":"e","userId":"u","timestamp":"2099-01-01T00:00:00Z"},
+            {"type":"track","event":"e","userId":"u","timestamp":1700000000}]}"#;
+        let out = decode_segment(body.as_bytes(), None, &ctx).unwrap();
+        let errors: Vec<&str> = out
+            .decoded
+            .rejected
+            .iter()
+            .map(|r| r.error.as_str())
+            .collect();
+        assert!(errors[0].contains("max_future"), "{errors:?}");
+        assert!(errors[1].contains("before 2000"), "{errors:?}");
     }
 
     #[test]

@@ -89,20 +89,7 @@ pub fn validate_event(text: &str, ctx: &DecodeContext) -> Result<Event, String> 
         Some(v) => bounded_string("channel", v, 0, limits::CHANNEL_MAX)?,
         None => String::new(),
     };
-    let ts = match raw.ts {
-        Some(v) => check_ts_floor("ts", parse_ts(v).ok_or("ts: not RFC 3339 or epoch ms")?)?
-            .saturating_add(ctx.skew),
-        None => ctx.received_at,
-    };
-    if let Some(max_future) = ctx.max_future
-        && ts > ctx.received_at.saturating_add(max_future)
-    {
-        return Err(format!(
-            "ts: {} is later than received_at + max_future ({} s)",
-            crate::time::format_micros(ts),
-            max_future / 1_000_000
-        ));
-    }
+    let ts = event_ts("ts", raw.ts, ctx)?;
     let properties = match raw.properties {
         Some(v) => Some(properties_text(v)?),
         None => None,
@@ -194,16 +181,34 @@ pub fn clock_skew(received_at: Micros, sent_at: Micros) -> Micros {
 /// seconds sent where milliseconds belong.
 const TS_FLOOR: Micros = 946_684_800_000_000;
 
-/// `ts` itself, or an error naming `field` when it is before 2000.
-pub(crate) fn check_ts_floor(field: &str, ts: Micros) -> Result<Micros, String> {
-    if ts < TS_FLOOR {
-        Err(format!(
+/// The stored ts of an event whose `field` is `value` (absent: the receive time): parsed,
+/// refused before 2000, corrected for clock skew, refused past `max_future`.
+pub(crate) fn event_ts(
+    field: &str,
+    value: Option<&RawValue>,
+    ctx: &DecodeContext,
+) -> Result<Micros, String> {
+    let Some(value) = value else {
+        return Ok(ctx.received_at);
+    };
+    let sent = parse_ts(value).ok_or_else(|| format!("{field}: not RFC 3339 or epoch ms"))?;
+    if sent < TS_FLOOR {
+        return Err(format!(
             "{field}: {} is before 2000-01-01 (epoch seconds sent as milliseconds?)",
-            crate::time::format_micros(ts)
-        ))
-    } else {
-        Ok(ts)
+            crate::time::format_micros(sent)
+        ));
     }
+    let ts = sent.saturating_add(ctx.skew);
+    if let Some(max_future) = ctx.max_future
+        && ts > ctx.received_at.saturating_add(max_future)
+    {
+        return Err(format!(
+            "{field}: {} is later than received_at + max_future ({} s)",
+            crate::time::format_micros(ts),
+            max_future / 1_000_000
+        ));
+    }
+    Ok(ts)
 }
 
 /// RFC 3339 string or integer epoch milliseconds.

@@ -1,8 +1,8 @@
 // Headless Chromium (Debian's /usr/bin/chromium, driven by playwright-core) follows a
 // scan link to a landing page on another origin that loads /sdk.js, records a view,
 // clicks Draw, and saves a screenshot. A second page checks that a batch whose answer
-// is lost is retried with the same event_ids, and that events queued when the page is
-// closed still go out (sendBeacon). Prints what it saw as one JSON line.
+// is lost is retried with the same event_ids, and that events queued when the user
+// leaves the page still go out (sendBeacon). Prints what it saw as one JSON line.
 //
 //   node browser.mjs COLLECTOR_URL SCREENSHOT_PATH
 import { chromium } from "playwright-core";
@@ -39,7 +39,6 @@ try {
   const bodies = [];
   let lost = false;
   await retryPage.route("**/v1/events", async (route) => {
-    bodies.push(route.request().postData());
     const response = await route.fetch();
     if (!lost) {
       lost = true;
@@ -48,6 +47,8 @@ try {
     } else {
       await route.fulfill({ response });
     }
+    // Counted once answered, so the route is not removed under a request in flight.
+    bodies.push(route.request().postData());
   });
   const landing = new URL(out.landing);
   await retryPage.goto(`${landing.origin}${landing.pathname}?fh_uid=retry-user&fh_channel=tmall&fh_campaign=parcel-lottery`);
@@ -57,10 +58,19 @@ try {
   out.retry_ids = bodies.map((b) => JSON.parse(b).events.map((e) => e.event_id));
   await retryPage.unroute("**/v1/events");
 
-  // 3. Closing the page right after a track: the queued event goes out on page hide.
+  // 3. Leaving the page right after a track: the queued event goes out on page hide.
   await retryPage.evaluate(() => funnelhouse.track("leave"));
-  await retryPage.close({ runBeforeUnload: true });
-  await new Promise((r) => setTimeout(r, 1000)); // let the beacon leave before the browser exits
+  await retryPage.goto("about:blank");
+  // Keep the browser up until the beacon has arrived (closing it could cut it off).
+  const stored = async () => {
+    const r = await fetch(`${collector}/v1/sql`, { method: "POST", body: JSON.stringify({
+      sql: "SELECT count(*) FROM events WHERE user_id = 'retry-user' AND event = 'leave'" }) });
+    return (await r.json()).rows[0][0];
+  };
+  const beaconDeadline = Date.now() + 20000;
+  while ((out.beacon_stored = await stored()) < 1 && Date.now() < beaconDeadline) {
+    await new Promise((r) => setTimeout(r, 200));
+  }
 } finally {
   await browser.close();
 }

@@ -95,6 +95,7 @@ def test_psycopg_queries_window_funnel_and_types(start_server):
     "INSERT INTO events (event_id) VALUES ('x')",
     "DROP TABLE events",
     "COPY events TO '/tmp/events.csv'",
+    "SELECT * INTO events_copy FROM events",
 ])
 def test_writes_are_refused_with_a_postgres_error(start_server, statement):
     server = start_server()

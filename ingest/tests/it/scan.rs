@@ -141,3 +141,25 @@ async fn a_campaign_without_landing_page_records_the_scan_and_says_so() {
     assert!(resp.text().await.unwrap().contains("landing_url"));
     assert_eq!(server.rows().len(), 1);
 }
+
+#[tokio::test]
+async fn an_empty_or_bad_uid_gets_a_new_id_and_the_scan_is_kept() {
+    let server = server_with_campaigns().await;
+    let long = "x".repeat(200);
+    for (query, cookie) in [
+        ("?uid=", ""),
+        ("", "fh_uid="),
+        ("", &*format!("fh_uid={long}")),
+    ] {
+        let resp = no_redirects()
+            .get(format!("{}/s/parcel-lottery/jd{query}", server.url))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 302, "{query} {cookie}");
+    }
+    let rows = server.rows();
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|r| r.user_id.len() == 36), "{rows:?}");
+}

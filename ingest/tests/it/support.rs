@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
+use funnelhouse_ingest::collector::with_json_fallbacks;
 use funnelhouse_ingest::{AuthConfig, parquet_file::read_file};
 use funnelhouse_ingest::{CollectorState, EventStore, IngestConfig, Manifest, Metrics, router};
 use serde_json::Value;
@@ -60,8 +61,11 @@ impl TestServer {
         state.store.set(Arc::clone(&store)).ok().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let server =
-            tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });
+        let server = tokio::spawn(async move {
+            axum::serve(listener, with_json_fallbacks(router(state)))
+                .await
+                .unwrap()
+        });
         TestServer {
             url,
             store,
