@@ -278,8 +278,9 @@ pub async fn ingest(
 }
 
 async fn readyz(State(state): State<CollectorState>) -> Response {
-    match state.store() {
-        Ok(_) => (StatusCode::OK, "ready").into_response(),
+    match state.store().map(|s| s.health()) {
+        Ok(Ok(())) => (StatusCode::OK, "ready").into_response(),
+        Ok(Err(reason)) => IngestError::Unhealthy(reason).into_response(),
         Err(e) => e.into_response(),
     }
 }

@@ -27,6 +27,8 @@ pub enum IngestError {
     NotReady,
     #[error("shutting down: not accepting writes")]
     ShuttingDown,
+    #[error("not ready: {0}")]
+    Unhealthy(String),
     #[error("WAL write failed, nothing of this request was stored: {0}")]
     Wal(std::io::Error),
     #[error("{path}: {source}")]
@@ -56,9 +58,11 @@ impl IngestError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Overloaded { .. } | Self::NotReady | Self::ShuttingDown | Self::Wal(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Overloaded { .. }
+            | Self::NotReady
+            | Self::ShuttingDown
+            | Self::Unhealthy(_)
+            | Self::Wal(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Io { .. } | Self::Parquet(_) | Self::Arrow(_) | Self::Corrupt { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -68,7 +72,7 @@ impl IngestError {
     fn retry_after(&self) -> Option<u64> {
         match self {
             Self::Overloaded { retry_after_secs } => Some(*retry_after_secs),
-            Self::NotReady | Self::ShuttingDown | Self::Wal(_) => Some(1),
+            Self::NotReady | Self::ShuttingDown | Self::Unhealthy(_) | Self::Wal(_) => Some(1),
             _ => None,
         }
     }

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub compactions: AtomicU64,
     pub compaction_micros: AtomicU64,
     pub buffer_bytes: AtomicU64,
+    /// 1 while flushes to Parquet are failing and being retried.
+    pub flush_failing: AtomicU64,
     pub buffer_rows: AtomicU64,
     pub dedup_ids: AtomicU64,
     pub dedup_evicted: AtomicU64,
@@ -101,6 +103,11 @@ impl Metrics {
                 "funnelhouse_dedup_ids",
                 "Ids in the dedup index.",
                 &self.dedup_ids,
+            ),
+            (
+                "funnelhouse_flush_failing",
+                "1 while flushes to Parquet fail and are retried.",
+                &self.flush_failing,
             ),
         ];
         for (name, help, v) in gauges {

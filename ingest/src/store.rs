@@ -260,6 +260,24 @@ impl EventStore {
         rx.await.map_err(|_| IngestError::ShuttingDown)?
     }
 
+    /// Why the store cannot serve writes now, if it cannot: its WAL writer or flusher
+    /// thread has stopped, or flushes to Parquet are failing.
+    pub fn health(&self) -> std::result::Result<(), String> {
+        let threads = self.threads.lock().expect("threads lock");
+        if let Some(t) = threads.iter().find(|t| t.is_finished()) {
+            return Err(format!(
+                "the {} thread has stopped; restart the server (see its log)",
+                t.thread().name().unwrap_or("store")
+            ));
+        }
+        if self.metrics.flush_failing.load(Relaxed) != 0 {
+            return Err(
+                "flushes to Parquet are failing (see the log); events stay in the WAL".into(),
+            );
+        }
+        Ok(())
+    }
+
     /// Refuse new writes, flush the live buffer and stop the threads.
     pub async fn shutdown(&self) -> Result<()> {
         let (reply, rx) = oneshot::channel();
@@ -479,8 +497,13 @@ impl Flusher {
         let mut delay = Duration::from_millis(200);
         loop {
             match self.flush(seq, batches) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.metrics.flush_failing.store(0, Relaxed);
+                    return Ok(());
+                }
                 Err(e) => {
+                    // /readyz answers 503 until a flush commits again.
+                    self.metrics.flush_failing.store(1, Relaxed);
                     tracing::error!(error = %e, retry_in = ?delay, "flush to Parquet failed; events stay in the WAL");
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(10));

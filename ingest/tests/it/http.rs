@@ -411,3 +411,38 @@ async fn a_flood_of_bad_lines_gets_a_small_answer_with_the_full_count() {
     assert_eq!(listed.len(), 100);
     assert_eq!(listed[99]["index"], 99);
 }
+
+/// While flushes to Parquet fail, /readyz answers 503 with the reason; once a retried
+/// flush commits it is 200 again, and nothing was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_while_flushes_fail_and_200_once_they_commit() {
+    let server = TestServer::start(config()).await;
+    assert_eq!(server.post_json(&json!([event("r1")])).await.status, 200);
+    // A file where the flush wants the event's partition directory.
+    let blocker = server.dir.join("events").join("date=2026-11-11");
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let store = std::sync::Arc::clone(&server.store);
+    let flush = tokio::spawn(async move { store.flush().await });
+    let readyz = || server.request(server.http.get(format!("{}/readyz", server.url)));
+    let mut failing = None;
+    for _ in 0..100 {
+        let r = readyz().await;
+        if r.status == 503 {
+            failing = Some(r);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let failing = failing.expect("/readyz never reported the failing flush");
+    assert!(
+        failing.json["error"].as_str().unwrap().contains("flushes"),
+        "{}",
+        failing.json
+    );
+    assert!(failing.headers.contains_key("retry-after"));
+    std::fs::remove_file(&blocker).unwrap();
+    flush.await.unwrap().unwrap();
+    assert_eq!(readyz().await.status, 200);
+    assert_eq!(server.rows().len(), 1);
+}
