@@ -278,3 +278,36 @@ async fn alerts_fire_resolve_survive_a_restart_and_call_the_webhook() {
             .all(|c| c["channel"] == "jd" && c["step"] == "view")
     );
 }
+
+/// Read tokens guard the campaign routes and the dashboard; a browser opening `/` passes
+/// its token as `?token=`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_tokens_guard_campaigns_and_the_dashboard() {
+    let server = TestServer::start_with(QueryState {
+        campaigns: Arc::new(vec![parcel(None)]),
+        read_tokens: Arc::new(vec!["rt_1".into()]),
+        ..QueryState::default()
+    })
+    .await;
+    let status = |path: &str, token: Option<&str>| {
+        let mut req = server.http.get(format!("{}{path}", server.url));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    for path in [
+        "/v1/campaigns",
+        "/v1/campaigns/c/funnel",
+        "/v1/campaigns/c/alerts",
+        "/",
+    ] {
+        assert_eq!(status(path, None).await, 401, "{path}");
+        assert_eq!(status(path, Some("rt_2")).await, 401, "{path}");
+        assert_eq!(status(path, Some("rt_1")).await, 200, "{path}");
+    }
+    assert_eq!(status("/?token=rt_1", None).await, 200);
+    assert_eq!(status("/?token=nope", None).await, 401);
+    // The scripts carry no data and load before the page knows its token.
+    assert_eq!(status("/assets/dashboard.js", None).await, 200);
+}
