@@ -311,6 +311,16 @@ mod tests {
     }
 
     #[test]
+    fn clock_skew_over_30_days_is_ignored() {
+        let day = 86_400 * 1_000_000;
+        let now = 1_800_000_000_000_000;
+        assert_eq!(clock_skew(now, now - 10_000_000), 10_000_000);
+        assert_eq!(clock_skew(now, now + 29 * day), -29 * day);
+        assert_eq!(clock_skew(now, now - 31 * day), 0);
+        assert_eq!(clock_skew(now, now + 31 * day), 0);
+    }
+
+    #[test]
     fn strings_with_and_without_escapes() {
         let s =
             |t: &str| bounded_string("f", &RawValue::from_string(t.to_string()).unwrap(), 0, 99);
