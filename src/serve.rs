@@ -2,6 +2,7 @@
 //! serve until SIGTERM / Ctrl-C, then finish in-flight requests, flush the live buffer
 //! and exit 0.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use std::sync::OnceLock;
@@ -47,24 +48,8 @@ pub async fn serve(mut cfg: Config, args: ServeArgs) -> Result<(), CliError> {
             .merge(funnelhouse_query::router(query_state.clone())),
     );
 
-    let listener = TcpListener::bind(&cfg.http_addr).await.map_err(|e| {
-        CliError::Io(format!(
-            "http_addr {}: cannot bind: {e} (pick another with --http-addr)",
-            cfg.http_addr
-        ))
-    })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| CliError::Io(e.to_string()))?;
-    let pg_listener = TcpListener::bind(&cfg.pg_addr).await.map_err(|e| {
-        CliError::Io(format!(
-            "pg_addr {}: cannot bind: {e} (pick another with --pg-addr)",
-            cfg.pg_addr
-        ))
-    })?;
-    let pg_addr = pg_listener
-        .local_addr()
-        .map_err(|e| CliError::Io(e.to_string()))?;
+    let (listener, addr) = bind("http_addr", &cfg.http_addr).await?;
+    let (pg_listener, pg_addr) = bind("pg_addr", &cfg.pg_addr).await?;
     let data_dir = std::path::absolute(&cfg.data_dir).unwrap_or_else(|_| cfg.data_dir.clone());
     tracing::info!("listening on http://{addr}");
     tracing::info!(
@@ -138,6 +123,20 @@ pub async fn serve(mut cfg: Config, args: ServeArgs) -> Result<(), CliError> {
     served.map_err(|e| CliError::Io(format!("http server: {e}")))?;
     tracing::info!("flushed; bye");
     Ok(())
+}
+
+/// Bind `addr` (the config key `key`), with the address actually bound (port 0 picks one).
+async fn bind(key: &str, addr: &str) -> Result<(TcpListener, SocketAddr), CliError> {
+    let flag = key.replace('_', "-");
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        CliError::Io(format!(
+            "{key} {addr}: cannot bind: {e} (pick another with --{flag})"
+        ))
+    })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| CliError::Io(e.to_string()))?;
+    Ok((listener, bound))
 }
 
 async fn shutdown_signal() {

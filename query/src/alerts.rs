@@ -104,71 +104,58 @@ impl Alerts {
     /// changed (the caller sends the webhooks: see [`Alerts::notify`]). A rule whose funnel
     /// fails keeps its previous state.
     pub async fn evaluate(&self, engine: &QueryEngine, now: Micros) -> Vec<Transition> {
-        let mut found: BTreeMap<Key, (FiringAlert, Option<String>)> = BTreeMap::new();
+        let mut found: BTreeMap<Key, FiringAlert> = BTreeMap::new();
         for campaign in self.campaigns.iter() {
             for rule in &campaign.alerts {
                 match self.evaluate_rule(engine, campaign, rule, now).await {
-                    Ok(firing) => found.extend(
-                        firing
-                            .into_iter()
-                            .map(|a| (a.key(), (a, rule.webhook.clone()))),
-                    ),
+                    Ok(firing) => found.extend(firing.into_iter().map(|a| (a.key(), a))),
                     Err(e) => {
                         // One failing funnel (a limit, a timeout) must not resolve this
                         // rule's alerts or hold up the other rules: keep its last state.
                         tracing::warn!(campaign = %campaign.name, step = %rule.step, error = %e, "alert rule not evaluated");
                         let kept = self.firing.lock().expect("alerts lock");
-                        for (key, alert) in kept.iter() {
-                            if key.0 == campaign.name && key.2 == rule.step {
-                                found.insert(key.clone(), (alert.clone(), rule.webhook.clone()));
-                            }
-                        }
+                        found.extend(
+                            kept.iter()
+                                .filter(|(k, _)| k.0 == campaign.name && k.2 == rule.step)
+                                .map(|(k, a)| (k.clone(), a.clone())),
+                        );
                     }
                 }
             }
         }
-        let webhook_of = |key: &Key| -> Option<String> {
-            self.campaigns
-                .iter()
-                .find(|c| c.name == key.0)
-                .and_then(|c| c.alerts.iter().find(|r| r.step == key.2))
-                .and_then(|r| r.webhook.clone())
+        let transition = |status, alert: FiringAlert| Transition {
+            status,
+            webhook: self.webhook_of(&alert.key()),
+            alert,
         };
         let mut transitions = Vec::new();
         let snapshot = {
             let mut firing = self.firing.lock().expect("alerts lock");
-            let resolved: Vec<Key> = firing
-                .keys()
-                .filter(|k| !found.contains_key(*k))
-                .cloned()
-                .collect();
-            for key in resolved {
-                if let Some(alert) = firing.remove(&key) {
-                    transitions.push(Transition {
-                        status: "resolved",
-                        webhook: webhook_of(&key),
-                        alert,
-                    });
-                }
-            }
-            for (key, (mut alert, webhook)) in found {
-                match firing.get(&key) {
+            let mut previous = std::mem::take(&mut *firing);
+            for (key, mut alert) in found {
+                match previous.remove(&key) {
                     // Still firing: keep `since`, refresh the numbers.
-                    Some(previous) => alert.since = previous.since.clone(),
-                    None => transitions.push(Transition {
-                        status: "firing",
-                        alert: alert.clone(),
-                        webhook,
-                    }),
+                    Some(before) => alert.since = before.since,
+                    None => transitions.push(transition("firing", alert.clone())),
                 }
                 firing.insert(key, alert);
             }
+            // What fired before and no longer does.
+            transitions.extend(previous.into_values().map(|a| transition("resolved", a)));
             firing.values().cloned().collect::<Vec<_>>()
         };
         if !transitions.is_empty() {
             self.persist(&snapshot);
         }
         transitions
+    }
+
+    fn webhook_of(&self, key: &Key) -> Option<String> {
+        self.campaigns
+            .iter()
+            .find(|c| c.name == key.0)
+            .and_then(|c| c.alerts.iter().find(|r| r.step == key.2))
+            .and_then(|r| r.webhook.clone())
     }
 
     /// The channels for which `rule` fires at `now`.

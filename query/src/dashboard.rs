@@ -11,9 +11,8 @@ use axum::http::{HeaderMap, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use funnelhouse_ingest::collector::header_key;
-use funnelhouse_ingest::config::contains_secret;
 
-use crate::error::{QueryError, Result};
+use crate::error::Result;
 use crate::http::QueryState;
 
 const PAGE: &str = include_str!(concat!(
@@ -48,11 +47,7 @@ async fn page(
         .get("token")
         .cloned()
         .or_else(|| header_key(&headers));
-    if !state.read_tokens.is_empty()
-        && !token.is_some_and(|t| contains_secret(&state.read_tokens, &t))
-    {
-        return Err(QueryError::Unauthorized);
-    }
+    state.authorize(token.as_deref())?;
     Ok(Html(PAGE).into_response())
 }
 

@@ -35,12 +35,19 @@ pub struct QueryState {
 }
 
 impl QueryState {
-    fn engine(&self, headers: &HeaderMap) -> Result<&QueryEngine> {
-        if !self.read_tokens.is_empty()
-            && !header_key(headers).is_some_and(|k| contains_secret(&self.read_tokens, &k))
+    /// With read tokens configured, `token` must be one of them.
+    pub(crate) fn authorize(&self, token: Option<&str>) -> Result<()> {
+        if self.read_tokens.is_empty()
+            || token.is_some_and(|t| contains_secret(&self.read_tokens, t))
         {
-            return Err(QueryError::Unauthorized);
+            Ok(())
+        } else {
+            Err(QueryError::Unauthorized)
         }
+    }
+
+    fn engine(&self, headers: &HeaderMap) -> Result<&QueryEngine> {
+        self.authorize(header_key(headers).as_deref())?;
         self.engine
             .get()
             .ok_or(QueryError::Ingest(IngestError::NotReady))
