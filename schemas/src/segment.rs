@@ -217,7 +217,8 @@ fn to_event(
             .find_map(|c| lookup(c, outer).and_then(|v| lookup(&parse_object(v)?, inner)))
     };
 
-    let (event, extra): (Cow<str>, Vec<(&str, &RawValue)>) = match kind {
+    // The one key a type adds to the stored properties, if the sender left it out.
+    let (event, extra): (Cow<str>, Option<(&str, &RawValue)>) = match kind {
         MessageType::Track => {
             let name = m.event.ok_or("event: missing")?;
             let name = bounded_string("event", name, 1, usize::MAX)?;
@@ -229,24 +230,12 @@ fn to_event(
                     limits::EVENT_NAME_MAX
                 ));
             }
-            (Cow::Owned(name), Vec::new())
+            (Cow::Owned(name), None)
         }
-        MessageType::Page | MessageType::Screen => (
-            "view".into(),
-            m.name.map(|n| ("name", n)).into_iter().collect(),
-        ),
-        MessageType::Identify => ("$identify".into(), Vec::new()),
-        MessageType::Group => (
-            "$group".into(),
-            m.group_id.map(|g| ("groupId", g)).into_iter().collect(),
-        ),
-        MessageType::Alias => (
-            "$alias".into(),
-            m.previous_id
-                .map(|p| ("previousId", p))
-                .into_iter()
-                .collect(),
-        ),
+        MessageType::Page | MessageType::Screen => ("view".into(), m.name.map(|n| ("name", n))),
+        MessageType::Identify => ("$identify".into(), None),
+        MessageType::Group => ("$group".into(), m.group_id.map(|g| ("groupId", g))),
+        MessageType::Alias => ("$alias".into(), m.previous_id.map(|p| ("previousId", p))),
     };
 
     let event_id = match m.message_id {
@@ -282,14 +271,11 @@ fn to_event(
         Some(t) => (Some(t), &traits_keys),
         None => (m.properties, &properties),
     };
-    let extra: Vec<_> = extra
-        .into_iter()
-        .filter(|(k, _)| base_keys.as_ref().is_none_or(|o| !o.contains_key(*k)))
-        .collect();
-    let properties = match (base, extra.is_empty()) {
-        (None, true) => None,
-        (base, _) => {
-            let text = with_keys(base.map(RawValue::get), &extra);
+    let extra = extra.filter(|(k, _)| base_keys.as_ref().is_none_or(|o| !o.contains_key(*k)));
+    let properties = match (base, extra) {
+        (None, None) => None,
+        (base, extra) => {
+            let text = with_key(base.map(RawValue::get), extra);
             let raw = RawValue::from_string(text).map_err(|e| format!("properties: {e}"))?;
             Some(properties_text(&raw)?)
         }
@@ -355,30 +341,25 @@ fn scalar_text(field: &str, value: &RawValue, max: usize) -> Result<String, Stri
     }
 }
 
-/// The JSON object `base` (or `{}`) with `extra` keys added in front.
-fn with_keys(base: Option<&str>, extra: &[(&str, &RawValue)]) -> String {
+/// The JSON object `base` (or `{}`) with `extra` added as its first key.
+fn with_key(base: Option<&str>, extra: Option<(&str, &RawValue)>) -> String {
     let inner = base
-        .map(|b| b.trim())
+        .map(str::trim)
         .and_then(|b| b.strip_prefix('{')?.strip_suffix('}'))
         .map(str::trim)
         .unwrap_or("");
-    let mut out = String::from("{");
-    for (i, (key, value)) in extra.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(&serde_json::to_string(key).unwrap_or_default());
-        out.push(':');
-        out.push_str(value.get());
+    let first = extra.map(|(key, value)| {
+        format!(
+            "{}:{}",
+            serde_json::to_string(key).unwrap_or_default(),
+            value.get()
+        )
+    });
+    match (first, inner.is_empty()) {
+        (Some(first), true) => format!("{{{first}}}"),
+        (Some(first), false) => format!("{{{first},{inner}}}"),
+        (None, _) => format!("{{{inner}}}"),
     }
-    if !inner.is_empty() {
-        if !extra.is_empty() {
-            out.push(',');
-        }
-        out.push_str(inner);
-    }
-    out.push('}');
-    out
 }
 
 #[cfg(test)]
