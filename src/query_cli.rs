@@ -84,7 +84,9 @@ impl ServerArgs {
             let error = json["error"].as_str().unwrap_or("query failed");
             return Err(CliError::Query(
                 if status == reqwest::StatusCode::UNAUTHORIZED {
-                    format!("{error} (pass a read token with --token or FUNNELHOUSE_TOKEN)")
+                    format!(
+                        "the server needs a read token: pass it with --token or FUNNELHOUSE_TOKEN (server: {error})"
+                    )
                 } else {
                     error.to_string()
                 },
