@@ -15,9 +15,10 @@ if [ -z "${NO_ANCHORS:-}" ]; then
   "$VENV/bin/pip" install -q duckdb chdb
 fi
 
-# start_server DATA_DIR -> sets SERVER_PID and URL (a fresh data dir, log in DATA_DIR.log)
+# start_server DATA_DIR -> sets SERVER_PID and URL (a fresh data dir unless KEEP=1,
+# log in DATA_DIR.log)
 start_server() {
-  rm -rf "$1"
+  [ -n "${KEEP:-}" ] || rm -rf "$1"
   FUNNELHOUSE_LOG=info "$BIN/funnelhouse" serve --data-dir "$1" --http-addr 127.0.0.1:0 --pg-addr 127.0.0.1:0 \
     2> "$1.log" &
   SERVER_PID=$!

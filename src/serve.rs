@@ -107,6 +107,17 @@ pub async fn serve(mut cfg: Config, args: ServeArgs) -> Result<(), CliError> {
         None => None,
     };
     let evaluator = tokio::spawn(alerts.run(engine.clone()));
+    // Each campaign's funnel is kept up to date so dashboards polling it cost no scan.
+    for campaign in query_state.campaigns.iter().filter(|c| c.funnel.is_some()) {
+        let spec = campaign
+            .spec(None, None, None)
+            .map_err(|e| CliError::Query(e.to_string()))?;
+        engine.live().track(spec);
+    }
+    let live = tokio::spawn(funnelhouse_query::LiveFunnels::run(
+        engine.clone(),
+        LIVE_REFRESH.min(cfg.ingest.flush_interval / 2).max(std::time::Duration::from_millis(50)),
+    ));
     let _ = query_state.engine.set(engine);
     let _ = state.store.set(Arc::clone(&store));
 
@@ -115,6 +126,7 @@ pub async fn serve(mut cfg: Config, args: ServeArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::Io(format!("server task failed: {e}")))?;
     pg.abort();
     evaluator.abort();
+    live.abort();
     if let Some(t) = demo_trickle {
         t.abort();
     }
@@ -124,6 +136,10 @@ pub async fn serve(mut cfg: Config, args: ServeArgs) -> Result<(), CliError> {
     tracing::info!("flushed; bye");
     Ok(())
 }
+
+/// How often live campaign funnels take in new events between polls (at most half the
+/// flush interval: a funnel that misses two flushes rebuilds).
+const LIVE_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Bind `addr` (the config key `key`), with the address actually bound (port 0 picks one).
 async fn bind(key: &str, addr: &str) -> Result<(TcpListener, SocketAddr), CliError> {

@@ -16,6 +16,14 @@ use crate::metrics::Metrics;
 pub struct Snapshot {
     pub files: Arc<Vec<FileMeta>>,
     pub batches: Vec<RecordBatch>,
+    /// Batches the live buffer has taken since the store opened; `batches` are the last
+    /// `batches.len()` of them, in push order (one flusher commits flushes in seal
+    /// order), so a reader that remembers this number can tell which batches are new.
+    pub batches_pushed: u64,
+    /// The batches of the last committed flush, which came just before `batches`: not
+    /// part of what queries read (they are in `files`), but kept one flush longer so a
+    /// reader following new batches does not miss those flushed before it looked.
+    pub retired: Vec<RecordBatch>,
 }
 
 impl Snapshot {
@@ -28,10 +36,12 @@ impl Snapshot {
         let batches = records
             .iter()
             .map(funnelhouse_schemas::events_to_batch)
-            .collect();
+            .collect::<Vec<_>>();
         Ok(Snapshot {
             files: Arc::new(manifest.files),
+            batches_pushed: batches.len() as u64,
             batches,
+            retired: Vec::new(),
         })
     }
 
@@ -54,6 +64,9 @@ struct BufferState {
     /// Sealed batches being written out, by the WAL segment their flush covers.
     flushing: Vec<(u64, Vec<RecordBatch>, usize)>,
     files: Arc<Vec<FileMeta>>,
+    pushed: u64,
+    /// The batches of the last committed flush (see `Snapshot::retired`).
+    retired: Vec<RecordBatch>,
 }
 
 impl BufferState {
@@ -100,6 +113,8 @@ impl LiveBuffer {
         Snapshot {
             files: Arc::clone(&s.files),
             batches,
+            batches_pushed: s.pushed,
+            retired: s.retired.clone(),
         }
     }
 
@@ -112,6 +127,7 @@ impl LiveBuffer {
         s.active_rows += batch.num_rows();
         s.active_since.get_or_insert_with(Instant::now);
         s.active.push(batch);
+        s.pushed += 1;
         self.publish(&s);
     }
 
@@ -140,7 +156,9 @@ impl LiveBuffer {
     /// The flush of `seq` committed as `files`: swap both in one step.
     pub fn finish_flush(&self, seq: u64, files: Vec<FileMeta>) {
         let mut s = self.state.write().expect("buffer lock");
-        s.flushing.retain(|(q, _, _)| *q != seq);
+        if let Some(at) = s.flushing.iter().position(|(q, _, _)| *q == seq) {
+            s.retired = s.flushing.remove(at).1;
+        }
         s.files = Arc::new(files);
         self.publish(&s);
     }

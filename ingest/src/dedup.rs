@@ -125,7 +125,7 @@ impl IdsFile {
     }
 
     pub fn write(dir: &Path, seq: u64, mut pairs: Vec<(i64, u128)>) -> Result<()> {
-        fs::create_dir_all(dir).map_err(IngestError::io(dir))?;
+        crate::fsutil::create_dir_durable(dir)?;
         pairs.sort_unstable();
         let mut buf = Vec::with_capacity(16 + pairs.len() * 24);
         buf.extend_from_slice(Self::MAGIC);

@@ -40,6 +40,10 @@ pub enum IngestError {
     Parquet(#[from] parquet::errors::ParquetError),
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    #[error(
+        "data dir in use (pid {pid}): {data_dir} is locked by another funnelhouse process; stop it, or use another --data-dir"
+    )]
+    Locked { data_dir: PathBuf, pid: String },
     #[error("{path}: corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
 }
@@ -63,7 +67,11 @@ impl IngestError {
             | Self::ShuttingDown
             | Self::Unhealthy(_)
             | Self::Wal(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Io { .. } | Self::Parquet(_) | Self::Arrow(_) | Self::Corrupt { .. } => {
+            Self::Io { .. }
+            | Self::Locked { .. }
+            | Self::Parquet(_)
+            | Self::Arrow(_)
+            | Self::Corrupt { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         }

@@ -1,4 +1,5 @@
-//! Crash-safe file steps: write to a temporary name, fsync, rename, fsync the directory.
+//! Crash-safe file steps: write to a temporary name, fsync, rename, fsync the directory;
+//! and the data dir's lock, so two processes never write one data dir.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -11,6 +12,24 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(IngestError::io(dir))
+}
+
+/// Create `dir` and any missing parents, each fsynced into its parent, so a file made
+/// durable inside it cannot vanish with a directory entry lost in a power cut.
+pub fn create_dir_durable(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir_durable(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        // Made meanwhile by another thread: the sync below covers it all the same.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(IngestError::io(dir)(e)),
+    }
+    sync_dir(dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
 }
 
 /// Replace `path` with `bytes` atomically: readers and crashes see the old or the new file.
@@ -27,4 +46,44 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn rename_durable(from: &Path, to: &Path) -> Result<()> {
     fs::rename(from, to).map_err(IngestError::io(to))?;
     sync_dir(to.parent().unwrap_or(Path::new(".")))
+}
+
+/// An exclusive lock on `data_dir/LOCK` (which holds the owner's pid), held while a
+/// process writes the data dir. The kernel drops it when the process dies, so a kill -9
+/// leaves no stale lock behind.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: File,
+}
+
+impl DataDirLock {
+    pub fn acquire(data_dir: &Path) -> Result<DataDirLock> {
+        use std::io::{Read, Seek};
+        let path = data_dir.join("LOCK");
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(IngestError::io(&path))?;
+        match file.try_lock() {
+            Ok(()) => {
+                file.set_len(0)
+                    .and_then(|()| file.rewind())
+                    .and_then(|()| write!(file, "{}", std::process::id()))
+                    .map_err(IngestError::io(&path))?;
+                Ok(DataDirLock { _file: file })
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                Err(IngestError::Locked {
+                    data_dir: data_dir.to_path_buf(),
+                    pid: pid.trim().to_string(),
+                })
+            }
+            Err(fs::TryLockError::Error(e)) => Err(IngestError::io(&path)(e)),
+        }
+    }
 }

@@ -3,7 +3,7 @@
 //! group cheaply and readers may trust the declared `sorting_columns`.
 
 use std::collections::HashSet;
-use std::fs::{self, File};
+use std::fs::File;
 use std::path::Path;
 
 use arrow::array::{AsArray, RecordBatch, TimestampMicrosecondArray, UInt32Array};
@@ -182,7 +182,7 @@ fn write_file(
 ) -> Result<FileMeta> {
     let rel_dir = format!("{EVENTS_DIR}/{partition}");
     let dir = data_dir.join(&rel_dir);
-    fs::create_dir_all(&dir).map_err(IngestError::io(&dir))?;
+    crate::fsutil::create_dir_durable(&dir)?;
     let name = format!("{name_prefix}-{}.parquet", uuid::Uuid::now_v7().simple());
     let final_path = dir.join(&name);
     let tmp = final_path.with_extension("tmp");

@@ -29,6 +29,7 @@ use crate::compact::{CompactOptions, compact};
 use crate::config::IngestConfig;
 use crate::dedup::{DedupIndex, IdsFile, id_hash};
 use crate::error::{IngestError, Result};
+use crate::fsutil::DataDirLock;
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
 use crate::parquet_file::write_partitioned;
@@ -93,6 +94,8 @@ pub struct EventStore {
     inflight: Arc<AtomicUsize>,
     max_buffer_bytes: usize,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Released at shutdown (or by the kernel when the process dies).
+    lock: Mutex<Option<DataDirLock>>,
 }
 
 impl EventStore {
@@ -104,7 +107,8 @@ impl EventStore {
         cfg: &IngestConfig,
         metrics: Arc<Metrics>,
     ) -> Result<(EventStore, OpenReport)> {
-        std::fs::create_dir_all(data_dir).map_err(IngestError::io(data_dir))?;
+        crate::fsutil::create_dir_durable(data_dir)?;
+        let lock = DataDirLock::acquire(data_dir)?;
         let manifest = Manifest::load(data_dir)?;
         let mut report = OpenReport {
             files: manifest.files.len(),
@@ -196,6 +200,7 @@ impl EventStore {
             inflight: Arc::new(AtomicUsize::new(0)),
             max_buffer_bytes: cfg.max_buffer_bytes.0,
             threads: Mutex::new(threads),
+            lock: Mutex::new(Some(lock)),
         };
         Ok((store, report))
     }
@@ -291,6 +296,7 @@ impl EventStore {
         tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join())))
             .await
             .ok();
+        self.lock.lock().expect("store lock").take();
         result
     }
 }
@@ -532,8 +538,14 @@ impl Flusher {
         );
         self.metrics.flushed_rows.fetch_add(rows, Relaxed);
         tracing::debug!(seq, rows, took = ?start.elapsed(), "flushed live buffer to Parquet");
-        Wal::remove_through(&self.data_dir.join("wal"), seq)?;
-        self.expire_ids_files()?;
+        // The rows are committed: a failure from here on must not fail the flush, whose
+        // retry would write every row a second time. What is left behind is harmless
+        // (replay skips WAL segments the manifest covers) and goes at the next flush.
+        let cleanup = Wal::remove_through(&self.data_dir.join("wal"), seq)
+            .and_then(|()| self.expire_ids_files());
+        if let Err(e) = cleanup {
+            tracing::warn!(seq, error = %e, "cleanup after a committed flush failed; retried after the next flush");
+        }
         self.compact(&touched);
         Ok(())
     }
@@ -611,11 +623,12 @@ fn id_pairs(batches: &[RecordBatch]) -> Vec<(i64, u128)> {
     out
 }
 
-/// Offline compaction of a data dir (the server must not be running on it).
+/// Offline compaction of a data dir (refused while a server holds it).
 pub fn compact_data_dir(
     data_dir: &Path,
     cfg: &IngestConfig,
 ) -> Result<crate::compact::CompactOutcome> {
+    let _lock = DataDirLock::acquire(data_dir)?;
     let mut manifest = Manifest::load(data_dir)?;
     manifest.remove_orphans(data_dir)?;
     let outcome = compact(

@@ -50,7 +50,7 @@ impl Wal {
         flushed_through: u64,
         mut on_record: impl FnMut(Vec<Event>),
     ) -> Result<(Wal, ReplayStats)> {
-        fs::create_dir_all(dir).map_err(IngestError::io(dir))?;
+        crate::fsutil::create_dir_durable(dir)?;
         let mut stats = ReplayStats::default();
         let mut last = flushed_through;
         for (seq, path) in list_segments(dir)? {
@@ -167,13 +167,18 @@ impl Wal {
     }
 
     /// Delete segments numbered `<= seq`: their events are in committed Parquet files.
+    /// Remove every segment up to `seq`; one that cannot go does not keep the others.
     pub fn remove_through(dir: &Path, seq: u64) -> Result<()> {
+        let mut first_error = None;
         for (s, path) in list_segments(dir)? {
-            if s <= seq {
-                fs::remove_file(&path).map_err(IngestError::io(&path))?;
+            if s > seq {
+                continue;
+            }
+            if let Err(e) = fs::remove_file(&path) {
+                first_error.get_or_insert(IngestError::io(&path)(e));
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 }
 

@@ -19,7 +19,7 @@ pub mod udaf;
 pub use alerts::Alerts;
 pub use campaign::CampaignConfig;
 pub use error::QueryError;
-pub use funnel::{FunnelReport, FunnelRequest, FunnelSpec, TrendReport};
+pub use funnel::{FunnelReport, FunnelRequest, FunnelSpec, LiveFunnels, TrendReport};
 pub use http::{QueryState, router};
 pub use output::OutputFormat;
 pub use pgwire::serve_pg;

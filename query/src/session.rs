@@ -1,7 +1,7 @@
 //! The DataFusion session: the `events` table and `window_funnel` registered, a memory
 //! pool that spills instead of failing, a timeout, and read-only SQL.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,10 +11,11 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
-use funnelhouse_ingest::Metrics;
+use funnelhouse_ingest::{FileMeta, Metrics, Snapshot};
 
 use crate::error::{QueryError, Result};
-use crate::table::{EventsTable, SnapshotSource};
+use crate::funnel::live::LiveFunnels;
+use crate::table::{EventsTable, SnapshotSource, StaticSource};
 use crate::udaf::WindowFunnel;
 
 /// Settings of the `[query]` config section.
@@ -50,6 +51,11 @@ pub struct QueryEngine {
     ctx: SessionContext,
     timeout: Duration,
     metrics: Arc<Metrics>,
+    source: Arc<dyn SnapshotSource>,
+    data_dir: PathBuf,
+    opts: QueryOptions,
+    /// Funnels kept up to date as events arrive, answering polls without a scan.
+    live: Arc<LiveFunnels>,
 }
 
 impl QueryEngine {
@@ -70,13 +76,47 @@ impl QueryEngine {
         config.options_mut().execution.parquet.pushdown_filters = true;
         config.options_mut().execution.parquet.reorder_filters = true;
         let ctx = SessionContext::new_with_config_rt(config, runtime);
-        ctx.register_table("events", Arc::new(EventsTable::new(source, data_dir)))?;
+        ctx.register_table(
+            "events",
+            Arc::new(EventsTable::new(Arc::clone(&source), data_dir)),
+        )?;
         ctx.register_udaf(WindowFunnel::udaf());
         Ok(Self {
             ctx,
             timeout: opts.timeout,
             metrics,
+            source,
+            data_dir: data_dir.to_path_buf(),
+            opts: opts.clone(),
+            live: Arc::default(),
         })
+    }
+
+    /// What the `events` table reads now.
+    pub fn snapshot(&self) -> Snapshot {
+        self.source.snapshot()
+    }
+
+    /// An engine over exactly these committed files (no live buffer), for a scan that
+    /// must match a snapshot taken earlier.
+    pub fn over_files(&self, files: Arc<Vec<FileMeta>>) -> Result<QueryEngine> {
+        let snapshot = Snapshot {
+            files,
+            batches: Vec::new(),
+            batches_pushed: 0,
+            retired: Vec::new(),
+        };
+        QueryEngine::new(
+            Arc::new(StaticSource(snapshot)),
+            &self.data_dir,
+            &self.opts,
+            Arc::clone(&self.metrics),
+        )
+    }
+
+    /// The live funnels this engine keeps.
+    pub fn live(&self) -> &LiveFunnels {
+        &self.live
     }
 
     pub fn context(&self) -> &SessionContext {

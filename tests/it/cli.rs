@@ -1,4 +1,5 @@
-//! The CLI as a person uses it: serve (logs, config precedence, SIGTERM), import, gen, compact.
+//! The CLI as a person uses it: serve (logs, config precedence, SIGTERM, one process per
+//! data dir), import, gen, compact.
 
 use std::process::Output;
 
@@ -516,4 +517,25 @@ fn a_public_address_without_keys_refuses_to_start_unless_open() {
         "{msg}"
     );
     assert!(!dir.path().join("data").exists(), "nothing started");
+}
+
+/// One process per data dir: a second `serve` or a `compact` exits 2 naming the pid
+/// that holds it; once that server stops, compaction runs.
+#[tokio::test]
+async fn a_second_process_on_a_data_dir_exits_2_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let holder = format!("data dir in use (pid {})", server.pid());
+    let compact = run(&["compact", "--data-dir", data]);
+    assert_eq!(compact.status.code(), Some(2), "{}", text(&compact));
+    assert!(text(&compact).contains(&holder), "{}", text(&compact));
+    let second = run(&[
+        "serve", "--http-addr", "127.0.0.1:0", "--pg-addr", "127.0.0.1:0", "--data-dir", data,
+    ]);
+    assert_eq!(second.status.code(), Some(2), "{}", text(&second));
+    assert!(text(&second).contains(&holder), "{}", text(&second));
+    assert_eq!(server.terminate().code(), Some(0));
+    let compact = run(&["compact", "--data-dir", data]);
+    assert_eq!(compact.status.code(), Some(0), "{}", text(&compact));
 }

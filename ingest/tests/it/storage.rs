@@ -192,6 +192,48 @@ async fn offline_compaction_merges_every_partition_with_small_files() {
     drop(keep);
 }
 
+/// One writer per data dir: a second store or an offline compaction is refused with an
+/// error that says what to do, until the first store shuts down.
+#[tokio::test]
+async fn a_data_dir_in_use_is_refused_until_its_store_stops() {
+    let server = TestServer::start(config()).await;
+    let dir = server.dir.clone();
+    let metrics = std::sync::Arc::new(funnelhouse_ingest::Metrics::default());
+    let second = funnelhouse_ingest::EventStore::open(&dir, &config(), metrics);
+    let message = second.err().expect("a second store is refused").to_string();
+    assert!(
+        message.contains(&format!("data dir in use (pid {})", std::process::id()))
+            && message.contains("--data-dir"),
+        "{message}"
+    );
+    let compaction = funnelhouse_ingest::compact_data_dir(&dir, &config());
+    assert!(compaction.is_err(), "offline compaction is refused too");
+    let keep = server.stop().await;
+    funnelhouse_ingest::compact_data_dir(&dir, &config()).expect("free after shutdown");
+    drop(keep);
+}
+
+/// A flush whose clean-up fails after its manifest commit (here a WAL segment that
+/// cannot be removed) is done: it is not retried, which would store every row twice.
+#[tokio::test]
+async fn a_cleanup_failure_after_the_commit_does_not_store_the_flush_twice() {
+    let server = TestServer::start(config()).await;
+    // A "segment" that is a non-empty directory: removing it fails.
+    let stuck = server.dir.join("wal").join(format!("{:020}.wal", 0));
+    std::fs::create_dir_all(stuck.join("x")).unwrap();
+    let events: Vec<Value> = (0..5)
+        .map(|i| at(&format!("c{i}"), "u", "2026-11-11T10:00:00Z"))
+        .collect();
+    assert_eq!(server.post_json(&json!(events)).await.json["accepted"], 5);
+    tokio::time::timeout(Duration::from_secs(10), server.store.flush())
+        .await
+        .expect("the flush is not retried forever")
+        .unwrap();
+    assert_eq!(committed_rows(&server.dir).len(), 5, "each row stored once");
+    assert_eq!(server.rows().len(), 5);
+    std::fs::remove_dir_all(&stuck).unwrap();
+}
+
 fn walk_parquet(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir)
         .unwrap()

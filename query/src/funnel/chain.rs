@@ -28,6 +28,9 @@ pub struct UserOutcome {
     pub step_ts: Vec<i64>,
     /// Some chain reaching `level` still has its window open at `as_of`.
     pub open: bool,
+    /// The ts of the latest step-1 event starting a chain that reaches `level`: the user
+    /// is open while `as_of < last_start + W`, which a live funnel checks at each poll.
+    pub last_start: i64,
 }
 
 /// Which first-step events count and when "now" is.
@@ -67,6 +70,7 @@ impl Evaluator {
         best.start = None;
         best.step_ts.clear();
         best.open = false;
+        best.last_start = 0;
         let mut group_start = 0;
         for (s, e) in events.iter().enumerate() {
             if s > 0 && events[s - 1].ts != e.ts {
@@ -85,8 +89,9 @@ impl Evaluator {
                 best.step_ts.clone_from(&self.times);
                 best.open = false;
             }
-            if depth == best.level && p.as_of.is_some_and(|now| e.ts + p.window > now) {
-                best.open = true;
+            if depth == best.level {
+                best.last_start = e.ts;
+                best.open |= p.as_of.is_some_and(|now| e.ts + p.window > now);
             }
             if best.level == p.steps {
                 break;

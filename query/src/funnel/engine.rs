@@ -3,11 +3,13 @@
 //! DataFusion scans only the campaign's step events (pruned by campaign, event and ts,
 //! projected to the few columns needed); each scan partition collects compact rows,
 //! and [`fold`] folds them per user into per-group counters, from which this module
-//! derives the reports.
+//! derives the reports. A question a [`super::live`] funnel keeps up to date is
+//! answered from it instead, without a scan.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use datafusion::execution::SendableRecordBatchStream;
 use datafusion::logical_expr::{col, lit};
 use datafusion::scalar::ScalarValue;
 use funnelhouse_schemas::time::{format_micros, now_micros};
@@ -32,6 +34,29 @@ pub struct StepStats {
     pub step_conversion: Vec<f64>,
     pub pending: Vec<u64>,
     pub median_seconds: Vec<Option<f64>>,
+}
+
+impl StepStats {
+    /// The numbers of the contract from users per level, pending and medians.
+    pub(super) fn new(
+        counts: Vec<u64>,
+        pending: Vec<u64>,
+        median_seconds: Vec<Option<f64>>,
+    ) -> Self {
+        let c = &counts;
+        let rate = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 / d as f64 };
+        let conversion = c.iter().map(|&n| rate(n, c[0])).collect();
+        let step_conversion = (0..c.len())
+            .map(|i| if i == 0 { 1.0 } else { rate(c[i], c[i - 1]) })
+            .collect();
+        Self {
+            counts,
+            conversion,
+            step_conversion,
+            pending,
+            median_seconds,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -98,15 +123,15 @@ pub struct TrendReport {
     pub buckets: Vec<TrendBucket>,
 }
 
-/// Scan, collect rows per scan partition, fold.
-async fn compute(
+/// The scan of a funnel: the campaign's step events (pruned by campaign, event and ts),
+/// one stream per partition of columns user_id, event_id, ts, event, [breakdown as
+/// `breakdown`], [properties]: the layout [`RowCollector`] reads.
+pub(super) async fn scan(
     engine: &QueryEngine,
     spec: &FunnelSpec,
-    as_of: i64,
-    interval: Option<i64>,
-) -> Result<Partial> {
+    matcher: &StepMatcher,
+) -> Result<Vec<SendableRecordBatchStream>> {
     let window = spec.window_secs.saturating_mul(MICROS);
-    let ctx = engine.context();
     let names: Vec<_> = {
         let mut n: Vec<&str> = spec.steps.iter().map(|s| s.event.as_str()).collect();
         n.sort_unstable();
@@ -133,38 +158,55 @@ async fn compute(
         // Aliased: `breakdown=event` would otherwise name `event` twice in the projection.
         columns.push(col(c.as_str()).alias("breakdown"));
     }
-    let matcher = Arc::new(StepMatcher::new(spec));
     if matcher.needs_properties() {
         columns.push(col("properties"));
     }
-    let tasks = ctx.state().config().target_partitions().max(1);
+    let df = engine
+        .context()
+        .table("events")
+        .await?
+        .filter(filter)?
+        .select(columns)?;
+    engine.partitioned_streams(df).await
+}
+
+/// Scan, collect rows per scan partition, fold.
+async fn compute(
+    engine: &QueryEngine,
+    spec: &FunnelSpec,
+    as_of: i64,
+    interval: Option<i64>,
+) -> Result<Partial> {
+    let matcher = Arc::new(StepMatcher::new(spec));
+    let tasks = engine.context().state().config().target_partitions().max(1);
     let started = std::time::Instant::now();
-    let df = ctx.table("events").await?.filter(filter)?.select(columns)?;
-    let streams = engine.partitioned_streams(df).await?;
+    let streams = scan(engine, spec, &matcher).await?;
     let params = ChainParams {
         steps: spec.steps.len(),
-        window,
+        window: spec.window_secs.saturating_mul(MICROS),
         from: spec.from,
         to: spec.to,
         as_of: Some(as_of),
     };
-    let collecting: Vec<_> = streams
-        .into_iter()
-        .enumerate()
-        .map(|(part, mut stream)| {
-            let mut collector = RowCollector::new(Arc::clone(&matcher), part);
-            tokio::spawn(async move {
-                while let Some(batch) = stream.next().await {
-                    collector.add_batch(&batch?)?;
-                }
-                Ok::<_, QueryError>(collector)
-            })
-        })
-        .collect();
-    let mut collectors = Vec::with_capacity(collecting.len());
-    for handle in collecting {
-        collectors.push(handle.await.map_err(fold::task_failed)??);
+    // A JoinSet aborts its tasks when dropped: a funnel past the timeout, or whose
+    // client went away, stops scanning instead of running on detached.
+    let mut collecting = tokio::task::JoinSet::new();
+    for (part, mut stream) in streams.into_iter().enumerate() {
+        let mut collector = RowCollector::new(Arc::clone(&matcher), part);
+        collecting.spawn(async move {
+            while let Some(batch) = stream.next().await {
+                collector.add_batch(&batch?)?;
+            }
+            Ok::<_, QueryError>((part, collector))
+        });
     }
+    let mut collectors = Vec::with_capacity(collecting.len());
+    while let Some(done) = collecting.join_next().await {
+        collectors.push(done.map_err(fold::task_failed)??);
+    }
+    // The fold addresses rows by partition number.
+    collectors.sort_by_key(|(part, _)| *part);
+    let collectors = collectors.into_iter().map(|(_, c)| c).collect();
     let scanned = started.elapsed();
     let partial = fold::fold_all(&matcher, collectors, params, interval, tasks).await?;
     tracing::debug!(
@@ -176,12 +218,38 @@ async fn compute(
     Ok(partial)
 }
 
-/// The funnel report of the contract.
+/// The numbers at `as_of`: from a live funnel of the same question when one is ready
+/// and `live` allows it, else by a scan.
+async fn partial(
+    engine: &QueryEngine,
+    spec: &FunnelSpec,
+    as_of: i64,
+    interval: Option<i64>,
+    live: bool,
+) -> Result<Partial> {
+    let kept = live.then(|| engine.live().find(spec)).flatten();
+    if let Some(p) = kept.and_then(|f| f.partial(engine, spec, as_of, interval)) {
+        return Ok(p);
+    }
+    engine
+        .with_timeout(compute(engine, spec, as_of, interval))
+        .await
+}
+
+/// The funnel report of the contract, as of now.
 pub async fn funnel(engine: &QueryEngine, spec: &FunnelSpec) -> Result<FunnelReport> {
-    let as_of = now_micros();
-    let partial = engine
-        .with_timeout(compute(engine, spec, as_of, None))
-        .await?;
+    funnel_at(engine, spec, now_micros(), true).await
+}
+
+/// The funnel report as of `as_of` (which must not be before the last answer's), from a
+/// live funnel when `live` allows, else recomputed from a scan.
+pub async fn funnel_at(
+    engine: &QueryEngine,
+    spec: &FunnelSpec,
+    as_of: i64,
+    live: bool,
+) -> Result<FunnelReport> {
+    let partial = partial(engine, spec, as_of, None, live).await?;
     let mut groups: Vec<GroupStats> = partial
         .groups
         .into_iter()
@@ -200,14 +268,21 @@ pub async fn funnel(engine: &QueryEngine, spec: &FunnelSpec) -> Result<FunnelRep
     })
 }
 
-/// Counts per time bucket of the attributing first step.
+/// Counts per time bucket of the attributing first step, as of now.
 pub async fn trend(engine: &QueryEngine, spec: &FunnelSpec) -> Result<TrendReport> {
-    let as_of = now_micros();
+    trend_at(engine, spec, now_micros(), true).await
+}
+
+/// [`trend`] as of `as_of`; `live` as in [`funnel_at`].
+pub async fn trend_at(
+    engine: &QueryEngine,
+    spec: &FunnelSpec,
+    as_of: i64,
+    live: bool,
+) -> Result<TrendReport> {
     let interval_secs = spec.interval_secs.unwrap_or(3600);
     let interval = interval_secs.saturating_mul(MICROS);
-    let partial = engine
-        .with_timeout(compute(engine, spec, as_of, Some(interval)))
-        .await?;
+    let partial = partial(engine, spec, as_of, Some(interval), live).await?;
     let k = spec.steps.len();
     let align = |t: i64| t - t.rem_euclid(interval);
     let starts: Vec<i64> = partial.buckets.keys().map(|(b, _)| *b).collect();

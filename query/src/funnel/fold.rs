@@ -106,14 +106,8 @@ impl Tally {
     }
 
     fn stats(mut self) -> StepStats {
-        let c = &self.counts;
-        let rate = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 / d as f64 };
-        let conversion = c.iter().map(|&n| rate(n, c[0])).collect();
-        let step_conversion = (0..c.len())
-            .map(|i| if i == 0 { 1.0 } else { rate(c[i], c[i - 1]) })
-            .collect();
         let mut durations = std::mem::take(&mut self.durations);
-        durations.resize_with(c.len(), Vec::new);
+        durations.resize_with(self.counts.len(), Vec::new);
         let median_seconds = durations
             .iter_mut()
             .map(|d| {
@@ -125,13 +119,7 @@ impl Tally {
                 Some(*m as f64 / MICROS as f64)
             })
             .collect();
-        StepStats {
-            counts: self.counts,
-            conversion,
-            step_conversion,
-            pending: self.pending,
-            median_seconds,
-        }
+        StepStats::new(self.counts, self.pending, median_seconds)
     }
 }
 
@@ -186,6 +174,29 @@ impl StepMatcher {
     /// Whether the scan must read `properties`.
     pub(super) fn needs_properties(&self) -> bool {
         self.needs_properties
+    }
+
+    /// The steps row `r` matches, and its properties when the matcher reads them.
+    pub(super) fn row_steps(
+        &self,
+        events: &StringViewArray,
+        props_col: Option<&StringViewArray>,
+        r: usize,
+    ) -> (u64, Option<serde_json::Map<String, Value>>) {
+        let mut steps = self.plain_steps(events, r);
+        let props: Option<serde_json::Map<String, Value>> = props_col
+            .filter(|p| p.is_valid(r))
+            .and_then(|p| serde_json::from_str(p.value(r)).ok());
+        for (i, s) in &self.filtered {
+            if s.event == events.value(r)
+                && s.filter
+                    .iter()
+                    .all(|(k, v)| v.matches(props.as_ref().and_then(|p| p.get(k))))
+            {
+                steps |= 1 << i;
+            }
+        }
+        (steps, props)
     }
 
     /// Step mask of an event name without property filters.
@@ -300,19 +311,7 @@ impl RowCollector {
             if ts.is_null(r) {
                 continue;
             }
-            let mut steps = matcher.plain_steps(events, r);
-            let props: Option<serde_json::Map<String, Value>> = props_col
-                .filter(|p| p.is_valid(r))
-                .and_then(|p| serde_json::from_str(p.value(r)).ok());
-            for (i, s) in &matcher.filtered {
-                if s.event == events.value(r)
-                    && s.filter
-                        .iter()
-                        .all(|(k, v)| v.matches(props.as_ref().and_then(|p| p.get(k))))
-                {
-                    steps |= 1 << i;
-                }
-            }
+            let (steps, props) = matcher.row_steps(events, props_col, r);
             if steps == 0 {
                 continue;
             }
@@ -341,7 +340,7 @@ impl RowCollector {
     }
 }
 
-fn string_col(b: &RecordBatch, i: usize) -> Result<&StringViewArray> {
+pub(super) fn string_col(b: &RecordBatch, i: usize) -> Result<&StringViewArray> {
     b.column(i).as_string_view_opt().ok_or_else(|| {
         QueryError::Internal(format!(
             "column {i} is {} not Utf8View",

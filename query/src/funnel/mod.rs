@@ -3,7 +3,9 @@
 pub mod chain;
 pub mod engine;
 mod fold;
+pub mod live;
 pub mod spec;
 
-pub use engine::{FunnelReport, TrendReport, funnel, trend};
+pub use engine::{FunnelReport, TrendReport, funnel, funnel_at, trend, trend_at};
+pub use live::{LiveFunnel, LiveFunnels};
 pub use spec::{Breakdown, FilterValue, FunnelRequest, FunnelSpec, StepSpec};

@@ -306,6 +306,8 @@ async fn a_query_past_the_timeout_is_a_504_naming_the_limit() {
             funnelhouse_ingest::Snapshot {
                 files: std::sync::Arc::new(Vec::new()),
                 batches: Vec::new(),
+                batches_pushed: 0,
+                retired: Vec::new(),
             },
         )),
         std::path::Path::new("."),

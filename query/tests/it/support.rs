@@ -24,11 +24,15 @@ impl TestServer {
 
     /// With campaigns, alerts or read tokens set in `query`.
     pub async fn start_with(query: QueryState) -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
         let cfg = IngestConfig {
             flush_interval: std::time::Duration::from_secs(3600),
             ..Default::default()
         };
+        Self::start_with_config(query, cfg).await
+    }
+
+    pub async fn start_with_config(query: QueryState, cfg: IngestConfig) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::default());
         let path = dir.path().to_path_buf();
         let m = Arc::clone(&metrics);
@@ -104,6 +108,8 @@ pub fn engine_over(events: &[Event]) -> QueryEngine {
     let snapshot = Snapshot {
         files: Arc::new(Vec::new()),
         batches: vec![events_to_batch(events)],
+        batches_pushed: 1,
+        retired: Vec::new(),
     };
     let opts = QueryOptions {
         target_partitions: 2,
