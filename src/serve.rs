@@ -60,11 +60,10 @@ pub async fn serve(mut cfg: Config, args: ServeArgs) -> Result<(), CliError> {
     tracing::info!("data in {}", data_dir.display());
     tracing::info!("dashboard at http://{addr}/");
 
-    let server = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
-            .into_future(),
-    );
+    let limits = cfg.http.clone();
+    let server = tokio::spawn(async move {
+        funnelhouse_ingest::server::serve(listener, app, &limits, shutdown_signal()).await
+    });
 
     let ingest = cfg.ingest.clone();
     let dir = cfg.data_dir.clone();
@@ -121,7 +120,7 @@ pub async fn serve(mut cfg: Config, args: ServeArgs) -> Result<(), CliError> {
     let _ = query_state.engine.set(engine);
     let _ = state.store.set(Arc::clone(&store));
 
-    let served = server
+    server
         .await
         .map_err(|e| CliError::Io(format!("server task failed: {e}")))?;
     pg.abort();
@@ -132,7 +131,6 @@ pub async fn serve(mut cfg: Config, args: ServeArgs) -> Result<(), CliError> {
     }
     tracing::info!("stopped accepting requests; flushing the live buffer");
     store.shutdown().await?;
-    served.map_err(|e| CliError::Io(format!("http server: {e}")))?;
     tracing::info!("flushed; bye");
     Ok(())
 }

@@ -377,8 +377,11 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
         return Err(too_large);
     }
     let raw = axum::body::to_bytes(body, wire_limit).await.map_err(|e| {
-        let source = std::error::Error::source(&e);
-        if source.is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        let mut causes = std::iter::successors(std::error::Error::source(&e), |s| s.source());
+        if causes.any(|s| s.is::<tower_http::timeout::TimeoutError>()) {
+            IngestError::BodyTimeout
+        } else if std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
             || e.to_string().contains("length limit")
         {
             IngestError::TooLarge { limit }

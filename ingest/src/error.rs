@@ -19,6 +19,8 @@ pub enum IngestError {
     TooLarge { limit: usize },
     #[error("{0}")]
     UnsupportedMediaType(String),
+    #[error("the request body did not arrive within http.request_timeout; send it faster or in smaller requests")]
+    BodyTimeout,
     #[error(
         "the live buffer is at max_buffer_bytes while Parquet flushes catch up; retry after {retry_after_secs} s"
     )]
@@ -62,6 +64,7 @@ impl IngestError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Overloaded { .. }
             | Self::NotReady
             | Self::ShuttingDown

@@ -1,8 +1,9 @@
 //! Funnelhouse's collector and storage write path. This crate owns everything between
 //! an HTTP request and a committed Parquet file: the axum collector (`/v1/events`, the
-//! Segment-compatible routes, scan links, `/sdk.js`, health, metrics), the WAL with group commit, the dedup index, the live buffer that
-//! queries read together with the committed files, the Parquet writer, compaction, and
-//! the `manifest.json` that commits flushes and compactions.
+//! Segment-compatible routes, scan links, `/sdk.js`, health, metrics) and the HTTP
+//! server loop with its limits, the WAL with group commit, the dedup index, the live
+//! buffer that queries read together with the committed files, the Parquet writer,
+//! compaction, and the `manifest.json` that commits flushes and compactions.
 
 pub mod buffer;
 pub mod collector;
@@ -15,6 +16,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod parquet_file;
 pub mod scan;
+pub mod server;
 pub mod store;
 pub mod wal;
 

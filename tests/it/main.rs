@@ -1,5 +1,7 @@
-//! Tests of the real `funnelhouse` binary: crash safety under kill -9, the CLI commands.
+//! Tests of the real `funnelhouse` binary: crash safety under kill -9, the CLI commands,
+//! the HTTP limits.
 
 mod cli;
 mod crash;
+mod http_limits;
 mod support;

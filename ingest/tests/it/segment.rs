@@ -370,6 +370,7 @@ async fn ingest_routes_answer_cors_preflights() {
 async fn cors_origins_narrows_who_may_post() {
     let http = HttpConfig {
         cors_origins: vec!["https://shop.example".into()],
+        ..Default::default()
     };
     let server =
         TestServer::start_state(config(), AuthConfig::default(), None, |s| s.with_http(http)).await;
