@@ -8,6 +8,7 @@ mod generate;
 mod import;
 mod query_cli;
 mod serve;
+mod wal_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +67,9 @@ enum Command {
     Funnel(query_cli::FunnelArgs),
     /// Merge small Parquet files and drop late duplicates (offline: stop the server first).
     Compact,
+    /// Inspect the write-ahead log, or salvage a damaged one.
+    #[command(subcommand)]
+    Wal(wal_cli::WalCommand),
 }
 
 fn main() -> ExitCode {
@@ -118,6 +122,7 @@ fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Wal(command) => wal_cli::run(command, &cfg),
     }
 }
 

@@ -2,8 +2,11 @@
 //!
 //! A record is `[len: u32 LE][crc32: u32 LE][payload]`; one record holds the accepted
 //! events of one group commit. The steps are:
-//! - [`Wal::open`] replays every segment after the last flushed one (a torn or corrupt
-//!   tail is cut at the last valid record) and starts a fresh segment;
+//! - [`Wal::open`] replays every segment after the last flushed one and starts a fresh
+//!   segment. A torn or zero-filled tail (what a crash or power loss leaves) is cut at the
+//!   last valid record; a bad record with valid ones after it is damage, not a tail: open
+//!   refuses, naming the segment and offset, and [`check`] / [`salvage`] report it and
+//!   keep every readable record;
 //! - [`Wal::append`] writes a record and fsyncs it: only then may a request be acknowledged;
 //! - [`Wal::rotate`] closes the current segment so its events can be flushed to Parquet;
 //! - [`Wal::remove_through`] deletes segments whose events are in committed Parquet files.
@@ -40,6 +43,8 @@ pub struct ReplayStats {
 pub struct Wal {
     dir: PathBuf,
     current: WalSegment,
+    /// The last append to `current` failed: the next one starts a new segment.
+    failed: bool,
 }
 
 impl Wal {
@@ -61,29 +66,34 @@ impl Wal {
             }
             stats.segments += 1;
             let data = fs::read(&path).map_err(IngestError::io(&path))?;
-            let (valid, records) = scan_records(&data);
-            for payload in records {
-                let events = decode_events(payload).map_err(|reason| IngestError::Corrupt {
+            let scan = scan_segment(&data);
+            if let Some(damage) = scan.damage.filter(|d| d.records_after > 0) {
+                return Err(IngestError::Corrupt {
                     path: path.clone(),
-                    reason,
-                })?;
+                    reason: format!(
+                        "{damage}; run `funnelhouse wal check` to see it and `funnelhouse wal salvage` to keep every readable record"
+                    ),
+                });
+            }
+            for (_, events) in scan.records {
                 stats.records += 1;
                 stats.events += events.len();
                 on_record(events);
             }
-            let dropped = data.len() as u64 - valid as u64;
+            let dropped = data.len() as u64 - scan.valid_prefix as u64;
             if dropped > 0 {
                 tracing::warn!(
                     segment = %path.display(),
                     dropped_bytes = dropped,
-                    kept_bytes = valid,
-                    "WAL segment has a torn or corrupt tail; cut at the last valid record"
+                    kept_bytes = scan.valid_prefix,
+                    "WAL segment has a torn or zero-filled tail; cut at the last valid record"
                 );
                 let f = OpenOptions::new()
                     .write(true)
                     .open(&path)
                     .map_err(IngestError::io(&path))?;
-                f.set_len(valid as u64).map_err(IngestError::io(&path))?;
+                f.set_len(scan.valid_prefix as u64)
+                    .map_err(IngestError::io(&path))?;
                 f.sync_all().map_err(IngestError::io(&path))?;
                 stats.dropped_bytes += dropped;
             }
@@ -93,14 +103,24 @@ impl Wal {
             Wal {
                 dir: dir.to_path_buf(),
                 current,
+                failed: false,
             },
             stats,
         ))
     }
 
     /// Append one record and fsync it. On error the segment is cut back to its previous
-    /// length, so a record that was not acknowledged is not replayed either.
+    /// length, so a record that was not acknowledged is not replayed either, and it is
+    /// never appended to again: after a failed write or fsync its state on disk is
+    /// unknown, and later acknowledged records must not land after garbage. The next
+    /// append starts a new segment (replay cuts any leftover as a tail).
     pub fn append(&mut self, payload: &[u8]) -> std::io::Result<std::time::Duration> {
+        if self.failed {
+            let next = WalSegment::create(&self.dir, self.current.seq + 1)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            self.current = next;
+            self.failed = false;
+        }
         let seg = &mut self.current;
         let mut frame = Vec::with_capacity(HEADER + payload.len());
         frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -117,7 +137,10 @@ impl Wal {
                 Ok(d)
             }
             Err(e) => {
-                let _ = seg.file.set_len(seg.len);
+                if let Err(cut) = seg.file.set_len(seg.len).and_then(|()| seg.file.sync_all()) {
+                    tracing::error!(segment = %seg.path.display(), error = %cut, "cannot cut a failed WAL append; the next append starts a new segment");
+                }
+                self.failed = true;
                 Err(e)
             }
         }
@@ -127,6 +150,7 @@ impl Wal {
     pub fn rotate(&mut self) -> Result<u64> {
         let next = WalSegment::create(&self.dir, self.current.seq + 1)?;
         let closed = std::mem::replace(&mut self.current, next);
+        self.failed = false;
         Ok(closed.seq)
     }
 
@@ -146,14 +170,7 @@ impl Wal {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(IngestError::io(&path)(e)),
             };
-            for payload in scan_records(&data).1 {
-                out.push(
-                    decode_events(payload).map_err(|reason| IngestError::Corrupt {
-                        path: path.clone(),
-                        reason,
-                    })?,
-                );
-            }
+            out.extend(scan_segment(&data).records.into_iter().map(|(_, e)| e));
         }
         Ok(out)
     }
@@ -167,7 +184,7 @@ impl Wal {
     }
 
     /// Delete segments numbered `<= seq`: their events are in committed Parquet files.
-    /// Remove every segment up to `seq`; one that cannot go does not keep the others.
+    /// One that cannot go does not keep the others.
     pub fn remove_through(dir: &Path, seq: u64) -> Result<()> {
         let mut first_error = None;
         for (s, path) in list_segments(dir)? {
@@ -220,23 +237,162 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
-/// Valid records from the start of `data`, and the length of the valid prefix.
-fn scan_records(data: &[u8]) -> (usize, Vec<&[u8]>) {
-    let mut pos = 0;
-    let mut records = Vec::new();
-    while data.len() - pos >= HEADER {
-        let len = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap()) as usize;
-        let crc = u32::from_le_bytes(data[pos + 4..pos + 8].try_into().unwrap());
-        let Some(payload) = data.get(pos + HEADER..pos + HEADER + len) else {
-            break;
-        };
-        if crc32fast::hash(payload) != crc {
-            break;
-        }
-        records.push(payload);
-        pos += HEADER + len;
+/// What a segment holds: its readable records, and where it stops being readable.
+#[derive(Debug, Default)]
+pub struct SegmentScan {
+    /// (offset, events) of every readable record, the ones after damage included.
+    pub records: Vec<(usize, Vec<Event>)>,
+    /// Length of the run of readable records from the start.
+    pub valid_prefix: usize,
+    /// The first unreadable record, if any.
+    pub damage: Option<Damage>,
+}
+
+/// An unreadable record. With `records_after == 0` it is a tail (torn by a crash,
+/// zero-filled by a power loss) and is cut; otherwise readable records follow it.
+#[derive(Debug, Clone)]
+pub struct Damage {
+    pub offset: usize,
+    pub reason: String,
+    pub records_after: usize,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "unreadable record at byte offset {} ({}) with {} readable records after it",
+            self.offset, self.reason, self.records_after
+        )
     }
-    (pos, records)
+}
+
+/// The record at `pos`: its events and length, or why it is unreadable.
+fn read_record(data: &[u8], pos: usize) -> std::result::Result<(Vec<Event>, usize), String> {
+    let header = data
+        .get(pos..pos + HEADER)
+        .ok_or("header cut short (torn write)")?;
+    let len = u32::from_le_bytes(header[..4].try_into().unwrap()) as usize;
+    let crc = u32::from_le_bytes(header[4..].try_into().unwrap());
+    if len == 0 {
+        // Never written (a record holds at least its event count): zero fill.
+        return Err("zero length (zero-filled)".into());
+    }
+    let payload = data
+        .get(pos + HEADER..pos + HEADER + len)
+        .ok_or("payload cut short (torn write)")?;
+    if crc32fast::hash(payload) != crc {
+        return Err("checksum mismatch".into());
+    }
+    let events = decode_events(payload)?;
+    Ok((events, HEADER + len))
+}
+
+/// Read a segment: records from the start until one is unreadable; then, to tell a
+/// tail from damage, every later offset that holds a readable record.
+pub fn scan_segment(data: &[u8]) -> SegmentScan {
+    let mut scan = SegmentScan::default();
+    let mut pos = 0;
+    while pos < data.len() {
+        match read_record(data, pos) {
+            Ok((events, len)) => {
+                scan.records.push((pos, events));
+                pos += len;
+            }
+            Err(reason) => {
+                scan.damage = Some(Damage {
+                    offset: pos,
+                    reason,
+                    records_after: 0,
+                });
+                break;
+            }
+        }
+    }
+    scan.valid_prefix = pos;
+    let Some(damage) = scan.damage.as_mut() else {
+        return scan;
+    };
+    if data[pos..].iter().all(|&b| b == 0) {
+        return scan;
+    }
+    // Resynchronise: a readable record can start at any later byte.
+    let mut at = pos + 1;
+    while at + HEADER <= data.len() {
+        match read_record(data, at) {
+            Ok((events, len)) => {
+                scan.records.push((at, events));
+                damage.records_after += 1;
+                at += len;
+            }
+            Err(_) => at += 1,
+        }
+    }
+    scan
+}
+
+/// One segment as `funnelhouse wal check` reports it.
+#[derive(Debug)]
+pub struct SegmentReport {
+    pub path: PathBuf,
+    pub bytes: usize,
+    pub records: usize,
+    pub events: usize,
+    pub damage: Option<Damage>,
+}
+
+impl SegmentReport {
+    fn of(path: PathBuf, data: &[u8], scan: &SegmentScan) -> Self {
+        Self {
+            path,
+            bytes: data.len(),
+            records: scan.records.len(),
+            events: scan.records.iter().map(|(_, e)| e.len()).sum(),
+            damage: scan.damage.clone(),
+        }
+    }
+}
+
+/// Every segment of `data_dir/wal`: what is readable and where it is damaged. Changes
+/// nothing.
+pub fn check(wal_dir: &Path) -> Result<Vec<SegmentReport>> {
+    let mut out = Vec::new();
+    if !wal_dir.exists() {
+        return Ok(out);
+    }
+    for (_, path) in list_segments(wal_dir)? {
+        let data = fs::read(&path).map_err(IngestError::io(&path))?;
+        out.push(SegmentReport::of(path, &data, &scan_segment(&data)));
+    }
+    Ok(out)
+}
+
+/// Rewrite every segment with damage before its tail so that it holds each readable
+/// record, in order, and nothing else; the original is kept as `<segment>.damaged`.
+/// Returns the segments rewritten. The data dir must not be in use (the caller locks it).
+pub fn salvage(wal_dir: &Path) -> Result<Vec<SegmentReport>> {
+    let mut out = Vec::new();
+    for report in check(wal_dir)? {
+        if report.damage.as_ref().is_none_or(|d| d.records_after == 0) {
+            continue;
+        }
+        let path = &report.path;
+        let data = fs::read(path).map_err(IngestError::io(path))?;
+        let mut clean = Vec::with_capacity(data.len());
+        for (_, events) in scan_segment(&data).records {
+            let mut payload = Vec::new();
+            encode_events(events.iter(), &mut payload);
+            clean.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            clean.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+            clean.extend_from_slice(&payload);
+        }
+        let mut keep = path.clone().into_os_string();
+        keep.push(".damaged");
+        fs::copy(path, &keep).map_err(IngestError::io(PathBuf::from(&keep)))?;
+        crate::fsutil::write_atomic(path, &clean)?;
+        out.push(report);
+    }
+    Ok(out)
 }
 
 // ---- record payload: the events of one group commit ----

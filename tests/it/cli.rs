@@ -539,3 +539,64 @@ async fn a_second_process_on_a_data_dir_exits_2_naming_the_holder() {
     let compact = run(&["compact", "--data-dir", data]);
     assert_eq!(compact.status.code(), Some(0), "{}", text(&compact));
 }
+
+/// Damage before the WAL's tail: `serve` refuses naming it, `wal check` reports it and
+/// exits 1, `wal salvage` keeps every readable record, and then the server starts with
+/// the events of the records that were readable.
+#[tokio::test]
+async fn wal_check_and_salvage_get_past_damage_before_the_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let http = reqwest::Client::new();
+    for prefix in ["w1", "w2", "w3"] {
+        let body: Vec<String> = (0..4).map(|i| event_line(&format!("{prefix}-{i}"))).collect();
+        let r = http
+            .post(format!("{}/v1/events", server.url))
+            .header("Content-Type", "application/x-ndjson")
+            .body(body.join("\n"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    server.kill9();
+    let mut segments: Vec<_> = std::fs::read_dir(dir.path().join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| std::fs::metadata(p).unwrap().len() > 0)
+        .collect();
+    assert_eq!(segments.len(), 1);
+    let segment = segments.pop().unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let second = funnelhouse_ingest::wal::scan_segment(&bytes).records[1].0;
+    bytes[second + 12] ^= 0xff;
+    std::fs::write(&segment, bytes).unwrap();
+
+    let refused = run(&[
+        "serve", "--http-addr", "127.0.0.1:0", "--pg-addr", "127.0.0.1:0", "--data-dir", data,
+    ]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(text(&refused).contains("wal salvage"), "{}", text(&refused));
+    let check = run(&["wal", "check", "--data-dir", data]);
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    assert!(
+        text(&check).contains(&format!("DAMAGED: unreadable record at byte offset {second}")),
+        "{}",
+        text(&check)
+    );
+    let salvage = run(&["wal", "salvage", "--data-dir", data]);
+    assert_eq!(salvage.status.code(), Some(0), "{}", text(&salvage));
+    let check = run(&["wal", "check", "--data-dir", data]);
+    assert_eq!(check.status.code(), Some(0), "{}", text(&check));
+
+    let server = Server::start(dir.path(), &[]).await;
+    assert_eq!(server.terminate().code(), Some(0));
+    let mut ids = stored_ids(dir.path());
+    ids.sort();
+    let expected: Vec<String> = ["w1", "w3"]
+        .iter()
+        .flat_map(|p| (0..4).map(move |i| format!("{p}-{i}")))
+        .collect();
+    assert_eq!(ids, expected);
+}

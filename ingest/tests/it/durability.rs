@@ -1,4 +1,5 @@
-//! Restart behaviour: WAL replay, torn tails, dedup across restarts, uncommitted files.
+//! Restart behaviour: WAL replay, torn and zero-filled tails, damage before the tail and
+//! its salvage, dedup across restarts, uncommitted files.
 //!
 //! A "crash" here is a copy of the data dir taken while the server runs: exactly what
 //! the disk holds at that moment (every acknowledged write is fsynced). The real kill -9
@@ -100,7 +101,7 @@ async fn a_torn_wal_tail_is_cut_at_the_last_valid_record() {
 }
 
 #[tokio::test]
-async fn a_corrupt_record_is_dropped_with_what_follows_it() {
+async fn a_corrupt_last_record_is_a_tail_and_is_cut() {
     let server = TestServer::start(config()).await;
     server.post_json(&batch("c1", 5)).await;
     server.post_json(&batch("c2", 5)).await;
@@ -116,6 +117,68 @@ async fn a_corrupt_record_is_dropped_with_what_follows_it() {
     let got = ids(&restarted.rows());
     assert_eq!(got.len(), 5);
     assert!(got.iter().all(|id| id.starts_with("c1-")));
+}
+
+/// What a power loss can leave on ext4/XFS: the file grew but its last blocks are zeros.
+#[tokio::test]
+async fn a_zero_filled_wal_tail_is_cut_and_the_server_starts() {
+    let server = TestServer::start(config()).await;
+    server.post_json(&batch("z1", 10)).await;
+    server.post_json(&batch("z2", 10)).await;
+    let crashed = tempfile::tempdir().unwrap();
+    copy_dir(&server.dir, crashed.path());
+    let segment = wal_segments(crashed.path()).pop().unwrap();
+    let mut bytes = fs::read(&segment).unwrap();
+    bytes.extend_from_slice(&[0u8; 4096]);
+    fs::write(&segment, bytes).unwrap();
+    let restarted =
+        TestServer::start_with(config(), Default::default(), Some(crashed.path())).await;
+    assert_eq!(restarted.rows().len(), 20, "every acknowledged event");
+}
+
+/// A bad record with good ones after it is damage, not a tail: the store refuses to
+/// start and names the segment and offset; `wal::check` reports it, and `wal::salvage`
+/// keeps every readable record, after which the store starts.
+#[tokio::test]
+async fn damage_before_the_wal_tail_stops_start_up_until_salvaged() {
+    let server = TestServer::start(config()).await;
+    for prefix in ["d1", "d2", "d3"] {
+        server.post_json(&batch(prefix, 5)).await;
+    }
+    let crashed = tempfile::tempdir().unwrap();
+    copy_dir(&server.dir, crashed.path());
+    let segment = wal_segments(crashed.path()).pop().unwrap();
+    let mut bytes = fs::read(&segment).unwrap();
+    let second = funnelhouse_ingest::wal::scan_segment(&bytes).records[1].0;
+    bytes[second + 20] ^= 0xff;
+    fs::write(&segment, bytes).unwrap();
+
+    let metrics = std::sync::Arc::new(funnelhouse_ingest::Metrics::default());
+    let refused = funnelhouse_ingest::EventStore::open(crashed.path(), &config(), metrics);
+    let message = refused.err().expect("damage refuses start-up").to_string();
+    let name = segment.file_name().unwrap().to_str().unwrap();
+    assert!(
+        message.contains(name)
+            && message.contains(&format!("byte offset {second}"))
+            && message.contains("wal salvage"),
+        "{message}"
+    );
+    let wal_dir = crashed.path().join("wal");
+    let report = funnelhouse_ingest::wal::check(&wal_dir).unwrap();
+    let damaged: Vec<_> = report.iter().filter(|r| r.damage.is_some()).collect();
+    assert_eq!(damaged.len(), 1);
+    assert_eq!(damaged[0].damage.as_ref().unwrap().records_after, 1);
+    assert_eq!((damaged[0].records, damaged[0].events), (2, 10));
+
+    assert_eq!(funnelhouse_ingest::wal::salvage(&wal_dir).unwrap().len(), 1);
+    let mut kept = segment.clone().into_os_string();
+    kept.push(".damaged");
+    assert!(Path::new(&kept).exists(), "the original is kept");
+    let restarted =
+        TestServer::start_with(config(), Default::default(), Some(crashed.path())).await;
+    let got = ids(&restarted.rows());
+    assert_eq!(got.len(), 10);
+    assert!(got.iter().all(|id| !id.starts_with("d2-")), "{got:?}");
 }
 
 #[tokio::test]

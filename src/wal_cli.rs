@@ -1,0 +1,71 @@
+//! `funnelhouse wal check` / `wal salvage`: what the WAL holds, and a way past damage.
+
+use clap::Subcommand;
+use funnelhouse_ingest::fsutil::DataDirLock;
+use funnelhouse_ingest::wal::{self, SegmentReport};
+
+use crate::config::Config;
+use crate::error::CliError;
+
+#[derive(Subcommand)]
+pub enum WalCommand {
+    /// Report each WAL segment: readable records and events, and any damage (exit 1 when
+    /// a segment has damage before its tail, which stops `serve`).
+    Check,
+    /// Rewrite each damaged segment with every readable record, keeping the original as
+    /// `<segment>.damaged` (offline: stop the server first).
+    Salvage,
+}
+
+pub fn run(command: WalCommand, cfg: &Config) -> Result<std::process::ExitCode, CliError> {
+    let dir = cfg.data_dir.join("wal");
+    match command {
+        WalCommand::Check => {
+            let reports = wal::check(&dir)?;
+            let mut damaged = 0;
+            for r in &reports {
+                let verdict = match &r.damage {
+                    None => "ok".to_string(),
+                    Some(d) if d.records_after == 0 => format!(
+                        "tail cut at start-up: byte {} onwards ({})",
+                        d.offset, d.reason
+                    ),
+                    Some(d) => {
+                        damaged += 1;
+                        format!("DAMAGED: {d}; run `funnelhouse wal salvage`")
+                    }
+                };
+                println!("{}: {verdict}", summary(r));
+            }
+            println!(
+                "{} segments, {} with damage before the tail",
+                reports.len(),
+                damaged
+            );
+            Ok(std::process::ExitCode::from(if damaged > 0 { 1 } else { 0 }))
+        }
+        WalCommand::Salvage => {
+            let _lock = DataDirLock::acquire(&cfg.data_dir)?;
+            let rewritten = wal::salvage(&dir)?;
+            for r in &rewritten {
+                println!(
+                    "{}: kept every readable record; the original is {}.damaged",
+                    summary(r),
+                    r.path.display()
+                );
+            }
+            println!("{} segments salvaged", rewritten.len());
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn summary(r: &SegmentReport) -> String {
+    format!(
+        "{} ({} bytes): {} readable records, {} events",
+        r.path.display(),
+        r.bytes,
+        r.records,
+        r.events
+    )
+}
