@@ -53,6 +53,9 @@ pub struct QueryConfig {
     pub timeout: Duration,
     /// Memory pool for queries; sorts and aggregations spill past it. Default `"8GiB"`.
     pub memory_limit: ByteSize,
+    /// SQL results stop at this many rows and say so (JSON: `"truncated": true`).
+    /// Default 1 000 000.
+    pub max_result_rows: usize,
 }
 
 impl Default for QueryConfig {
@@ -60,6 +63,7 @@ impl Default for QueryConfig {
         Self {
             timeout: Duration::from_secs(60),
             memory_limit: ByteSize(8 << 30),
+            max_result_rows: 1_000_000,
         }
     }
 }
@@ -108,6 +112,9 @@ impl Config {
         }
         self.ingest.validate()?;
         self.http.validate()?;
+        if self.query.max_result_rows == 0 {
+            return Err("query.max_result_rows: must be at least 1".into());
+        }
         self.check_exposure()?;
         let mut names = std::collections::HashSet::new();
         for c in &self.campaigns {

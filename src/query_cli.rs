@@ -121,7 +121,7 @@ pub async fn sql(args: SqlArgs, cfg: &Config) -> Result<(), CliError> {
                 .sql(&args.sql)
                 .await
                 .map_err(|e| CliError::Query(e.to_string()))?;
-            output::to_json(&result.schema, &result.batches)
+            output::to_json(&result)
         }
     };
     if args.json {
@@ -141,7 +141,14 @@ pub async fn sql(args: SqlArgs, cfg: &Config) -> Result<(), CliError> {
         .map(|r| r.as_array().into_iter().flatten().map(plain).collect())
         .collect();
     print_table(&header, &rows);
-    println!("({} rows)", rows.len());
+    if json["truncated"] == Value::Bool(true) {
+        println!(
+            "({} rows: truncated at [query] max_result_rows; aggregate or add LIMIT)",
+            rows.len()
+        );
+    } else {
+        println!("({} rows)", rows.len());
+    }
     Ok(())
 }
 

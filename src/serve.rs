@@ -173,6 +173,7 @@ pub fn query_options(cfg: &Config) -> QueryOptions {
     QueryOptions {
         timeout: cfg.query.timeout,
         memory_limit: cfg.query.memory_limit.0,
+        max_result_rows: cfg.query.max_result_rows,
         ..QueryOptions::default()
     }
 }

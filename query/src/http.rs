@@ -93,8 +93,16 @@ async fn sql(
     )?;
     let text = sql_text(&headers, &body)?;
     let result = engine.sql(&text).await?;
-    let bytes = format.render(&result.schema, &result.batches)?;
-    Ok(([(header::CONTENT_TYPE, format.content_type())], bytes).into_response())
+    let bytes = format.render(&result)?;
+    let mut response = ([(header::CONTENT_TYPE, format.content_type())], bytes).into_response();
+    if result.truncated {
+        // CSV and Arrow have no place in the body to say so.
+        response.headers_mut().insert(
+            "funnelhouse-truncated",
+            header::HeaderValue::from_static("true"),
+        );
+    }
+    Ok(response)
 }
 
 /// A body that parses as `{"sql": "..."}` is taken as one whatever its Content-Type

@@ -8,6 +8,7 @@ use funnelhouse_schemas::time::format_micros;
 use serde_json::{Map, Value};
 
 use crate::error::{QueryError, Result};
+use crate::session::QueryResult;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputFormat {
@@ -47,11 +48,10 @@ impl OutputFormat {
         }
     }
 
-    pub fn render(self, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
+    pub fn render(self, result: &QueryResult) -> Result<Vec<u8>> {
+        let (schema, batches) = (&result.schema, &result.batches[..]);
         match self {
-            Self::Json => {
-                Ok(serde_json::to_vec(&to_json(schema, batches)).expect("JSON values serialise"))
-            }
+            Self::Json => Ok(serde_json::to_vec(&to_json(result)).expect("JSON values serialise")),
             Self::Csv => to_csv(schema, batches),
             Self::Arrow => to_arrow_ipc(schema, batches),
         }
@@ -77,7 +77,10 @@ pub fn type_name(dt: &DataType) -> String {
     }
 }
 
-pub fn to_json(schema: &SchemaRef, batches: &[RecordBatch]) -> Value {
+/// `{"columns", "rows", "row_count"}`, plus `"truncated": true` when the result stopped
+/// at `max_result_rows`.
+pub fn to_json(result: &QueryResult) -> Value {
+    let (schema, batches) = (&result.schema, &result.batches);
     let columns: Vec<Value> = schema
         .fields()
         .iter()
@@ -97,7 +100,11 @@ pub fn to_json(schema: &SchemaRef, batches: &[RecordBatch]) -> Value {
         }
     }
     let n = rows.len();
-    serde_json::json!({ "columns": columns, "rows": rows, "row_count": n })
+    let mut out = serde_json::json!({ "columns": columns, "rows": rows, "row_count": n });
+    if result.truncated {
+        out["truncated"] = Value::Bool(true);
+    }
+    out
 }
 
 /// One value as JSON: numbers as numbers, timestamps as RFC 3339 with µs and `Z`.

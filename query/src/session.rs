@@ -11,6 +11,7 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
+use futures::StreamExt;
 use funnelhouse_ingest::{FileMeta, Metrics, Snapshot};
 
 use crate::error::{QueryError, Result};
@@ -27,6 +28,8 @@ pub struct QueryOptions {
     pub memory_limit: usize,
     /// Parallelism of scans and operators; default the number of cores.
     pub target_partitions: usize,
+    /// SQL results stop at this many rows (and say they were truncated).
+    pub max_result_rows: usize,
 }
 
 impl Default for QueryOptions {
@@ -35,6 +38,7 @@ impl Default for QueryOptions {
             timeout: Duration::from_secs(60),
             memory_limit: 8 << 30,
             target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_result_rows: 1_000_000,
         }
     }
 }
@@ -44,6 +48,8 @@ impl Default for QueryOptions {
 pub struct QueryResult {
     pub schema: SchemaRef,
     pub batches: Vec<RecordBatch>,
+    /// More rows than `max_result_rows` existed; `batches` stop there.
+    pub truncated: bool,
 }
 
 #[derive(Clone)]
@@ -150,8 +156,26 @@ impl QueryEngine {
             .with_timeout(async {
                 let df = self.plan(sql).await?;
                 let schema = Arc::new(df.schema().as_arrow().clone());
-                let batches = df.collect().await?;
-                Ok(QueryResult { schema, batches })
+                // Streamed, so a huge result stops at the cap instead of being built
+                // whole; dropping the stream stops the query's work.
+                let mut stream = df.execute_stream().await?;
+                let (mut batches, mut rows, mut truncated) = (Vec::new(), 0, false);
+                while let Some(batch) = stream.next().await {
+                    let batch = batch?;
+                    let room = self.opts.max_result_rows - rows;
+                    if batch.num_rows() > room {
+                        batches.push(batch.slice(0, room));
+                        truncated = true;
+                        break;
+                    }
+                    rows += batch.num_rows();
+                    batches.push(batch);
+                }
+                Ok(QueryResult {
+                    schema,
+                    batches,
+                    truncated,
+                })
             })
             .await;
         Metrics::add_duration(

@@ -332,7 +332,7 @@ async fn window_funnel_in_sql() {
         )
         .await
         .unwrap();
-    let json = funnelhouse_query::output::to_json(&result.schema, &result.batches);
+    let json = funnelhouse_query::output::to_json(&result);
     assert_eq!(json["rows"], json!([["u1", 2], ["u2", 1], ["u3", 0]]));
     let err = engine
         .sql("SELECT window_funnel(3600, ts) FROM events")

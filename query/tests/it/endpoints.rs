@@ -327,3 +327,45 @@ async fn a_query_past_the_timeout_is_a_504_naming_the_limit() {
     assert_eq!(err.status(), axum::http::StatusCode::GATEWAY_TIMEOUT);
     assert!(err.to_string().contains("query.timeout"), "{err}");
 }
+
+/// A result past `max_result_rows` stops there and says so (JSON `"truncated": true`, a
+/// `funnelhouse-truncated` header for every format), and the query stops at once rather
+/// than building ten billion rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_stop_at_max_result_rows_and_say_so() {
+    let opts = funnelhouse_query::QueryOptions {
+        max_result_rows: 1000,
+        ..Default::default()
+    };
+    let server = TestServer::start_with_config(
+        Default::default(),
+        funnelhouse_ingest::IngestConfig::default(),
+        opts,
+    )
+    .await;
+    let post = |sql: &str, format: &str| {
+        server
+            .http
+            .post(format!("{}/v1/sql?format={format}", server.url))
+            .json(&json!({ "sql": sql }))
+            .send()
+    };
+    let huge = "SELECT * FROM generate_series(1, 10000000000)";
+    let resp = post(huge, "json").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["funnelhouse-truncated"], "true");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["truncated"], true);
+    assert_eq!(body["row_count"], 1000);
+    assert_eq!(body["rows"].as_array().unwrap().len(), 1000);
+
+    let resp = post(huge, "csv").await.unwrap();
+    assert_eq!(resp.headers()["funnelhouse-truncated"], "true");
+    assert_eq!(resp.text().await.unwrap().lines().count(), 1001, "header + 1000 rows");
+
+    let resp = post("SELECT * FROM generate_series(1, 1000)", "json").await.unwrap();
+    assert!(resp.headers().get("funnelhouse-truncated").is_none());
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["row_count"], 1000);
+    assert!(body.get("truncated").is_none(), "exactly at the cap is complete");
+}

@@ -107,7 +107,8 @@ async fn polls_of_a_live_funnel_equal_a_full_recomputation_while_events_arrive()
         dedup_window: Duration::ZERO,
         ..Default::default()
     };
-    let server = TestServer::start_with_config(QueryState::default(), cfg).await;
+    let server =
+        TestServer::start_with_config(QueryState::default(), cfg, Default::default()).await;
     let engine = &server.engine;
     let now = now_micros();
     let whole = spec(json!({"campaign": "c", "steps": STEPS, "window": 2}));

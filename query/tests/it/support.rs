@@ -28,10 +28,14 @@ impl TestServer {
             flush_interval: std::time::Duration::from_secs(3600),
             ..Default::default()
         };
-        Self::start_with_config(query, cfg).await
+        Self::start_with_config(query, cfg, QueryOptions::default()).await
     }
 
-    pub async fn start_with_config(query: QueryState, cfg: IngestConfig) -> TestServer {
+    pub async fn start_with_config(
+        query: QueryState,
+        cfg: IngestConfig,
+        opts: QueryOptions,
+    ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::default());
         let path = dir.path().to_path_buf();
@@ -43,13 +47,7 @@ impl TestServer {
             .unwrap();
         let store = Arc::new(store);
         let source: Arc<dyn SnapshotSource> = Arc::clone(&store) as Arc<dyn SnapshotSource>;
-        let engine = QueryEngine::new(
-            source,
-            dir.path(),
-            &QueryOptions::default(),
-            Arc::clone(&metrics),
-        )
-        .unwrap();
+        let engine = QueryEngine::new(source, dir.path(), &opts, Arc::clone(&metrics)).unwrap();
         let ingest = CollectorState::new(cfg, Default::default(), metrics);
         ingest.store.set(Arc::clone(&store)).ok().unwrap();
         query.engine.set(engine.clone()).ok().unwrap();
