@@ -97,9 +97,18 @@ fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
         .build()
         .map_err(|e| CliError::Io(format!("cannot start the runtime: {e}")))?;
     match command {
-        Command::Serve(args) => runtime
-            .block_on(serve::serve(cfg, args))
-            .map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => {
+            // Queries get their own worker threads, so a heavy scan never delays the
+            // ingest handlers that acknowledge events.
+            let queries = tokio::runtime::Builder::new_multi_thread()
+                .thread_name("query")
+                .enable_all()
+                .build()
+                .map_err(|e| CliError::Io(format!("cannot start the query runtime: {e}")))?;
+            let served = runtime.block_on(serve::serve(cfg, args, queries.handle().clone()));
+            queries.shutdown_background();
+            served.map(|()| ExitCode::SUCCESS)
+        }
         Command::Import(args) => runtime.block_on(import::run(args, &cfg)),
         Command::Gen(args) => runtime
             .block_on(generate::run(args, &cfg))

@@ -22,7 +22,11 @@ pub struct ServeArgs {
     demo: bool,
 }
 
-pub async fn serve(mut cfg: Config, args: ServeArgs) -> Result<(), CliError> {
+pub async fn serve(
+    mut cfg: Config,
+    args: ServeArgs,
+    queries: tokio::runtime::Handle,
+) -> Result<(), CliError> {
     let demo = if args.demo {
         let campaign = crate::demo::campaign(&cfg.data_dir)?;
         cfg.campaigns.retain(|c| c.name != campaign.name);
@@ -89,11 +93,15 @@ pub async fn serve(mut cfg: Config, args: ServeArgs) -> Result<(), CliError> {
     );
     let store = Arc::new(store);
     let source: Arc<dyn SnapshotSource> = Arc::clone(&store) as Arc<dyn SnapshotSource>;
-    let engine = QueryEngine::new(source, &cfg.data_dir, &query_options(&cfg), metrics)
+    let opts = QueryOptions {
+        runtime: Some(queries.clone()),
+        ..query_options(&cfg)
+    };
+    let engine = QueryEngine::new(source, &cfg.data_dir, &opts, metrics)
         .map_err(|e| CliError::Query(e.to_string()))?;
     let pg_engine = engine.clone();
     let read_tokens = cfg.auth.read_tokens.clone();
-    let pg = tokio::spawn(async move {
+    let pg = queries.spawn(async move {
         if let Err(e) = funnelhouse_query::serve_pg(pg_listener, &pg_engine, read_tokens).await {
             tracing::error!(error = %e, "postgres wire stopped");
         }
@@ -105,7 +113,7 @@ pub async fn serve(mut cfg: Config, args: ServeArgs) -> Result<(), CliError> {
         }
         None => None,
     };
-    let evaluator = tokio::spawn(alerts.run(engine.clone()));
+    let evaluator = queries.spawn(alerts.run(engine.clone()));
     // Each campaign's funnel is kept up to date so dashboards polling it cost no scan.
     for campaign in query_state.campaigns.iter().filter(|c| c.funnel.is_some()) {
         let spec = campaign
@@ -113,7 +121,7 @@ pub async fn serve(mut cfg: Config, args: ServeArgs) -> Result<(), CliError> {
             .map_err(|e| CliError::Query(e.to_string()))?;
         engine.live().track(spec);
     }
-    let live = tokio::spawn(funnelhouse_query::LiveFunnels::run(
+    let live = queries.spawn(funnelhouse_query::LiveFunnels::run(
         engine.clone(),
         LIVE_REFRESH.min(cfg.ingest.flush_interval / 2).max(std::time::Duration::from_millis(50)),
     ));

@@ -206,8 +206,7 @@ async fn post_events(
     check_write_key(&state.auth, &headers)?;
     let store = state.store()?;
     let format = body_format(&headers)?;
-    let bytes = read_body(&headers, body, state.ingest.max_request_bytes.0).await?;
-    let _admission = store.admit(bytes.len())?;
+    let (bytes, _admission) = read_admitted(store, &headers, body, &state).await?;
     let received_at = now_micros();
     let decoded = decode_body(&bytes, format, &state.decode_context(received_at))?;
     Ok(Json(ingest(&state, store, decoded, received_at).await?))
@@ -229,11 +228,10 @@ async fn post_segment(
             "Segment routes take JSON (application/json or text/plain)".into(),
         ));
     }
-    let bytes = read_body(&headers, body, state.ingest.max_request_bytes.0).await?;
+    let (bytes, _admission) = read_admitted(store, &headers, body, &state).await?;
     if !header_ok && !contains(&bytes, b"\"writeKey\"") {
         return Err(IngestError::Unauthorized);
     }
-    let _admission = store.admit(bytes.len())?;
     let received_at = now_micros();
     let segment = decode_segment(&bytes, kind, &state.decode_context(received_at))?;
     if !header_ok && !state.auth.accepts_write_key(segment.write_key.as_deref()) {
@@ -349,6 +347,26 @@ pub fn body_format(headers: &HeaderMap) -> Result<BodyFormat> {
 }
 
 /// Read the body within `limit` bytes after decompression (`Content-Encoding: gzip`).
+/// Admit a request by its declared size before reading its body (by the limit when it
+/// declares none), so an overloaded server reads and decompresses nothing; then by the
+/// size of the body once read and decompressed.
+async fn read_admitted(
+    store: &EventStore,
+    headers: &HeaderMap,
+    body: Body,
+    state: &CollectorState,
+) -> Result<(Bytes, crate::store::Admission)> {
+    let limit = state.ingest.max_request_bytes.0;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .map_or(limit, |n| n.min(limit));
+    let mut admission = store.admit(declared)?;
+    let bytes = read_body(headers, body, limit).await?;
+    store.readmit(&mut admission, bytes.len())?;
+    Ok((bytes, admission))
+}
+
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes> {
     let encoding = headers
         .get(header::CONTENT_ENCODING)

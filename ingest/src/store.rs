@@ -220,20 +220,36 @@ impl EventStore {
 
     /// Reserve memory for a request of `bytes` (decoded events take about three times the
     /// body), or refuse with 503 when the buffer and requests in flight are at the bound.
+    /// Called with the declared size before the body is read, so an overloaded server
+    /// refuses without reading or decompressing anything.
     pub fn admit(&self, bytes: usize) -> Result<Admission> {
-        let cost = bytes.saturating_mul(3);
-        let before = self.inflight.fetch_add(cost, Relaxed);
-        let admission = Admission {
+        let mut admission = Admission {
             inflight: Arc::clone(&self.inflight),
-            bytes: cost,
+            bytes: 0,
         };
-        if before + cost + self.buffer.bytes() > self.max_buffer_bytes {
+        self.readmit(&mut admission, bytes)?;
+        Ok(admission)
+    }
+
+    /// Change a request's reservation to `bytes` (its body once read and decompressed),
+    /// refused like [`Self::admit`] when it grows past the bound.
+    pub fn readmit(&self, admission: &mut Admission, bytes: usize) -> Result<()> {
+        let cost = bytes.saturating_mul(3);
+        if cost <= admission.bytes {
+            self.inflight.fetch_sub(admission.bytes - cost, Relaxed);
+            admission.bytes = cost;
+            return Ok(());
+        }
+        let extra = cost - admission.bytes;
+        let before = self.inflight.fetch_add(extra, Relaxed);
+        admission.bytes = cost;
+        if before + extra + self.buffer.bytes() > self.max_buffer_bytes {
             self.metrics.requests_overloaded.fetch_add(1, Relaxed);
             return Err(IngestError::Overloaded {
                 retry_after_secs: 1,
             });
         }
-        Ok(admission)
+        Ok(())
     }
 
     fn send(&self, cmd: Command) -> Result<()> {

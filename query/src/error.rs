@@ -70,6 +70,10 @@ impl QueryError {
 impl IntoResponse for QueryError {
     fn into_response(self) -> Response {
         let message = match &self {
+            Self::DataFusion(e @ DataFusionError::ResourcesExhausted(_)) => format!(
+                "the query needs more memory than query.memory_limit allows; narrow it or raise the limit ({})",
+                e.strip_backtrace()
+            ),
             Self::DataFusion(e) => e.strip_backtrace(),
             other => other.to_string(),
         };

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::execution::SendableRecordBatchStream;
-use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::memory_pool::{FairSpillPool, MemoryConsumer, MemoryReservation};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
 use futures::StreamExt;
@@ -30,6 +30,9 @@ pub struct QueryOptions {
     pub target_partitions: usize,
     /// SQL results stop at this many rows (and say they were truncated).
     pub max_result_rows: usize,
+    /// Where query work runs. `serve` gives queries their own runtime so that ingest
+    /// acknowledgements never wait behind them; None: the caller's.
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Default for QueryOptions {
@@ -39,6 +42,7 @@ impl Default for QueryOptions {
             memory_limit: 8 << 30,
             target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_result_rows: 1_000_000,
+            runtime: None,
         }
     }
 }
@@ -152,17 +156,21 @@ impl QueryEngine {
     /// Run read-only SQL to completion within the timeout.
     pub async fn sql(&self, sql: &str) -> Result<QueryResult> {
         let started = Instant::now();
+        let sql = sql.to_string();
         let result = self
-            .with_timeout(async {
-                let df = self.plan(sql).await?;
+            .run(move |engine| async move {
+                let df = engine.plan(&sql).await?;
                 let schema = Arc::new(df.schema().as_arrow().clone());
                 // Streamed, so a huge result stops at the cap instead of being built
                 // whole; dropping the stream stops the query's work.
                 let mut stream = df.execute_stream().await?;
+                // The result is held in the query memory pool too, up to memory_limit.
+                let held = engine.reservation("sql result");
                 let (mut batches, mut rows, mut truncated) = (Vec::new(), 0, false);
                 while let Some(batch) = stream.next().await {
                     let batch = batch?;
-                    let room = self.opts.max_result_rows - rows;
+                    held.try_grow(batch.get_array_memory_size())?;
+                    let room = engine.opts.max_result_rows - rows;
                     if batch.num_rows() > room {
                         batches.push(batch.slice(0, room));
                         truncated = true;
@@ -186,6 +194,13 @@ impl QueryEngine {
         result
     }
 
+    /// A share of the query memory pool for work DataFusion does not account itself
+    /// (results being built, the funnel engine's rows); past `memory_limit` it fails
+    /// with a 503 naming the limit.
+    pub fn reservation(&self, name: &str) -> MemoryReservation {
+        MemoryConsumer::new(name).register(&self.ctx.runtime_env().memory_pool)
+    }
+
     /// Execute a DataFrame as one stream per output partition.
     pub async fn partitioned_streams(
         &self,
@@ -194,14 +209,45 @@ impl QueryEngine {
         Ok(df.execute_stream_partitioned().await?)
     }
 
-    pub async fn with_timeout<T>(&self, fut: impl Future<Output = Result<T>>) -> Result<T> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(QueryError::Timeout(self.timeout)),
+    /// Run query work within the timeout, on the query runtime when there is one.
+    /// Dropping the returned future (the client went away) stops the work.
+    pub async fn run<T, F>(&self, work: impl FnOnce(QueryEngine) -> F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T>> + Send + 'static,
+    {
+        let timeout = self.timeout;
+        let timed = tokio::time::timeout(timeout, work(self.clone()));
+        let fut = async move { timed.await.unwrap_or(Err(QueryError::Timeout(timeout))) };
+        match &self.opts.runtime {
+            Some(rt) => AbortOnDrop(rt.spawn(fut))
+                .await
+                .map_err(|e| QueryError::Internal(format!("query task failed: {e}")))?,
+            None => fut.await,
         }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+}
+
+/// A task on another runtime that is aborted when its awaiting future is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> Future for AbortOnDrop<T> {
+    type Output = std::result::Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
     }
 }

@@ -35,4 +35,8 @@ pub mod limits {
     pub const CAMPAIGN_MAX: usize = 64;
     pub const CHANNEL_MAX: usize = 64;
     pub const PROPERTIES_MAX: usize = 16 * 1024;
+    /// Objects and arrays nested in `properties`, the outer object counting as 1.
+    pub const PROPERTIES_DEPTH_MAX: usize = 32;
+    /// Keys of the `properties` object itself.
+    pub const PROPERTIES_KEYS_MAX: usize = 1000;
 }

@@ -241,7 +241,50 @@ pub(crate) fn properties_text(value: &RawValue) -> Result<String, String> {
             limits::PROPERTIES_MAX
         ));
     }
+    let (depth, keys) = json_shape(&compact);
+    if depth > limits::PROPERTIES_DEPTH_MAX {
+        return Err(format!(
+            "properties: nested {depth} levels deep, the limit is {}",
+            limits::PROPERTIES_DEPTH_MAX
+        ));
+    }
+    if keys > limits::PROPERTIES_KEYS_MAX {
+        return Err(format!(
+            "properties: {keys} keys, the limit is {}",
+            limits::PROPERTIES_KEYS_MAX
+        ));
+    }
     Ok(compact)
+}
+
+/// The deepest nesting of objects and arrays in compact JSON, and the number of keys
+/// of its outer object (its top-level commas, plus one unless it is empty).
+fn json_shape(compact: &str) -> (usize, usize) {
+    let (mut depth, mut deepest, mut commas) = (0usize, 0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for b in compact.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b',' if depth == 1 => commas += 1,
+            _ => {}
+        }
+    }
+    let keys = if compact == "{}" { 0 } else { commas + 1 };
+    (deepest, keys)
 }
 
 /// JSON text without insignificant whitespace (a space inside a string value stays):
@@ -308,6 +351,31 @@ mod tests {
             props("{\"z\": 1e3,\n  \"a\": [2.50, -0.0]}"),
             r#"{"z":1e3,"a":[2.50,-0.0]}"#
         );
+    }
+
+    #[test]
+    fn properties_nesting_and_key_count_are_limited() {
+        let nested = |n: usize| format!("{}{}{}", "{\"a\":".repeat(n - 1), "{}", "}".repeat(n - 1));
+        let ok = nested(limits::PROPERTIES_DEPTH_MAX);
+        assert_eq!(props(&ok), ok);
+        let deep = RawValue::from_string(nested(limits::PROPERTIES_DEPTH_MAX + 1)).unwrap();
+        assert_eq!(
+            properties_text(&deep).unwrap_err(),
+            "properties: nested 33 levels deep, the limit is 32"
+        );
+        let keys = |n: usize| {
+            let body: Vec<String> = (0..n).map(|i| format!("\"k{i}\":1")).collect();
+            format!("{{{}}}", body.join(","))
+        };
+        assert_eq!(props(&keys(1000)), keys(1000));
+        let many = RawValue::from_string(keys(1001)).unwrap();
+        assert_eq!(
+            properties_text(&many).unwrap_err(),
+            "properties: 1001 keys, the limit is 1000"
+        );
+        assert_eq!(json_shape("{}"), (1, 0));
+        assert_eq!(json_shape(r#"{"a":"}{,"}"#), (1, 1));
+        assert_eq!(json_shape(r#"{"a":[1,2],"b":{"c":1,"d":[2]}}"#), (3, 2));
     }
 
     #[test]

@@ -11,10 +11,14 @@ use arrow::array::{Array, AsArray};
 use funnelhouse_ingest::Manifest;
 use funnelhouse_ingest::parquet_file::read_file;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_funnelhouse");
+/// The binary under test: this build's, or `$FUNNELHOUSE_BIN` (the long crash loop runs
+/// the release build, whose flushes keep pace with a kill every half second).
+pub fn bin() -> String {
+    std::env::var("FUNNELHOUSE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_funnelhouse").into())
+}
 
 pub fn funnelhouse() -> Command {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.env_remove("FUNNELHOUSE_DATA_DIR")
         .env_remove("FUNNELHOUSE_HTTP_ADDR")
         .env_remove("FUNNELHOUSE_CONFIG")

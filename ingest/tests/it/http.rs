@@ -7,6 +7,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use funnelhouse_ingest::{AuthConfig, ByteSize, CollectorState, IngestConfig, Metrics, router};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt;
 
 use crate::support::{TestServer, config, event, gzip};
@@ -305,6 +306,22 @@ async fn past_max_buffer_bytes_the_collector_answers_503_with_retry_after() {
         round * 100,
         "nothing of the refused request is stored"
     );
+    // Refused by its declared size before the body is read: a client that has sent only
+    // its headers gets the 503 at once.
+    let mut conn = tokio::net::TcpStream::connect(server.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    conn.write_all(
+        b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 50000\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(std::time::Duration::from_secs(5), conn.read_exact(&mut head))
+        .await
+        .expect("answered without the body")
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 503");
     // Once the buffer is flushed, writes are accepted again.
     server.store.flush().await.unwrap();
     let reply = server.post_json(&json!([event("after-flush")])).await;

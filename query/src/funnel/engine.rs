@@ -192,7 +192,8 @@ async fn compute(
     // client went away, stops scanning instead of running on detached.
     let mut collecting = tokio::task::JoinSet::new();
     for (part, mut stream) in streams.into_iter().enumerate() {
-        let mut collector = RowCollector::new(Arc::clone(&matcher), part);
+        let mut collector =
+            RowCollector::new(Arc::clone(&matcher), part, engine.reservation("funnel rows"));
         collecting.spawn(async move {
             while let Some(batch) = stream.next().await {
                 collector.add_batch(&batch?)?;
@@ -231,8 +232,9 @@ async fn partial(
     if let Some(p) = kept.and_then(|f| f.partial(engine, spec, as_of, interval)) {
         return Ok(p);
     }
+    let spec = spec.clone();
     engine
-        .with_timeout(compute(engine, spec, as_of, interval))
+        .run(move |engine| async move { compute(&engine, &spec, as_of, interval).await })
         .await
 }
 

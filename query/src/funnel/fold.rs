@@ -15,6 +15,7 @@ use std::sync::Arc;
 use arrow::array::builder::make_view;
 use arrow::array::{Array, AsArray, RecordBatch, StringViewArray};
 use arrow::datatypes::TimestampMicrosecondType;
+use datafusion::execution::memory_pool::MemoryReservation;
 use serde_json::Value;
 use xxhash_rust::xxh3::{Xxh3DefaultBuilder, xxh3_64, xxh3_128};
 
@@ -240,10 +241,16 @@ pub(super) struct RowCollector {
     /// Groups of short values by their inline view, found without hashing.
     short_groups: Vec<(u128, u32)>,
     group_names: Vec<String>,
+    /// The rows and event_id columns held, in the query memory pool until the fold ends.
+    reservation: MemoryReservation,
 }
 
 impl RowCollector {
-    pub(super) fn new(matcher: Arc<StepMatcher>, part: usize) -> Self {
+    pub(super) fn new(
+        matcher: Arc<StepMatcher>,
+        part: usize,
+        reservation: MemoryReservation,
+    ) -> Self {
         let no_breakdown = matcher.breakdown.is_none();
         let mut collector = Self {
             matcher,
@@ -253,6 +260,7 @@ impl RowCollector {
             groups: HashMap::default(),
             short_groups: Vec::new(),
             group_names: Vec::new(),
+            reservation,
         };
         if no_breakdown {
             // Every row is in group 0.
@@ -307,6 +315,7 @@ impl RowCollector {
             None
         };
         let batch = self.event_ids.len() as u32;
+        let mut kept = 0;
         for r in 0..b.num_rows() {
             if ts.is_null(r) {
                 continue;
@@ -334,7 +343,11 @@ impl RowCollector {
                 row: r as u32,
                 group,
             });
+            kept += 1;
         }
+        self.reservation.try_grow(
+            kept * std::mem::size_of::<Row>() + ids.get_array_memory_size(),
+        )?;
         self.event_ids.push(ids.clone());
         Ok(())
     }
@@ -386,7 +399,10 @@ pub(super) async fn fold_all(
     let mut event_ids = Vec::new();
     // by_bucket[b][p]: bucket b of partition p.
     let mut by_bucket: Vec<Vec<Vec<Row>>> = (0..ROW_BUCKETS).map(|_| Vec::new()).collect();
+    // Released when the fold is done with the rows.
+    let mut _held = Vec::with_capacity(collectors.len());
     for c in collectors {
+        _held.push(c.reservation);
         let remap = c
             .group_names
             .into_iter()

@@ -335,11 +335,23 @@ impl LiveState {
         let snapshot = engine.snapshot();
         let mut state = Self::new(f);
         let files = engine.over_files(Arc::clone(&snapshot.files))?;
+        // Each scan partition decodes on its own task while this one files the rows.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let mut decoding = tokio::task::JoinSet::new();
         for mut stream in engine::scan(&files, &f.spec, &f.matcher).await? {
-            while let Some(batch) = stream.next().await {
-                let batch = batch?;
-                state.add_batch(f, &Columns::of_scan(&batch, &f.matcher)?, None);
-            }
+            let tx = tx.clone();
+            decoding.spawn(async move {
+                while let Some(batch) = stream.next().await {
+                    if tx.send(batch).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        while let Some(batch) = rx.recv().await {
+            let batch = batch?;
+            state.add_batch(f, &Columns::of_scan(&batch, &f.matcher)?, None);
         }
         let everyone: Vec<u128> = state.users.keys().copied().collect();
         state.settle(f, everyone);

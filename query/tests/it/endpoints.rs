@@ -369,3 +369,51 @@ async fn results_stop_at_max_result_rows_and_say_so() {
     assert_eq!(body["row_count"], 1000);
     assert!(body.get("truncated").is_none(), "exactly at the cap is complete");
 }
+
+/// Work DataFusion does not account itself counts against `[query] memory_limit` too:
+/// a SQL result being built and the funnel engine's rows. Past it: 503 naming the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_and_funnel_rows_count_against_memory_limit() {
+    let opts = funnelhouse_query::QueryOptions {
+        memory_limit: 256 * 1024,
+        ..Default::default()
+    };
+    let server = TestServer::start_with_config(
+        Default::default(),
+        funnelhouse_ingest::IngestConfig::default(),
+        opts,
+    )
+    .await;
+    let resp = server
+        .http
+        .post(format!("{}/v1/sql", server.url))
+        .json(&json!({ "sql": "SELECT * FROM generate_series(1, 300000)" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("query.memory_limit"),
+        "{body}"
+    );
+    let small = server.sql_json("SELECT * FROM generate_series(1, 1000)").await;
+    assert_eq!(small["row_count"], 1000, "small results still fit");
+
+    let events: Vec<Value> = (0..6000)
+        .map(|i| json!({"event_id": format!("m{i}"), "event": "scan", "user_id": format!("u{i}"), "campaign": "c"}))
+        .collect();
+    server.post_events(&json!(events)).await;
+    let resp = server
+        .http
+        .get(format!("{}/v1/funnel?campaign=c&steps=scan", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("query.memory_limit"),
+        "{body}"
+    );
+}
