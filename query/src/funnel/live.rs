@@ -293,19 +293,16 @@ impl<'a> Columns<'a> {
 
     fn of_buffer(b: &'a RecordBatch, matcher: &StepMatcher) -> Result<Self> {
         let schema = b.schema();
-        let by_name = |name: &str| -> Result<&'a StringViewArray> {
-            let i = schema
+        let index = |name: &str| {
+            schema
                 .index_of(name)
-                .map_err(|e| QueryError::Internal(format!("live buffer batch: {e}")))?;
-            string_col(b, i)
+                .map_err(|e| QueryError::Internal(format!("live buffer batch: {e}")))
         };
-        let ts = schema
-            .index_of("ts")
-            .map_err(|e| QueryError::Internal(format!("live buffer batch: {e}")))?;
+        let by_name = |name: &str| string_col(b, index(name)?);
         Ok(Self {
             users: by_name("user_id")?,
             ids: by_name("event_id")?,
-            ts: b.column(ts).as_primitive(),
+            ts: b.column(index("ts")?).as_primitive(),
             events: by_name("event")?,
             channels: by_name("channel")?,
             campaigns: Some(by_name("campaign")?),

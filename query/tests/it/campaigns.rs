@@ -213,15 +213,7 @@ async fn alerts_fire_resolve_survive_a_restart_and_call_the_webhook() {
     assert_eq!((first[0].alert.users, first[0].alert.observed), (4, 0.25));
     alerts.notify(first);
 
-    let reply: Value = server
-        .http
-        .get(format!("{}/v1/campaigns/c/alerts", server.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let reply = server.get_json("/v1/campaigns/c/alerts").await;
     let firing = &reply["alerts"][0];
     assert_eq!(
         (

@@ -156,18 +156,9 @@ async fn an_acknowledged_event_is_visible_to_sql_and_funnels_within_a_second() {
             "not visible within 1 s"
         );
     }
-    let funnel: Value = server
-        .http
-        .get(format!(
-            "{}/v1/funnel?campaign=parcel-lottery&steps=scan,view&window=24h",
-            server.url
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let funnel = server
+        .get_json("/v1/funnel?campaign=parcel-lottery&steps=scan,view&window=24h")
+        .await;
     assert_eq!(funnel["total"]["counts"], json!([1, 0]));
     assert!(posted.elapsed() < Duration::from_secs(1));
 }
@@ -337,12 +328,7 @@ async fn results_stop_at_max_result_rows_and_say_so() {
         max_result_rows: 1000,
         ..Default::default()
     };
-    let server = TestServer::start_with_config(
-        Default::default(),
-        funnelhouse_ingest::IngestConfig::default(),
-        opts,
-    )
-    .await;
+    let server = TestServer::start_with_options(opts).await;
     let post = |sql: &str, format: &str| {
         server
             .http
@@ -378,12 +364,7 @@ async fn results_and_funnel_rows_count_against_memory_limit() {
         memory_limit: 256 * 1024,
         ..Default::default()
     };
-    let server = TestServer::start_with_config(
-        Default::default(),
-        funnelhouse_ingest::IngestConfig::default(),
-        opts,
-    )
-    .await;
+    let server = TestServer::start_with_options(opts).await;
     let resp = server
         .http
         .post(format!("{}/v1/sql", server.url))

@@ -161,18 +161,9 @@ async fn polls_of_a_live_funnel_equal_a_full_recomputation_while_events_arrive()
 
     // Over HTTP too: the same question without a breakdown is a live answer.
     let before = answers(&live[0]);
-    let resp: Value = server
-        .http
-        .get(format!(
-            "{}/v1/funnel?campaign=c&steps=scan,view,draw&window=2",
-            server.url
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let resp = server
+        .get_json("/v1/funnel?campaign=c&steps=scan,view,draw&window=2")
+        .await;
     assert_eq!(answers(&live[0]), before + 1);
     let full = funnel::funnel_at(engine, &whole, now_micros(), false)
         .await

@@ -24,11 +24,20 @@ impl TestServer {
 
     /// With campaigns, alerts or read tokens set in `query`.
     pub async fn start_with(query: QueryState) -> TestServer {
-        let cfg = IngestConfig {
+        Self::start_with_config(query, Self::no_timed_flush(), QueryOptions::default()).await
+    }
+
+    /// With query limits set in `opts`.
+    pub async fn start_with_options(opts: QueryOptions) -> TestServer {
+        Self::start_with_config(QueryState::default(), Self::no_timed_flush(), opts).await
+    }
+
+    /// Tests flush when they mean to.
+    fn no_timed_flush() -> IngestConfig {
+        IngestConfig {
             flush_interval: std::time::Duration::from_secs(3600),
             ..Default::default()
-        };
-        Self::start_with_config(query, cfg, QueryOptions::default()).await
+        }
     }
 
     pub async fn start_with_config(
@@ -74,6 +83,12 @@ impl TestServer {
             .unwrap();
         assert_eq!(resp.status(), 200);
         resp.json().await.unwrap()
+    }
+
+    /// GET `path` (with its query string), as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        let resp = self.http.get(format!("{}{path}", self.url)).send().await;
+        resp.unwrap().json().await.unwrap()
     }
 
     /// POST /v1/sql with a JSON body; (status, body text, content type).
