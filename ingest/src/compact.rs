@@ -13,7 +13,7 @@ use funnelhouse_schemas::event_schema;
 use crate::dedup::id_hash;
 use crate::error::Result;
 use crate::manifest::{FileMeta, Manifest};
-use crate::parquet_file::{read_file, write_sorted_file};
+use crate::parquet_file::{read_batches, read_file, write_sorted_file};
 
 #[derive(Debug, Clone, Copy)]
 pub struct CompactOptions {
@@ -84,10 +84,22 @@ pub fn compact(
             batches.extend(read_file(&data_dir.join(&f.path), None)?);
         }
         let merged = concat_batches(&event_schema(), &batches)?;
+        // Which of the merged ids a big file already holds: the big files' ids are
+        // streamed past the merged ones, so memory follows the small files' size, not
+        // the partition's.
+        let merged_ids: HashSet<u128> = merged
+            .column(col::EVENT_ID)
+            .as_string_view()
+            .iter()
+            .flatten()
+            .map(id_hash)
+            .collect();
         let mut seen = HashSet::new();
         for f in &big {
-            for b in read_file(&data_dir.join(&f.path), Some(&[col::EVENT_ID]))? {
-                seen.extend(b.column(0).as_string_view().iter().flatten().map(id_hash));
+            for b in read_batches(&data_dir.join(&f.path), Some(&[col::EVENT_ID]))? {
+                let b = b?;
+                let ids = b.column(0).as_string_view().iter().flatten().map(id_hash);
+                seen.extend(ids.filter(|h| merged_ids.contains(h)));
             }
         }
         let kept = first_received_per_id(&merged, seen)?;

@@ -206,6 +206,14 @@ fn write_file(
 
 /// Read a whole Parquet file (optionally only some columns) as batches.
 pub fn read_file(path: &Path, columns: Option<&[usize]>) -> Result<Vec<RecordBatch>> {
+    Ok(read_batches(path, columns)?.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// The file's batches one at a time (of 64 Ki rows), so a big file is never held whole.
+pub fn read_batches(
+    path: &Path,
+    columns: Option<&[usize]>,
+) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
     use parquet::arrow::ProjectionMask;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let file = File::open(path).map_err(IngestError::io(path))?;
@@ -214,8 +222,7 @@ pub fn read_file(path: &Path, columns: Option<&[usize]>) -> Result<Vec<RecordBat
         let mask = ProjectionMask::roots(builder.parquet_schema(), cols.iter().copied());
         builder = builder.with_projection(mask);
     }
-    let reader = builder.with_batch_size(64 * 1024).build()?;
-    Ok(reader.collect::<Result<Vec<_>, _>>()?)
+    Ok(builder.with_batch_size(64 * 1024).build()?)
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::time::Duration;
 
-use funnelhouse_ingest::{IngestConfig, Manifest, Partitioning};
+use funnelhouse_ingest::{ByteSize, IngestConfig, Manifest, Partitioning};
 use parquet::basic::Compression;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use serde_json::{Value, json};
@@ -163,6 +163,43 @@ async fn small_files_are_compacted_and_late_duplicates_dropped() {
     let mut ids: Vec<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
     ids.dedup();
     assert_eq!(ids.len(), 30);
+}
+
+/// A late duplicate of an event that sits in a big (already compacted) file is dropped
+/// when the small files holding it are compacted; the big file is only read past them.
+#[tokio::test]
+async fn compaction_drops_late_duplicates_of_events_in_big_files() {
+    let cfg = IngestConfig {
+        dedup_window: Duration::from_secs(1),
+        compact_min_files: 2,
+        compact_small_bytes: ByteSize(8 * 1024),
+        ..config()
+    };
+    let server = TestServer::start(cfg).await;
+    let ts = "2026-11-11T10:00:00Z";
+    let big: Vec<Value> = (0..3000)
+        .map(|i| at(&format!("big-{i}"), &format!("u{i}"), ts))
+        .collect();
+    server.post_json(&Value::Array(big)).await;
+    server.store.flush().await.unwrap();
+    let first = Manifest::load(&server.dir).unwrap().files;
+    assert!(first[0].bytes >= 8 * 1024, "the first file is big: {first:?}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Past the dedup window, "big-7" is sent again and stored in a small file.
+    for round in 0..2 {
+        let mut small: Vec<Value> = (0..5)
+            .map(|i| at(&format!("small-{round}-{i}"), "s", ts))
+            .collect();
+        if round == 1 {
+            small.push(at("big-7", "u7", ts));
+        }
+        let reply = server.post_json(&Value::Array(small)).await;
+        assert_eq!(reply.json["duplicates"], 0, "{}", reply.json);
+        server.store.flush().await.unwrap();
+    }
+    let rows = committed_rows(&server.dir);
+    assert_eq!(rows.len(), 3010, "the late duplicate is dropped, the rest kept");
+    assert_eq!(rows.iter().filter(|r| r.event_id == "big-7").count(), 1);
 }
 
 #[tokio::test]
