@@ -123,7 +123,9 @@ pub async fn serve(
     }
     let live = queries.spawn(funnelhouse_query::LiveFunnels::run(
         engine.clone(),
-        LIVE_REFRESH.min(cfg.ingest.flush_interval / 2).max(std::time::Duration::from_millis(50)),
+        LIVE_REFRESH
+            .min(cfg.ingest.flush_interval / 2)
+            .max(std::time::Duration::from_millis(50)),
     ));
     let _ = query_state.engine.set(engine);
     let _ = state.store.set(Arc::clone(&store));

@@ -42,7 +42,11 @@ pub fn run(command: WalCommand, cfg: &Config) -> Result<std::process::ExitCode, 
                 reports.len(),
                 damaged
             );
-            Ok(std::process::ExitCode::from(if damaged > 0 { 1 } else { 0 }))
+            Ok(std::process::ExitCode::from(if damaged > 0 {
+                1
+            } else {
+                0
+            }))
         }
         WalCommand::Salvage => {
             let _lock = DataDirLock::acquire(&cfg.data_dir)?;

@@ -19,7 +19,9 @@ pub enum IngestError {
     TooLarge { limit: usize },
     #[error("{0}")]
     UnsupportedMediaType(String),
-    #[error("the request body did not arrive within http.request_timeout; send it faster or in smaller requests")]
+    #[error(
+        "the request body did not arrive within http.request_timeout; send it faster or in smaller requests"
+    )]
     BodyTimeout,
     #[error(
         "the live buffer is at max_buffer_bytes while Parquet flushes catch up; retry after {retry_after_secs} s"
@@ -74,9 +76,7 @@ impl IngestError {
             | Self::Locked { .. }
             | Self::Parquet(_)
             | Self::Arrow(_)
-            | Self::Corrupt { .. } => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            | Self::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 

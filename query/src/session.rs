@@ -11,8 +11,8 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::memory_pool::{FairSpillPool, MemoryConsumer, MemoryReservation};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
-use futures::StreamExt;
 use funnelhouse_ingest::{FileMeta, Metrics, Snapshot};
+use futures::StreamExt;
 
 use crate::error::{QueryError, Result};
 use crate::funnel::live::LiveFunnels;

@@ -531,7 +531,13 @@ async fn a_second_process_on_a_data_dir_exits_2_naming_the_holder() {
     assert_eq!(compact.status.code(), Some(2), "{}", text(&compact));
     assert!(text(&compact).contains(&holder), "{}", text(&compact));
     let second = run(&[
-        "serve", "--http-addr", "127.0.0.1:0", "--pg-addr", "127.0.0.1:0", "--data-dir", data,
+        "serve",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--pg-addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        data,
     ]);
     assert_eq!(second.status.code(), Some(2), "{}", text(&second));
     assert!(text(&second).contains(&holder), "{}", text(&second));
@@ -550,7 +556,9 @@ async fn wal_check_and_salvage_get_past_damage_before_the_tail() {
     let server = Server::start(dir.path(), &[]).await;
     let http = reqwest::Client::new();
     for prefix in ["w1", "w2", "w3"] {
-        let body: Vec<String> = (0..4).map(|i| event_line(&format!("{prefix}-{i}"))).collect();
+        let body: Vec<String> = (0..4)
+            .map(|i| event_line(&format!("{prefix}-{i}")))
+            .collect();
         let r = http
             .post(format!("{}/v1/events", server.url))
             .header("Content-Type", "application/x-ndjson")
@@ -574,14 +582,22 @@ async fn wal_check_and_salvage_get_past_damage_before_the_tail() {
     std::fs::write(&segment, bytes).unwrap();
 
     let refused = run(&[
-        "serve", "--http-addr", "127.0.0.1:0", "--pg-addr", "127.0.0.1:0", "--data-dir", data,
+        "serve",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--pg-addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        data,
     ]);
     assert_eq!(refused.status.code(), Some(2));
     assert!(text(&refused).contains("wal salvage"), "{}", text(&refused));
     let check = run(&["wal", "check", "--data-dir", data]);
     assert_eq!(check.status.code(), Some(1), "{}", text(&check));
     assert!(
-        text(&check).contains(&format!("DAMAGED: unreadable record at byte offset {second}")),
+        text(&check).contains(&format!(
+            "DAMAGED: unreadable record at byte offset {second}"
+        )),
         "{}",
         text(&check)
     );

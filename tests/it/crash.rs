@@ -59,7 +59,10 @@ fn tear_wal_tail(data: &std::path::Path, rng: &mut impl Rng) {
         1 => vec![0; rng.random_range(1..8192)],
         _ => return,
     };
-    let mut f = std::fs::OpenOptions::new().append(true).open(segment).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(segment)
+        .unwrap();
     std::io::Write::write_all(&mut f, &tail).unwrap();
 }
 

@@ -317,10 +317,13 @@ async fn past_max_buffer_bytes_the_collector_answers_503_with_retry_after() {
     .await
     .unwrap();
     let mut head = [0u8; 12];
-    tokio::time::timeout(std::time::Duration::from_secs(5), conn.read_exact(&mut head))
-        .await
-        .expect("answered without the body")
-        .unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        conn.read_exact(&mut head),
+    )
+    .await
+    .expect("answered without the body")
+    .unwrap();
     assert_eq!(&head, b"HTTP/1.1 503");
     // Once the buffer is flushed, writes are accepted again.
     server.store.flush().await.unwrap();

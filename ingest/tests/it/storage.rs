@@ -183,7 +183,10 @@ async fn compaction_drops_late_duplicates_of_events_in_big_files() {
     server.post_json(&Value::Array(big)).await;
     server.store.flush().await.unwrap();
     let first = Manifest::load(&server.dir).unwrap().files;
-    assert!(first[0].bytes >= 8 * 1024, "the first file is big: {first:?}");
+    assert!(
+        first[0].bytes >= 8 * 1024,
+        "the first file is big: {first:?}"
+    );
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // Past the dedup window, "big-7" is sent again and stored in a small file.
     for round in 0..2 {
@@ -198,7 +201,11 @@ async fn compaction_drops_late_duplicates_of_events_in_big_files() {
         server.store.flush().await.unwrap();
     }
     let rows = committed_rows(&server.dir);
-    assert_eq!(rows.len(), 3010, "the late duplicate is dropped, the rest kept");
+    assert_eq!(
+        rows.len(),
+        3010,
+        "the late duplicate is dropped, the rest kept"
+    );
     assert_eq!(rows.iter().filter(|r| r.event_id == "big-7").count(), 1);
 }
 

@@ -192,8 +192,11 @@ async fn compute(
     // client went away, stops scanning instead of running on detached.
     let mut collecting = tokio::task::JoinSet::new();
     for (part, mut stream) in streams.into_iter().enumerate() {
-        let mut collector =
-            RowCollector::new(Arc::clone(&matcher), part, engine.reservation("funnel rows"));
+        let mut collector = RowCollector::new(
+            Arc::clone(&matcher),
+            part,
+            engine.reservation("funnel rows"),
+        );
         collecting.spawn(async move {
             while let Some(batch) = stream.next().await {
                 collector.add_batch(&batch?)?;

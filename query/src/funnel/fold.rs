@@ -345,9 +345,8 @@ impl RowCollector {
             });
             kept += 1;
         }
-        self.reservation.try_grow(
-            kept * std::mem::size_of::<Row>() + ids.get_array_memory_size(),
-        )?;
+        self.reservation
+            .try_grow(kept * std::mem::size_of::<Row>() + ids.get_array_memory_size())?;
         self.event_ids.push(ids.clone());
         Ok(())
     }

@@ -206,7 +206,11 @@ impl LiveFunnel {
         let guard = lock(&self.state);
         let state = guard.as_ref()?;
         self.answers.fetch_add(1, Relaxed);
-        Some(state.counters.partial(as_of, interval, spec.breakdown.is_some()))
+        Some(
+            state
+                .counters
+                .partial(as_of, interval, spec.breakdown.is_some()),
+        )
     }
 }
 
@@ -354,7 +358,9 @@ impl LiveState {
         state.settle(f, everyone);
         state.consumed = snapshot.batches_pushed - snapshot.batches.len() as u64;
         if !state.apply_snapshot(f, &snapshot)? {
-            return Err(QueryError::Internal("live funnel build missed a batch".into()));
+            return Err(QueryError::Internal(
+                "live funnel build missed a batch".into(),
+            ));
         }
         Ok(state)
     }
@@ -466,8 +472,8 @@ impl UserEvents {
                 .then_with(|| self.id(a).cmp(self.id(b)))
         };
         let in_order = (1..n).all(|i| key(i - 1, i).is_lt());
-        let distinct = n <= 1
-            || (n <= PAIRWISE && (1..n).all(|j| (0..j).all(|i| self.id(i) != self.id(j))));
+        let distinct =
+            n <= 1 || (n <= PAIRWISE && (1..n).all(|j| (0..j).all(|i| self.id(i) != self.id(j))));
         if !(in_order && distinct) {
             order.clear();
             order.extend(0..n);
@@ -561,11 +567,7 @@ impl Counters {
         let Some(start) = out.start else { return };
         let first = user.events[start];
         let step = |n: &mut u64| {
-            if add {
-                *n += 1
-            } else {
-                *n -= 1
-            }
+            if add { *n += 1 } else { *n -= 1 }
         };
         let t = &mut self.tallies[first.group as usize];
         for i in 0..out.level {
@@ -595,7 +597,10 @@ impl Counters {
             .filter(|(_, t)| t.counts[0] > 0)
             .collect();
         let pending_of = |t: &GroupTally| -> Vec<u64> {
-            t.closes.iter().map(|c| c.count_above(as_of) as u64).collect()
+            t.closes
+                .iter()
+                .map(|c| c.count_above(as_of) as u64)
+                .collect()
         };
         let mut counts = vec![0; k];
         let mut pending = vec![0; k];
@@ -700,11 +705,7 @@ impl TimeMultiset {
     }
 
     fn change(&mut self, v: i64, add: bool) {
-        if add {
-            self.insert(v)
-        } else {
-            self.remove(v)
-        }
+        if add { self.insert(v) } else { self.remove(v) }
     }
 
     fn insert(&mut self, v: i64) {
@@ -767,7 +768,9 @@ mod tests {
         let mut reference: Vec<i64> = Vec::new();
         let mut x: u64 = 12345;
         for round in 0..20_000 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let v = (x >> 40) as i64 % 5000;
             if round % 3 == 2 && !reference.is_empty() {
                 let victim = reference[(x as usize >> 7) % reference.len()];

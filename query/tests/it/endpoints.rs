@@ -347,13 +347,22 @@ async fn results_stop_at_max_result_rows_and_say_so() {
 
     let resp = post(huge, "csv").await.unwrap();
     assert_eq!(resp.headers()["funnelhouse-truncated"], "true");
-    assert_eq!(resp.text().await.unwrap().lines().count(), 1001, "header + 1000 rows");
+    assert_eq!(
+        resp.text().await.unwrap().lines().count(),
+        1001,
+        "header + 1000 rows"
+    );
 
-    let resp = post("SELECT * FROM generate_series(1, 1000)", "json").await.unwrap();
+    let resp = post("SELECT * FROM generate_series(1, 1000)", "json")
+        .await
+        .unwrap();
     assert!(resp.headers().get("funnelhouse-truncated").is_none());
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["row_count"], 1000);
-    assert!(body.get("truncated").is_none(), "exactly at the cap is complete");
+    assert!(
+        body.get("truncated").is_none(),
+        "exactly at the cap is complete"
+    );
 }
 
 /// Work DataFusion does not account itself counts against `[query] memory_limit` too:
@@ -370,7 +379,9 @@ async fn results_and_funnel_rows_count_against_memory_limit() {
         .await;
     assert_eq!(status, 503);
     assert!(body.contains("query.memory_limit"), "{body}");
-    let small = server.sql_json("SELECT * FROM generate_series(1, 1000)").await;
+    let small = server
+        .sql_json("SELECT * FROM generate_series(1, 1000)")
+        .await;
     assert_eq!(small["row_count"], 1000, "small results still fit");
 
     let events: Vec<Value> = (0..6000)

@@ -84,7 +84,9 @@ async fn assert_live_equals_full(server: &TestServer, spec: &FunnelSpec, what: &
         spec.breakdown = breakdown.map(|b| funnel::Breakdown::parse(b).unwrap());
         let as_of = now_micros();
         let live = funnel::funnel_at(engine, &spec, as_of, true).await.unwrap();
-        let full = funnel::funnel_at(engine, &spec, as_of, false).await.unwrap();
+        let full = funnel::funnel_at(engine, &spec, as_of, false)
+            .await
+            .unwrap();
         assert_eq!(live, full, "{what}, breakdown {breakdown:?}");
         for hours in [1, 2] {
             spec.interval_secs = Some(hours * 3600);
@@ -118,9 +120,13 @@ async fn polls_of_a_live_funnel_equal_a_full_recomputation_while_events_arrive()
 
     let mut rng = Lcg(7);
     let mut sent = Vec::new();
-    server.post_events(&json!(round(&mut rng, 0, &mut sent))).await;
+    server
+        .post_events(&json!(round(&mut rng, 0, &mut sent)))
+        .await;
     server.store.flush().await.unwrap();
-    server.post_events(&json!(round(&mut rng, 1, &mut sent))).await;
+    server
+        .post_events(&json!(round(&mut rng, 1, &mut sent)))
+        .await;
     let live: Vec<_> = [&whole, &ranged]
         .iter()
         .map(|s| engine.live().track((*s).clone()))
@@ -130,7 +136,9 @@ async fn polls_of_a_live_funnel_equal_a_full_recomputation_while_events_arrive()
     }
 
     for r in 2..14 {
-        server.post_events(&json!(round(&mut rng, r, &mut sent))).await;
+        server
+            .post_events(&json!(round(&mut rng, r, &mut sent)))
+            .await;
         if r % 4 == 0 {
             // The batches the live funnels took in move into Parquet: neither lost nor doubled.
             server.store.flush().await.unwrap();
@@ -141,8 +149,12 @@ async fn polls_of_a_live_funnel_equal_a_full_recomputation_while_events_arrive()
             }
         }
         assert_live_equals_full(&server, &whole, &format!("whole history, round {r}")).await;
-        assert_live_equals_full(&server, &ranged, &format!("from/to and a filter, round {r}"))
-            .await;
+        assert_live_equals_full(
+            &server,
+            &ranged,
+            &format!("from/to and a filter, round {r}"),
+        )
+        .await;
         // Two- and three-second windows close between rounds.
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
