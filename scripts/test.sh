@@ -3,7 +3,7 @@
 # (cargo-nextest; Debian's chromium, postgresql-client and a CJK font; the Python clients into
 # tests/clients/.venv; playwright-core into tests/clients/node_modules), then builds and
 # runs every test of the workspace (unit, integration, crash), the real-client tests
-# (Segment SDKs, psql, psycopg, headless Chromium) and clippy.
+# (Segment SDKs, psql, psycopg, headless Chromium), clippy and rustfmt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,3 +50,5 @@ FUNNELHOUSE_BIN="$CARGO_TARGET_DIR/debug/funnelhouse" \
 # The lints denied in [workspace.lints] (dbg_macro, todo, clone_on_ref_ptr) and the
 # default clippy set; warnings fail the run.
 cargo clippy --workspace --all-targets -- -D warnings
+# Formatting as rustfmt has it.
+cargo fmt --all -- --check

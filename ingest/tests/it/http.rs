@@ -40,8 +40,7 @@ async fn gzip_bodies_are_accepted_in_every_format() {
         (ndjson, "application/x-ndjson"),
     ] {
         let req = server
-            .http
-            .post(format!("{}/v1/events", server.url))
+            .post_to("/v1/events")
             .header("content-type", ct)
             .header("content-encoding", "gzip")
             .body(gzip(body.as_bytes()));
@@ -54,8 +53,7 @@ async fn gzip_bodies_are_accepted_in_every_format() {
     let garbage = server
         .request(
             server
-                .http
-                .post(format!("{}/v1/events", server.url))
+                .post_to("/v1/events")
                 .header("content-encoding", "gzip")
                 .body("nope"),
         )
@@ -93,8 +91,7 @@ async fn max_request_bytes_one_byte_under_and_over() {
     // The limit applies after decompression.
     let gz = |body: &str| {
         server
-            .http
-            .post(format!("{}/v1/events", server.url))
+            .post_to("/v1/events")
             .header("content-type", "application/x-ndjson")
             .header("content-encoding", "gzip")
             .body(gzip(body.as_bytes()))
@@ -145,8 +142,7 @@ async fn unsupported_content_type_and_encoding_are_415() {
     let server = TestServer::start(config()).await;
     let post = |ct: &str, ce: &str| {
         let mut req = server
-            .http
-            .post(format!("{}/v1/events", server.url))
+            .post_to("/v1/events")
             .header("content-type", ct)
             .body(event("x").to_string());
         if !ce.is_empty() {

@@ -99,14 +99,9 @@ async fn a_batch_is_mapped_field_by_field_and_a_retry_is_stored_once() {
 
     // No campaign anywhere: stored with campaign "" (SDKs never read per-item errors).
     let bare = server
-        .request(
-            server
-                .http
-                .post(format!("{}/v1/track", server.url))
-                .json(&json!({
-                    "event": "scan", "anonymousId": "a-9", "messageId": "m-9"
-                })),
-        )
+        .request(server.post_to("/v1/track").json(&json!({
+            "event": "scan", "anonymousId": "a-9", "messageId": "m-9"
+        })))
         .await;
     assert_eq!(bare.json["accepted"], 1);
     let rows = server.rows();
@@ -131,12 +126,7 @@ async fn every_route_and_one_letter_alias_maps_its_type() {
             msg["userId"] = json!("u");
             msg["messageId"] = json!(format!("{path}-1"));
             let reply = server
-                .request(
-                    server
-                        .http
-                        .post(format!("{}/v1/{path}", server.url))
-                        .json(&msg),
-                )
+                .request(server.post_to(&format!("/v1/{path}")).json(&msg))
                 .await;
             assert_eq!(reply.status, 200, "/v1/{path}: {}", reply.json);
             assert_eq!(reply.json["accepted"], 1, "/v1/{path}: {}", reply.json);
@@ -145,14 +135,9 @@ async fn every_route_and_one_letter_alias_maps_its_type() {
         }
     }
     let import = server
-        .request(
-            server
-                .http
-                .post(format!("{}/v1/import", server.url))
-                .json(&json!({
-                    "batch": [{"type": "track", "event": "e", "userId": "u", "messageId": "imp-1"}]
-                })),
-        )
+        .request(server.post_to("/v1/import").json(&json!({
+            "batch": [{"type": "track", "event": "e", "userId": "u", "messageId": "imp-1"}]
+        })))
         .await;
     assert_eq!(import.json["accepted"], 1);
     let group = server.rows();
@@ -169,8 +154,7 @@ async fn analytics_next_text_plain_and_gzip_bodies_are_taken() {
     let plain = server
         .request(
             server
-                .http
-                .post(format!("{}/v1/b", server.url))
+                .post_to("/v1/b")
                 .header("content-type", "text/plain;charset=UTF-8")
                 .body(body.to_string()),
         )
@@ -181,8 +165,7 @@ async fn analytics_next_text_plain_and_gzip_bodies_are_taken() {
     let gz = server
         .request(
             server
-                .http
-                .post(format!("{}/v1/batch", server.url))
+                .post_to("/v1/batch")
                 .header("content-type", "application/json")
                 .header("content-encoding", "gzip")
                 .body(gzip(gz_body.to_string().as_bytes())),
@@ -192,8 +175,7 @@ async fn analytics_next_text_plain_and_gzip_bodies_are_taken() {
     let bad = server
         .request(
             server
-                .http
-                .post(format!("{}/v1/batch", server.url))
+                .post_to("/v1/batch")
                 .header("content-type", "application/json")
                 .body("{\"batch\": [}"),
         )
@@ -254,14 +236,9 @@ async fn the_write_key_may_be_basic_user_bearer_or_write_key_in_the_body() {
         .request(server.http.post(&url).json(&batch("k", Some("wk_live_1"))))
         .await;
     let single = server
-        .request(
-            server
-                .http
-                .post(format!("{}/v1/track", server.url))
-                .json(&json!({
-                    "event": "e", "userId": "u", "messageId": "s", "writeKey": "wk_live_1"
-                })),
-        )
+        .request(server.post_to("/v1/track").json(&json!({
+            "event": "e", "userId": "u", "messageId": "s", "writeKey": "wk_live_1"
+        })))
         .await;
     for reply in [&basic, &bearer, &in_body, &single] {
         assert_eq!(reply.status, 200, "{}", reply.json);
@@ -274,18 +251,13 @@ async fn bad_items_are_rejected_by_index_and_the_rest_stored() {
     let server = TestServer::start(config()).await;
     let long = "x".repeat(65);
     let reply = server
-        .request(
-            server
-                .http
-                .post(format!("{}/v1/batch", server.url))
-                .json(&json!({"batch": [
-                    {"type": "track", "event": "ok", "userId": "u", "messageId": "ok-1"},
-                    {"type": "track", "event": "no user"},
-                    {"type": "launch", "userId": "u"},
-                    {"type": "track", "event": long, "userId": "u"},
-                    {"type": "track", "event": "e", "userId": "u", "timestamp": "yesterday"}
-                ]})),
-        )
+        .request(server.post_to("/v1/batch").json(&json!({"batch": [
+            {"type": "track", "event": "ok", "userId": "u", "messageId": "ok-1"},
+            {"type": "track", "event": "no user"},
+            {"type": "launch", "userId": "u"},
+            {"type": "track", "event": long, "userId": "u"},
+            {"type": "track", "event": "e", "userId": "u", "timestamp": "yesterday"}
+        ]})))
         .await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json["accepted"], 1);
@@ -356,8 +328,7 @@ async fn ingest_routes_answer_cors_preflights() {
         );
     }
     let post = server
-        .http
-        .post(format!("{}/v1/events", server.url))
+        .post_to("/v1/events")
         .header("origin", "https://landing.example")
         .json(&crate::support::event("cors-1"))
         .send()

@@ -78,12 +78,16 @@ impl TestServer {
 
     pub async fn post(&self, body: impl Into<reqwest::Body>, content_type: &str) -> Reply {
         self.request(
-            self.http
-                .post(format!("{}/v1/events", self.url))
+            self.post_to("/v1/events")
                 .header("content-type", content_type)
                 .body(body),
         )
         .await
+    }
+
+    /// A POST to `path` of this server, to finish and send with [`Self::request`].
+    pub fn post_to(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.post(format!("{}{path}", self.url))
     }
 
     pub async fn post_json(&self, body: &Value) -> Reply {
