@@ -23,7 +23,7 @@ pub struct Snapshot {
     /// The batches of the last committed flush, which came just before `batches`: not
     /// part of what queries read (they are in `files`), but kept one flush longer so a
     /// reader following new batches does not miss those flushed before it looked.
-    pub retired: Vec<RecordBatch>,
+    pub retired: Arc<Vec<RecordBatch>>,
 }
 
 impl Snapshot {
@@ -41,7 +41,7 @@ impl Snapshot {
             files: Arc::new(manifest.files),
             batches_pushed: batches.len() as u64,
             batches,
-            retired: Vec::new(),
+            retired: Arc::default(),
         })
     }
 
@@ -66,7 +66,7 @@ struct BufferState {
     files: Arc<Vec<FileMeta>>,
     pushed: u64,
     /// The batches of the last committed flush (see `Snapshot::retired`).
-    retired: Vec<RecordBatch>,
+    retired: Arc<Vec<RecordBatch>>,
 }
 
 impl BufferState {
@@ -114,7 +114,7 @@ impl LiveBuffer {
             files: Arc::clone(&s.files),
             batches,
             batches_pushed: s.pushed,
-            retired: s.retired.clone(),
+            retired: Arc::clone(&s.retired),
         }
     }
 
@@ -157,7 +157,7 @@ impl LiveBuffer {
     pub fn finish_flush(&self, seq: u64, files: Vec<FileMeta>) {
         let mut s = self.state.write().expect("buffer lock");
         if let Some(at) = s.flushing.iter().position(|(q, _, _)| *q == seq) {
-            s.retired = s.flushing.remove(at).1;
+            s.retired = Arc::new(s.flushing.remove(at).1);
         }
         s.files = Arc::new(files);
         self.publish(&s);

@@ -102,11 +102,6 @@ impl AuthConfig {
     pub fn accepts_write_key(&self, key: Option<&str>) -> bool {
         self.write_keys.is_empty() || key.is_some_and(|k| contains_secret(&self.write_keys, k))
     }
-
-    /// Whether a query with this token (if any) may read.
-    pub fn accepts_read_token(&self, token: Option<&str>) -> bool {
-        self.read_tokens.is_empty() || token.is_some_and(|t| contains_secret(&self.read_tokens, t))
-    }
 }
 
 /// Whether `candidate` is one of `secrets`, in time that does not depend on where the

@@ -192,12 +192,8 @@ impl Alerts {
     }
 
     fn persist(&self, firing: &[FiringAlert]) {
-        let tmp = self.state_file.with_extension("json.tmp");
-        let written = serde_json::to_vec_pretty(firing)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, &self.state_file));
-        if let Err(e) = written {
+        let bytes = serde_json::to_vec_pretty(firing).expect("alerts serialise");
+        if let Err(e) = funnelhouse_ingest::fsutil::write_atomic(&self.state_file, &bytes) {
             tracing::warn!(file = %self.state_file.display(), error = %e, "cannot save alert state");
         }
     }

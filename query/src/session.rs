@@ -114,7 +114,7 @@ impl QueryEngine {
             files,
             batches: Vec::new(),
             batches_pushed: 0,
-            retired: Vec::new(),
+            retired: Default::default(),
         };
         QueryEngine::new(
             Arc::new(StaticSource(snapshot)),

@@ -274,6 +274,8 @@ fn to_event(
     let extra = extra.filter(|(k, _)| base_keys.as_ref().is_none_or(|o| !o.contains_key(*k)));
     let properties = match (base, extra) {
         (None, None) => None,
+        // The common case: the properties as sent, nothing to add.
+        (Some(base), None) => Some(properties_text(base)?),
         (base, extra) => {
             let text = with_key(base.map(RawValue::get), extra);
             let raw = RawValue::from_string(text).map_err(|e| format!("properties: {e}"))?;

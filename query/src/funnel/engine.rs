@@ -231,13 +231,16 @@ async fn partial(
     interval: Option<i64>,
     live: bool,
 ) -> Result<Partial> {
-    let kept = live.then(|| engine.live().find(spec)).flatten();
-    if let Some(p) = kept.and_then(|f| f.partial(engine, spec, as_of, interval)) {
-        return Ok(p);
-    }
     let spec = spec.clone();
+    // On the query runtime either way: taking in new events is query work too.
     engine
-        .run(move |engine| async move { compute(&engine, &spec, as_of, interval).await })
+        .run(move |engine| async move {
+            let kept = live.then(|| engine.live().find(&spec)).flatten();
+            match kept.and_then(|f| f.partial(&engine, &spec, as_of, interval)) {
+                Some(p) => Ok(p),
+                None => compute(&engine, &spec, as_of, interval).await,
+            }
+        })
         .await
 }
 

@@ -185,8 +185,15 @@ impl StepMatcher {
         r: usize,
     ) -> (u64, Option<serde_json::Map<String, Value>>) {
         let mut steps = self.plain_steps(events, r);
+        // Parsed only when a filtered step or a property breakdown can use it: live-buffer
+        // rows include every event of the campaign.
+        let wanted = matches!(self.breakdown, Some(Breakdown::Property(_)))
+            || self
+                .filtered
+                .iter()
+                .any(|(_, s)| s.event == events.value(r));
         let props: Option<serde_json::Map<String, Value>> = props_col
-            .filter(|p| p.is_valid(r))
+            .filter(|p| wanted && p.is_valid(r))
             .and_then(|p| serde_json::from_str(p.value(r)).ok());
         for (i, s) in &self.filtered {
             if s.event == events.value(r)

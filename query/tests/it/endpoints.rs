@@ -298,7 +298,7 @@ async fn a_query_past_the_timeout_is_a_504_naming_the_limit() {
                 files: std::sync::Arc::new(Vec::new()),
                 batches: Vec::new(),
                 batches_pushed: 0,
-                retired: Vec::new(),
+                retired: Default::default(),
             },
         )),
         std::path::Path::new("."),
