@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::campaign::{AlertConfig, CampaignConfig};
 use crate::error::Result;
-use crate::funnel;
+use crate::funnel::{self, FunnelReport};
 use crate::session::QueryEngine;
 
 /// How often rules are evaluated.
@@ -106,9 +106,24 @@ impl Alerts {
     pub async fn evaluate(&self, engine: &QueryEngine, now: Micros) -> Vec<Transition> {
         let mut found: BTreeMap<Key, FiringAlert> = BTreeMap::new();
         for campaign in self.campaigns.iter() {
+            // Rules over the same trailing period ask the same question: one funnel each.
+            let mut reports: Vec<(Duration, std::result::Result<FunnelReport, String>)> =
+                Vec::new();
             for rule in &campaign.alerts {
-                match self.evaluate_rule(engine, campaign, rule, now).await {
-                    Ok(firing) => found.extend(firing.into_iter().map(|a| (a.key(), a))),
+                if !reports.iter().any(|(over, _)| *over == rule.over) {
+                    let report = trailing_report(engine, campaign, rule.over, now).await;
+                    reports.push((rule.over, report.map_err(|e| e.to_string())));
+                }
+                let (_, report) = reports
+                    .iter()
+                    .find(|(over, _)| *over == rule.over)
+                    .expect("computed above");
+                match report {
+                    Ok(report) => found.extend(
+                        rule_firing(campaign, rule, report, now)
+                            .into_iter()
+                            .map(|a| (a.key(), a)),
+                    ),
                     Err(e) => {
                         // One failing funnel (a limit, a timeout) must not resolve this
                         // rule's alerts or hold up the other rules: keep its last state.
@@ -156,39 +171,6 @@ impl Alerts {
             .find(|c| c.name == key.0)
             .and_then(|c| c.alerts.iter().find(|r| r.step == key.2))
             .and_then(|r| r.webhook.clone())
-    }
-
-    /// The channels for which `rule` fires at `now`.
-    async fn evaluate_rule(
-        &self,
-        engine: &QueryEngine,
-        campaign: &CampaignConfig,
-        rule: &AlertConfig,
-        now: Micros,
-    ) -> Result<Vec<FiringAlert>> {
-        let from = format_micros(now - rule.over.as_micros() as i64);
-        let spec = campaign.spec(Some(from), Some(format_micros(now)), Some("channel".into()))?;
-        let Some(k) = spec.steps.iter().position(|s| s.event == rule.step) else {
-            return Ok(Vec::new());
-        };
-        let report = funnel::funnel(engine, &spec).await?;
-        Ok(report
-            .groups
-            .iter()
-            .filter(|g| {
-                g.stats.counts[0] >= rule.min_users
-                    && g.stats.step_conversion[k] < rule.min_step_conversion
-            })
-            .map(|g| FiringAlert {
-                campaign: campaign.name.clone(),
-                channel: g.value.clone(),
-                step: rule.step.clone(),
-                observed: g.stats.step_conversion[k],
-                threshold: rule.min_step_conversion,
-                users: g.stats.counts[0],
-                since: format_micros(now),
-            })
-            .collect())
     }
 
     fn persist(&self, firing: &[FiringAlert]) {
@@ -245,4 +227,45 @@ impl Alerts {
             self.notify(transitions);
         }
     }
+}
+
+/// The campaign's funnel by channel over the trailing `over` before `now`.
+async fn trailing_report(
+    engine: &QueryEngine,
+    campaign: &CampaignConfig,
+    over: Duration,
+    now: Micros,
+) -> Result<FunnelReport> {
+    let from = format_micros(now - over.as_micros() as i64);
+    let spec = campaign.spec(Some(from), Some(format_micros(now)), Some("channel".into()))?;
+    funnel::funnel(engine, &spec).await
+}
+
+/// The channels of `report` for which `rule` fires at `now`.
+fn rule_firing(
+    campaign: &CampaignConfig,
+    rule: &AlertConfig,
+    report: &FunnelReport,
+    now: Micros,
+) -> Vec<FiringAlert> {
+    let Some(k) = report.header.steps.iter().position(|s| *s == rule.step) else {
+        return Vec::new();
+    };
+    report
+        .groups
+        .iter()
+        .filter(|g| {
+            g.stats.counts[0] >= rule.min_users
+                && g.stats.step_conversion[k] < rule.min_step_conversion
+        })
+        .map(|g| FiringAlert {
+            campaign: campaign.name.clone(),
+            channel: g.value.clone(),
+            step: rule.step.clone(),
+            observed: g.stats.step_conversion[k],
+            threshold: rule.min_step_conversion,
+            users: g.stats.counts[0],
+            since: format_micros(now),
+        })
+        .collect()
 }
