@@ -11,6 +11,7 @@ use funnelhouse_schemas::arrow::col;
 use funnelhouse_schemas::event_schema;
 
 use crate::dedup::id_hash;
+use crate::disk::Disk;
 use crate::error::Result;
 use crate::manifest::{FileMeta, Manifest};
 use crate::parquet_file::{read_batches, read_file, write_sorted_file};
@@ -50,6 +51,7 @@ pub struct CompactOutcome {
 /// Compact the partitions that need it (only those in `only`, when given) and commit the
 /// manifest. Returns what changed; `replaced` files are still on disk.
 pub fn compact(
+    disk: &dyn Disk,
     data_dir: &Path,
     manifest: &mut Manifest,
     only: Option<&HashSet<String>>,
@@ -103,7 +105,7 @@ pub fn compact(
             }
         }
         let kept = first_received_per_id(&merged, seen)?;
-        let meta = write_sorted_file(data_dir, &kept, partition, "c")?;
+        let meta = write_sorted_file(disk, data_dir, &kept, partition, "c")?;
         tracing::info!(
             partition,
             files = small.len(),
@@ -122,7 +124,7 @@ pub fn compact(
         let replaced: HashSet<&String> = out.replaced.iter().collect();
         manifest.files.retain(|f| !replaced.contains(&f.path));
         manifest.files.extend(added);
-        manifest.commit(data_dir)?;
+        manifest.commit(disk, data_dir)?;
     }
     Ok(out)
 }

@@ -9,6 +9,7 @@ use std::fs;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Path, PathBuf};
 
+use crate::disk::Disk;
 use crate::error::{IngestError, Result};
 use crate::fsutil::write_atomic;
 
@@ -124,8 +125,8 @@ impl IdsFile {
         dir.join(format!("{seq:020}.ids"))
     }
 
-    pub fn write(dir: &Path, seq: u64, mut pairs: Vec<(i64, u128)>) -> Result<()> {
-        crate::fsutil::create_dir_durable(dir)?;
+    pub fn write(disk: &dyn Disk, dir: &Path, seq: u64, mut pairs: Vec<(i64, u128)>) -> Result<()> {
+        crate::fsutil::create_dir_durable(disk, dir)?;
         pairs.sort_unstable();
         let mut buf = Vec::with_capacity(16 + pairs.len() * 24);
         buf.extend_from_slice(Self::MAGIC);
@@ -135,7 +136,7 @@ impl IdsFile {
         }
         let crc = crc32fast::hash(&buf);
         buf.extend_from_slice(&crc.to_le_bytes());
-        write_atomic(&Self::path(dir, seq), &buf)
+        write_atomic(disk, &Self::path(dir, seq), &buf)
     }
 
     pub fn read(path: &Path) -> Result<Vec<(i64, u128)>> {
@@ -209,7 +210,7 @@ mod tests {
     #[test]
     fn ids_file_round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        IdsFile::write(dir.path(), 7, vec![(2, 20), (1, 10)]).unwrap();
+        IdsFile::write(&crate::disk::OsDisk, dir.path(), 7, vec![(2, 20), (1, 10)]).unwrap();
         let files = IdsFile::list(dir.path()).unwrap();
         assert_eq!(files.len(), 1);
         assert_eq!(IdsFile::read(&files[0].1).unwrap(), vec![(1, 10), (2, 20)]);

@@ -5,51 +5,50 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
 
+use crate::disk::Disk;
 use crate::error::{IngestError, Result};
 
 /// Make a directory entry change (create, rename, delete) durable.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(IngestError::io(dir))
+pub fn sync_dir(disk: &dyn Disk, dir: &Path) -> Result<()> {
+    disk.sync_dir(dir).map_err(IngestError::io(dir))
 }
 
 /// Create `dir` and any missing parents, each fsynced into its parent, so a file made
 /// durable inside it cannot vanish with a directory entry lost in a power cut.
-pub fn create_dir_durable(dir: &Path) -> Result<()> {
+pub fn create_dir_durable(disk: &dyn Disk, dir: &Path) -> Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        create_dir_durable(parent)?;
-    }
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    create_dir_durable(disk, parent)?;
     match fs::create_dir(dir) {
         Ok(()) => {}
         // Made meanwhile by another thread: the sync below covers it all the same.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(IngestError::io(dir)(e)),
     }
-    sync_dir(
-        dir.parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new(".")),
-    )
+    sync_dir(disk, parent)
 }
 
 /// Replace `path` with `bytes` atomically: readers and crashes see the old or the new file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(disk: &dyn Disk, path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(IngestError::io(&tmp))?;
+    // Left by a crash, or by an earlier attempt that failed.
+    let _ = fs::remove_file(&tmp);
+    let mut f = disk.create(&tmp).map_err(IngestError::io(&tmp))?;
     f.write_all(bytes)
-        .and_then(|()| f.sync_all())
+        .and_then(|()| f.sync())
         .map_err(IngestError::io(&tmp))?;
-    rename_durable(&tmp, path)
+    rename_durable(disk, &tmp, path)
 }
 
 /// Rename a file that is already fsynced, and fsync the target directory.
-pub fn rename_durable(from: &Path, to: &Path) -> Result<()> {
-    fs::rename(from, to).map_err(IngestError::io(to))?;
-    sync_dir(to.parent().unwrap_or(Path::new(".")))
+pub fn rename_durable(disk: &dyn Disk, from: &Path, to: &Path) -> Result<()> {
+    disk.rename(from, to).map_err(IngestError::io(to))?;
+    sync_dir(disk, to.parent().unwrap_or(Path::new(".")))
 }
 
 /// An exclusive lock on `data_dir/LOCK` (which holds the owner's pid), held while a

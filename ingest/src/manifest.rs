@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::disk::Disk;
 use crate::error::{IngestError, Result};
 use crate::fsutil::write_atomic;
 
@@ -49,9 +50,9 @@ impl Manifest {
         }
     }
 
-    pub fn commit(&self, data_dir: &Path) -> Result<()> {
+    pub fn commit(&self, disk: &dyn Disk, data_dir: &Path) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(self).expect("manifest serialises");
-        write_atomic(&data_dir.join(MANIFEST), &bytes)
+        write_atomic(disk, &data_dir.join(MANIFEST), &bytes)
     }
 
     pub fn total_rows(&self) -> u64 {

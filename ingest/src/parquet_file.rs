@@ -18,6 +18,7 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
 use crate::config::Partitioning;
+use crate::disk::Disk;
 use crate::error::{IngestError, Result};
 use crate::fsutil::rename_durable;
 use crate::manifest::{EVENTS_DIR, FileMeta};
@@ -124,6 +125,7 @@ fn sort_batch(batch: &RecordBatch, leading: Option<&[i64]>) -> Result<RecordBatc
 /// Write `batches` as one sorted file per partition under `<data_dir>/events/`.
 /// Each file is fsynced and renamed into place; committing them is the caller's step.
 pub fn write_partitioned(
+    disk: &dyn Disk,
     data_dir: &Path,
     batches: &[RecordBatch],
     partitioning: Partitioning,
@@ -154,6 +156,7 @@ pub fn write_partitioned(
             .count();
         let part = sorted.slice(start, len);
         files.push(write_file(
+            disk,
             data_dir,
             &part,
             &partition_of(ts[start], partitioning),
@@ -166,15 +169,23 @@ pub fn write_partitioned(
 
 /// Sort and write one file into `partition`.
 pub fn write_sorted_file(
+    disk: &dyn Disk,
     data_dir: &Path,
     batch: &RecordBatch,
     partition: &str,
     name_prefix: &str,
 ) -> Result<FileMeta> {
-    write_file(data_dir, &sort_batch(batch, None)?, partition, name_prefix)
+    write_file(
+        disk,
+        data_dir,
+        &sort_batch(batch, None)?,
+        partition,
+        name_prefix,
+    )
 }
 
 fn write_file(
+    disk: &dyn Disk,
     data_dir: &Path,
     sorted: &RecordBatch,
     partition: &str,
@@ -182,17 +193,19 @@ fn write_file(
 ) -> Result<FileMeta> {
     let rel_dir = format!("{EVENTS_DIR}/{partition}");
     let dir = data_dir.join(&rel_dir);
-    crate::fsutil::create_dir_durable(&dir)?;
+    crate::fsutil::create_dir_durable(disk, &dir)?;
     let name = format!("{name_prefix}-{}.parquet", uuid::Uuid::now_v7().simple());
     let final_path = dir.join(&name);
     let tmp = final_path.with_extension("tmp");
-    let file = File::create(&tmp).map_err(IngestError::io(&tmp))?;
+    let file = disk.create(&tmp).map_err(IngestError::io(&tmp))?;
     let mut writer = ArrowWriter::try_new(file, event_schema(), Some(writer_properties()))?;
     writer.write(sorted)?;
-    let file = writer.into_inner()?;
-    file.sync_all().map_err(IngestError::io(&tmp))?;
-    let bytes = file.metadata().map_err(IngestError::io(&tmp))?.len();
-    rename_durable(&tmp, &final_path)?;
+    let mut file = writer.into_inner()?;
+    file.sync().map_err(IngestError::io(&tmp))?;
+    let bytes = std::fs::metadata(&tmp)
+        .map_err(IngestError::io(&tmp))?
+        .len();
+    rename_durable(disk, &tmp, &final_path)?;
     let ts = ts_column(sorted).values();
     Ok(FileMeta {
         path: format!("{rel_dir}/{name}"),

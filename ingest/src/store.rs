@@ -10,8 +10,8 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -28,6 +28,7 @@ use crate::buffer::{LiveBuffer, Snapshot};
 use crate::compact::{CompactOptions, compact};
 use crate::config::IngestConfig;
 use crate::dedup::{DedupIndex, IdsFile, id_hash};
+use crate::disk::{Disk, OsDisk};
 use crate::error::{IngestError, Result};
 use crate::fsutil::DataDirLock;
 use crate::manifest::Manifest;
@@ -94,6 +95,7 @@ pub struct EventStore {
     inflight: Arc<AtomicUsize>,
     max_buffer_bytes: usize,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    stopping: Arc<AtomicBool>,
     /// Released at shutdown (or by the kernel when the process dies).
     lock: Mutex<Option<DataDirLock>>,
 }
@@ -107,7 +109,17 @@ impl EventStore {
         cfg: &IngestConfig,
         metrics: Arc<Metrics>,
     ) -> Result<(EventStore, OpenReport)> {
-        crate::fsutil::create_dir_durable(data_dir)?;
+        Self::open_on(Arc::new(OsDisk), data_dir, cfg, metrics)
+    }
+
+    /// [`Self::open`], writing through `disk` (tests pass a [`crate::FaultDisk`]).
+    pub fn open_on(
+        disk: Arc<dyn Disk>,
+        data_dir: &Path,
+        cfg: &IngestConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<(EventStore, OpenReport)> {
+        crate::fsutil::create_dir_durable(&*disk, data_dir)?;
         let lock = DataDirLock::acquire(data_dir)?;
         let manifest = Manifest::load(data_dir)?;
         let mut report = OpenReport {
@@ -137,6 +149,7 @@ impl EventStore {
         let (wal, stats) = Wal::open(
             &data_dir.join("wal"),
             manifest.wal_flushed_through,
+            Arc::clone(&disk),
             |events| {
                 let mut hashes = Vec::with_capacity(events.len());
                 let fresh: Vec<&Event> = events
@@ -170,7 +183,11 @@ impl EventStore {
             flush_bytes: cfg.flush_bytes.0,
             flush_interval: cfg.flush_interval,
         };
+        let stopping = Arc::new(AtomicBool::new(false));
         let flusher = Flusher {
+            disk,
+            stopping: Arc::clone(&stopping),
+            failures_while_stopping: 0,
             data_dir: data_dir.to_path_buf(),
             manifest,
             buffer: Arc::clone(&buffer),
@@ -200,6 +217,7 @@ impl EventStore {
             inflight: Arc::new(AtomicUsize::new(0)),
             max_buffer_bytes: cfg.max_buffer_bytes.0,
             threads: Mutex::new(threads),
+            stopping,
             lock: Mutex::new(Some(lock)),
         };
         Ok((store, report))
@@ -301,11 +319,12 @@ impl EventStore {
 
     /// Refuse new writes, flush the live buffer and stop the threads.
     pub async fn shutdown(&self) -> Result<()> {
+        self.stopping.store(true, Relaxed);
         let (reply, rx) = oneshot::channel();
         let sent = self.send(Command::Shutdown(reply));
         self.tx.lock().expect("store lock").take();
         let result = match sent {
-            Ok(()) => rx.await.map_err(|_| IngestError::ShuttingDown)?,
+            Ok(()) => rx.await.unwrap_or(Err(IngestError::ShuttingDown)),
             Err(_) => Ok(()),
         };
         let threads = std::mem::take(&mut *self.threads.lock().expect("store lock"));
@@ -486,6 +505,10 @@ impl Writer {
 // ---- the flusher thread: Parquet, commit, compaction ----
 
 struct Flusher {
+    disk: Arc<dyn Disk>,
+    /// Set by [`EventStore::shutdown`].
+    stopping: Arc<AtomicBool>,
+    failures_while_stopping: u32,
     data_dir: PathBuf,
     manifest: Manifest,
     buffer: Arc<LiveBuffer>,
@@ -514,14 +537,27 @@ impl Flusher {
     }
 
     /// A failed flush loses nothing (the WAL still has the events) but must not be skipped:
-    /// retry until it commits, while back-pressure keeps memory bounded.
+    /// retry until it commits, while back-pressure keeps memory bounded. Once the store
+    /// is stopping, a few failures in all end the retries of this and every queued flush,
+    /// so a server whose disk fails can still stop: the events stay in the WAL and are
+    /// replayed at the next start.
     fn flush_until_done(&mut self, seq: u64, batches: &[RecordBatch]) -> Result<()> {
+        const FAILURES_WHEN_STOPPING: u32 = 3;
         let mut delay = Duration::from_millis(200);
         loop {
             match self.flush(seq, batches) {
                 Ok(()) => {
                     self.metrics.flush_failing.store(0, Relaxed);
                     return Ok(());
+                }
+                Err(e)
+                    if self.stopping.load(Relaxed) && {
+                        self.failures_while_stopping += 1;
+                        self.failures_while_stopping >= FAILURES_WHEN_STOPPING
+                    } =>
+                {
+                    tracing::error!(error = %e, "flush failed while stopping; its events stay in the WAL and are replayed at the next start");
+                    return Err(e);
                 }
                 Err(e) => {
                     // /readyz answers 503 until a flush commits again.
@@ -537,14 +573,15 @@ impl Flusher {
     fn flush(&mut self, seq: u64, batches: &[RecordBatch]) -> Result<()> {
         let start = Instant::now();
         let prefix = format!("f{seq:020}");
-        let files = write_partitioned(&self.data_dir, batches, self.cfg.partition, &prefix)?;
-        IdsFile::write(&self.data_dir.join("dedup"), seq, id_pairs(batches))?;
+        let disk = &*self.disk;
+        let files = write_partitioned(disk, &self.data_dir, batches, self.cfg.partition, &prefix)?;
+        IdsFile::write(disk, &self.data_dir.join("dedup"), seq, id_pairs(batches))?;
         let mut next = self.manifest.clone();
         next.wal_flushed_through = seq;
         let touched: HashSet<String> = files.iter().map(|f| f.partition.clone()).collect();
         let rows: u64 = files.iter().map(|f| f.rows).sum();
         next.files.extend(files);
-        next.commit(&self.data_dir)?;
+        next.commit(disk, &self.data_dir)?;
         self.manifest = next;
         self.buffer.finish_flush(seq, self.manifest.files.clone());
         Metrics::add_duration(
@@ -570,7 +607,13 @@ impl Flusher {
         let start = Instant::now();
         let opts = CompactOptions::from_config(&self.cfg, self.cfg.compact_min_files);
         let mut next = self.manifest.clone();
-        match compact(&self.data_dir, &mut next, Some(partitions), opts) {
+        match compact(
+            &*self.disk,
+            &self.data_dir,
+            &mut next,
+            Some(partitions),
+            opts,
+        ) {
             Ok(outcome) if outcome.partitions > 0 => {
                 self.manifest = next;
                 self.buffer.set_files(self.manifest.files.clone());
@@ -648,6 +691,7 @@ pub fn compact_data_dir(
     let mut manifest = Manifest::load(data_dir)?;
     manifest.remove_orphans(data_dir)?;
     let outcome = compact(
+        &OsDisk,
         data_dir,
         &mut manifest,
         None,

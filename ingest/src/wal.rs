@@ -7,27 +7,36 @@
 //!   last valid record; a bad record with valid ones after it is damage, not a tail: open
 //!   refuses, naming the segment and offset, and [`check`] / [`salvage`] report it and
 //!   keep every readable record;
-//! - [`Wal::append`] writes a record and fsyncs it: only then may a request be acknowledged;
+//! - [`Wal::append`] writes a record and fsyncs it: only then may a request be acknowledged.
+//!   A failed append is cut back, and the segment is abandoned: the next append opens a
+//!   new segment whose first record is a cut mark, "segment N ends at byte L", so replay
+//!   ignores whatever the failed write left in N even when the cut itself failed;
 //! - [`Wal::rotate`] closes the current segment so its events can be flushed to Parquet;
 //! - [`Wal::remove_through`] deletes segments whose events are in committed Parquet files.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use funnelhouse_schemas::Event;
 
+use crate::disk::{Disk, DiskFile};
 use crate::error::{IngestError, Result};
 
 const HEADER: usize = 8;
 const SUFFIX: &str = ".wal";
+/// First bytes of a cut mark's payload; an events payload starts with its event count,
+/// which never comes near this.
+const CUT_MARK: u32 = u32::MAX;
+const CUT_MARK_LEN: usize = 4 + 8 + 8;
 
 /// The segment being appended to.
 pub struct WalSegment {
     seq: u64,
     path: PathBuf,
-    file: File,
+    file: Box<dyn DiskFile>,
     len: u64,
 }
 
@@ -42,7 +51,9 @@ pub struct ReplayStats {
 
 pub struct Wal {
     dir: PathBuf,
+    disk: Arc<dyn Disk>,
     current: WalSegment,
+    next_seq: u64,
     /// The last append to `current` failed: the next one starts a new segment.
     failed: bool,
 }
@@ -53,19 +64,22 @@ impl Wal {
     pub fn open(
         dir: &Path,
         flushed_through: u64,
+        disk: Arc<dyn Disk>,
         mut on_record: impl FnMut(Vec<Event>),
     ) -> Result<(Wal, ReplayStats)> {
-        crate::fsutil::create_dir_durable(dir)?;
+        crate::fsutil::create_dir_durable(&*disk, dir)?;
         let mut stats = ReplayStats::default();
         let mut last = flushed_through;
-        for (seq, path) in list_segments(dir)? {
+        let segments = list_segments(dir)?;
+        let cuts = cut_marks(&segments)?;
+        for (seq, path) in segments {
             last = last.max(seq);
             if seq <= flushed_through {
                 fs::remove_file(&path).map_err(IngestError::io(&path))?;
                 continue;
             }
             stats.segments += 1;
-            let data = fs::read(&path).map_err(IngestError::io(&path))?;
+            let data = read_segment(seq, &path, &cuts)?;
             let scan = scan_segment(&data);
             if let Some(damage) = scan.damage.filter(|d| d.records_after > 0) {
                 return Err(IngestError::Corrupt {
@@ -75,13 +89,14 @@ impl Wal {
                     ),
                 });
             }
-            for (_, events) in scan.records {
+            // A cut mark is an empty record.
+            for (_, events) in scan.records.into_iter().filter(|(_, e)| !e.is_empty()) {
                 stats.records += 1;
                 stats.events += events.len();
                 on_record(events);
             }
             let dropped = data.len() as u64 - scan.valid_prefix as u64;
-            if dropped > 0 {
+            if dropped > 0 && !cuts.contains_key(&seq) {
                 tracing::warn!(
                     segment = %path.display(),
                     dropped_bytes = dropped,
@@ -98,11 +113,13 @@ impl Wal {
                 stats.dropped_bytes += dropped;
             }
         }
-        let current = WalSegment::create(dir, last + 1)?;
+        let current = WalSegment::create(&*disk, dir, last + 1)?;
         Ok((
             Wal {
                 dir: dir.to_path_buf(),
+                disk,
                 current,
+                next_seq: last + 2,
                 failed: false,
             },
             stats,
@@ -113,31 +130,20 @@ impl Wal {
     /// length, so a record that was not acknowledged is not replayed either, and it is
     /// never appended to again: after a failed write or fsync its state on disk is
     /// unknown, and later acknowledged records must not land after garbage. The next
-    /// append starts a new segment (replay cuts any leftover as a tail).
+    /// append starts a new segment with a cut mark for this one, which replay obeys even
+    /// if the cut here failed or was lost.
     pub fn append(&mut self, payload: &[u8]) -> std::io::Result<std::time::Duration> {
         if self.failed {
-            let next = WalSegment::create(&self.dir, self.current.seq + 1)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            self.current = next;
-            self.failed = false;
+            self.start_after_failure()?;
         }
         let seg = &mut self.current;
-        let mut frame = Vec::with_capacity(HEADER + payload.len());
-        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        frame.extend_from_slice(payload);
-        let result = seg.file.write_all(&frame).and_then(|()| {
-            let start = Instant::now();
-            seg.file.sync_data()?;
-            Ok(start.elapsed())
-        });
-        match result {
+        match write_record(&mut *seg.file, payload) {
             Ok(d) => {
-                seg.len += frame.len() as u64;
+                seg.len += (HEADER + payload.len()) as u64;
                 Ok(d)
             }
             Err(e) => {
-                if let Err(cut) = seg.file.set_len(seg.len).and_then(|()| seg.file.sync_all()) {
+                if let Err(cut) = seg.file.set_len(seg.len).and_then(|()| seg.file.sync()) {
                     tracing::error!(segment = %seg.path.display(), error = %cut, "cannot cut a failed WAL append; the next append starts a new segment");
                 }
                 self.failed = true;
@@ -146,12 +152,49 @@ impl Wal {
         }
     }
 
-    /// Close the current segment and start the next one; returns the closed segment's number.
-    pub fn rotate(&mut self) -> Result<u64> {
-        let next = WalSegment::create(&self.dir, self.current.seq + 1)?;
-        let closed = std::mem::replace(&mut self.current, next);
+    /// Open the next segment and make its first record the cut mark of the failed one.
+    /// Until that mark is durable, nothing more is appended (and so nothing acknowledged).
+    /// A segment whose mark could not be written is left behind (at most a torn tail,
+    /// or the same mark) and the next attempt takes the number after it.
+    fn start_after_failure(&mut self) -> std::io::Result<()> {
+        let mut next = self
+            .next_segment()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut mark = Vec::with_capacity(CUT_MARK_LEN);
+        mark.extend_from_slice(&CUT_MARK.to_le_bytes());
+        mark.extend_from_slice(&self.current.seq.to_le_bytes());
+        mark.extend_from_slice(&self.current.len.to_le_bytes());
+        write_record(&mut *next.file, &mark)?;
+        next.len = (HEADER + mark.len()) as u64;
+        let failed = std::mem::replace(&mut self.current, next);
+        tracing::warn!(
+            abandoned = %failed.path.display(),
+            valid_bytes = failed.len,
+            segment = %self.current.path.display(),
+            "WAL continues in a new segment after a failed append"
+        );
         self.failed = false;
+        Ok(())
+    }
+
+    /// Close the current segment and start the next one; returns the closed segment's number.
+    /// After a failed append the closed segment is cut by the next one's mark.
+    pub fn rotate(&mut self) -> Result<u64> {
+        if self.failed {
+            self.start_after_failure()
+                .map_err(IngestError::io(&self.dir))?;
+        }
+        let next = self.next_segment()?;
+        let closed = std::mem::replace(&mut self.current, next);
         Ok(closed.seq)
+    }
+
+    /// Create the next segment. Every attempt takes a new number, so one whose file was
+    /// created before a failure is never created again.
+    fn next_segment(&mut self) -> Result<WalSegment> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        WalSegment::create(&*self.disk, &self.dir, seq)
     }
 
     /// Events of the segments after `flushed_through`, read without changing anything
@@ -161,16 +204,23 @@ impl Wal {
         if !dir.exists() {
             return Ok(out);
         }
-        for (seq, path) in list_segments(dir)? {
+        let segments = list_segments(dir)?;
+        let cuts = cut_marks(&segments)?;
+        for (seq, path) in segments {
             if seq <= flushed_through {
                 continue;
             }
-            let data = match fs::read(&path) {
+            let data = match read_segment(seq, &path, &cuts) {
                 Ok(d) => d,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(IngestError::io(&path)(e)),
+                Err(IngestError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e),
             };
-            out.extend(scan_segment(&data).records.into_iter().map(|(_, e)| e));
+            let records = scan_segment(&data).records.into_iter();
+            out.extend(records.map(|(_, e)| e).filter(|e| !e.is_empty()));
         }
         Ok(out)
     }
@@ -199,15 +249,23 @@ impl Wal {
     }
 }
 
+/// Write one framed record and fsync it; returns the fsync's duration.
+fn write_record(file: &mut dyn DiskFile, payload: &[u8]) -> std::io::Result<std::time::Duration> {
+    let mut frame = Vec::with_capacity(HEADER + payload.len());
+    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    frame.extend_from_slice(payload);
+    file.write_all(&frame)?;
+    let start = Instant::now();
+    file.sync()?;
+    Ok(start.elapsed())
+}
+
 impl WalSegment {
-    fn create(dir: &Path, seq: u64) -> Result<Self> {
+    fn create(disk: &dyn Disk, dir: &Path, seq: u64) -> Result<Self> {
         let path = dir.join(format!("{seq:020}{SUFFIX}"));
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)
-            .map_err(IngestError::io(&path))?;
-        crate::fsutil::sync_dir(dir)?;
+        let file = disk.create(&path).map_err(IngestError::io(&path))?;
+        crate::fsutil::sync_dir(disk, dir)?;
         Ok(WalSegment {
             seq,
             path,
@@ -219,6 +277,37 @@ impl WalSegment {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// The cut marks of `segments`: segment number -> bytes of it that count.
+fn cut_marks(segments: &[(u64, PathBuf)]) -> Result<HashMap<u64, u64>> {
+    use std::io::Read;
+    let mut cuts = HashMap::new();
+    for (_, path) in segments {
+        let mut head = Vec::with_capacity(HEADER + CUT_MARK_LEN);
+        match fs::File::open(path) {
+            Ok(f) => f
+                .take((HEADER + CUT_MARK_LEN) as u64)
+                .read_to_end(&mut head)
+                .map_err(IngestError::io(path))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(IngestError::io(path)(e)),
+        };
+        if let Some((seq, len)) = read_record(&head, 0).ok().and_then(|r| r.cut) {
+            let at = cuts.entry(seq).or_insert(len);
+            *at = (*at).min(len);
+        }
+    }
+    Ok(cuts)
+}
+
+/// A segment's bytes, up to its cut mark if a later segment has one.
+fn read_segment(seq: u64, path: &Path, cuts: &HashMap<u64, u64>) -> Result<Vec<u8>> {
+    let mut data = fs::read(path).map_err(IngestError::io(path))?;
+    if let Some(&len) = cuts.get(&seq) {
+        data.truncate(len as usize);
+    }
+    Ok(data)
 }
 
 fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
@@ -267,8 +356,16 @@ impl std::fmt::Display for Damage {
     }
 }
 
-/// The record at `pos`: its events and length, or why it is unreadable.
-fn read_record(data: &[u8], pos: usize) -> std::result::Result<(Vec<Event>, usize), String> {
+/// A readable record: the events of a group commit, or a cut mark.
+struct Record {
+    events: Vec<Event>,
+    /// (segment, valid bytes) of a cut mark.
+    cut: Option<(u64, u64)>,
+    len: usize,
+}
+
+/// The record at `pos`, or why it is unreadable.
+fn read_record(data: &[u8], pos: usize) -> std::result::Result<Record, String> {
     let header = data
         .get(pos..pos + HEADER)
         .ok_or("header cut short (torn write)")?;
@@ -284,8 +381,19 @@ fn read_record(data: &[u8], pos: usize) -> std::result::Result<(Vec<Event>, usiz
     if crc32fast::hash(payload) != crc {
         return Err("checksum mismatch".into());
     }
-    let events = decode_events(payload)?;
-    Ok((events, HEADER + len))
+    if len == CUT_MARK_LEN && payload[..4] == CUT_MARK.to_le_bytes() {
+        let word = |i: usize| u64::from_le_bytes(payload[i..i + 8].try_into().unwrap());
+        return Ok(Record {
+            events: Vec::new(),
+            cut: Some((word(4), word(12))),
+            len: HEADER + len,
+        });
+    }
+    Ok(Record {
+        events: decode_events(payload)?,
+        cut: None,
+        len: HEADER + len,
+    })
 }
 
 /// Read a segment: records from the start until one is unreadable; then, to tell a
@@ -295,9 +403,9 @@ pub fn scan_segment(data: &[u8]) -> SegmentScan {
     let mut pos = 0;
     while pos < data.len() {
         match read_record(data, pos) {
-            Ok((events, len)) => {
-                scan.records.push((pos, events));
-                pos += len;
+            Ok(r) => {
+                scan.records.push((pos, r.events));
+                pos += r.len;
             }
             Err(reason) => {
                 scan.damage = Some(Damage {
@@ -320,10 +428,10 @@ pub fn scan_segment(data: &[u8]) -> SegmentScan {
     let mut at = pos + 1;
     while at + HEADER <= data.len() {
         match read_record(data, at) {
-            Ok((events, len)) => {
-                scan.records.push((at, events));
+            Ok(r) => {
+                scan.records.push((at, r.events));
                 damage.records_after += 1;
-                at += len;
+                at += r.len;
             }
             Err(_) => at += 1,
         }
@@ -360,8 +468,10 @@ pub fn check(wal_dir: &Path) -> Result<Vec<SegmentReport>> {
     if !wal_dir.exists() {
         return Ok(out);
     }
-    for (_, path) in list_segments(wal_dir)? {
-        let data = fs::read(&path).map_err(IngestError::io(&path))?;
+    let segments = list_segments(wal_dir)?;
+    let cuts = cut_marks(&segments)?;
+    for (seq, path) in segments {
+        let data = read_segment(seq, &path, &cuts)?;
         out.push(SegmentReport::of(path, &data, &scan_segment(&data)));
     }
     Ok(out)
@@ -379,17 +489,14 @@ pub fn salvage(wal_dir: &Path) -> Result<Vec<SegmentReport>> {
         let path = &report.path;
         let data = fs::read(path).map_err(IngestError::io(path))?;
         let mut clean = Vec::with_capacity(data.len());
-        for (_, events) in scan_segment(&data).records {
-            let mut payload = Vec::new();
-            encode_events(events.iter(), &mut payload);
-            clean.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            clean.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-            clean.extend_from_slice(&payload);
+        for (at, _) in scan_segment(&data).records {
+            let len = read_record(&data, at).map_or(0, |r| r.len);
+            clean.extend_from_slice(&data[at..at + len]);
         }
         let mut keep = path.clone().into_os_string();
         keep.push(".damaged");
         fs::copy(path, &keep).map_err(IngestError::io(PathBuf::from(&keep)))?;
-        crate::fsutil::write_atomic(path, &clean)?;
+        crate::fsutil::write_atomic(&crate::disk::OsDisk, path, &clean)?;
         out.push(report);
     }
     Ok(out)
@@ -497,7 +604,10 @@ mod tests {
     #[test]
     fn torn_tail_is_cut_and_earlier_records_survive() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = Wal::open(dir.path(), 0, |_| panic!("empty")).unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 0, Arc::new(crate::disk::OsDisk), |_| {
+            panic!("empty")
+        })
+        .unwrap();
         for i in 0..3 {
             let mut buf = Vec::new();
             let e = event(&format!("e{i}"), (i == 1).then_some("{\"a\":1}"));
@@ -510,7 +620,10 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(full - 3).unwrap();
         let mut seen = Vec::new();
-        let (wal, stats) = Wal::open(dir.path(), 0, |evs| seen.extend(evs)).unwrap();
+        let (wal, stats) = Wal::open(dir.path(), 0, Arc::new(crate::disk::OsDisk), |evs| {
+            seen.extend(evs)
+        })
+        .unwrap();
         assert_eq!(
             seen,
             vec![event("e0", None), event("e1", Some("{\"a\":1}"))]

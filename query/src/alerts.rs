@@ -175,7 +175,11 @@ impl Alerts {
 
     fn persist(&self, firing: &[FiringAlert]) {
         let bytes = serde_json::to_vec_pretty(firing).expect("alerts serialise");
-        if let Err(e) = funnelhouse_ingest::fsutil::write_atomic(&self.state_file, &bytes) {
+        if let Err(e) = funnelhouse_ingest::fsutil::write_atomic(
+            &funnelhouse_ingest::disk::OsDisk,
+            &self.state_file,
+            &bytes,
+        ) {
             tracing::warn!(file = %self.state_file.display(), error = %e, "cannot save alert state");
         }
     }

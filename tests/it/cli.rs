@@ -157,9 +157,14 @@ async fn import_reads_ndjson_csv_and_parquet_and_exits_by_outcome() {
     );
     let batch: RecordBatch = events_to_batch(&sample_events("p", 300));
     let parquet_dir = tempfile::tempdir().unwrap();
-    let meta =
-        funnelhouse_ingest::parquet_file::write_sorted_file(parquet_dir.path(), &batch, "x", "p")
-            .unwrap();
+    let meta = funnelhouse_ingest::parquet_file::write_sorted_file(
+        &funnelhouse_ingest::disk::OsDisk,
+        parquet_dir.path(),
+        &batch,
+        "x",
+        "p",
+    )
+    .unwrap();
     let parquet = parquet_dir.path().join(&meta.path);
 
     let import = |file: &std::path::Path| {

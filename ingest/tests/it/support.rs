@@ -7,7 +7,9 @@ use std::sync::Arc;
 use arrow::array::{Array, AsArray, RecordBatch};
 use funnelhouse_ingest::collector::with_json_fallbacks;
 use funnelhouse_ingest::{AuthConfig, parquet_file::read_file};
-use funnelhouse_ingest::{CollectorState, EventStore, IngestConfig, Manifest, Metrics, router};
+use funnelhouse_ingest::{
+    CollectorState, Disk, EventStore, IngestConfig, Manifest, Metrics, OsDisk, router,
+};
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
@@ -44,6 +46,17 @@ impl TestServer {
         dir: Option<&Path>,
         adjust: impl FnOnce(CollectorState) -> CollectorState,
     ) -> TestServer {
+        Self::start_on(Arc::new(OsDisk), cfg, auth, dir, adjust).await
+    }
+
+    /// Like [`start_state`], with the store writing through `disk`.
+    pub async fn start_on(
+        disk: Arc<dyn Disk>,
+        cfg: IngestConfig,
+        auth: AuthConfig,
+        dir: Option<&Path>,
+        adjust: impl FnOnce(CollectorState) -> CollectorState,
+    ) -> TestServer {
         let tmp = dir.is_none().then(|| tempfile::tempdir().unwrap());
         let dir = dir
             .map(Path::to_path_buf)
@@ -52,7 +65,7 @@ impl TestServer {
         let state = adjust(CollectorState::new(cfg.clone(), auth, Arc::clone(&metrics)));
         let (store, _) = {
             let dir = dir.clone();
-            tokio::task::spawn_blocking(move || EventStore::open(&dir, &cfg, metrics))
+            tokio::task::spawn_blocking(move || EventStore::open_on(disk, &dir, &cfg, metrics))
                 .await
                 .unwrap()
                 .unwrap()
@@ -116,18 +129,23 @@ impl TestServer {
 
     /// Every stored row (committed files and live buffer), as the store sees it now.
     pub fn rows(&self) -> Vec<Row> {
-        let snap = self.store.snapshot();
-        let mut rows = Vec::new();
-        for f in snap.files.iter() {
-            for b in read_file(&self.dir.join(&f.path), None).unwrap() {
-                rows.extend(batch_rows(&b));
-            }
-        }
-        for b in &snap.batches {
-            rows.extend(batch_rows(b));
-        }
-        rows
+        store_rows(&self.store, &self.dir)
     }
+}
+
+/// Every row `store` (on `dir`) holds now: committed files and live buffer.
+pub fn store_rows(store: &EventStore, dir: &Path) -> Vec<Row> {
+    let snap = store.snapshot();
+    let mut rows = Vec::new();
+    for f in snap.files.iter() {
+        for b in read_file(&dir.join(&f.path), None).unwrap() {
+            rows.extend(batch_rows(&b));
+        }
+    }
+    for b in &snap.batches {
+        rows.extend(batch_rows(b));
+    }
+    rows
 }
 
 /// One stored event, as plain values for comparisons.
