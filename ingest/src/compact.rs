@@ -1,9 +1,15 @@
 //! Compaction: merge the small files of a partition into one, dropping late duplicates
 //! (an event_id stored twice because its resend came after the dedup window). The new
 //! file replaces the old ones in one manifest commit, so a crash leaves either set.
+//!
+//! Every file a flush wrote (named `f...`) goes through compaction once, however big, so
+//! each stored row is checked against the partition's other files: a late duplicate
+//! cannot hide in two big files. The merge reads and writes without holding the
+//! manifest; only the commit takes it, so flushes commit while a compaction runs.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::sync::Mutex;
 
 use arrow::array::{AsArray, RecordBatch, UInt32Array};
 use arrow::compute::{concat_batches, sort_to_indices, take_record_batch};
@@ -48,17 +54,29 @@ pub struct CompactOutcome {
     pub replaced: Vec<String>,
 }
 
+/// A file a flush wrote, not yet checked against the partition's other files.
+fn from_flush(f: &FileMeta) -> bool {
+    f.path
+        .rsplit('/')
+        .next()
+        .is_some_and(|name| name.starts_with('f'))
+}
+
 /// Compact the partitions that need it (only those in `only`, when given) and commit the
-/// manifest. Returns what changed; `replaced` files are still on disk.
+/// manifest; `on_commit` runs with the committed manifest while it is still locked.
+/// Returns what changed; `replaced` files are still on disk. Only compaction removes
+/// files from the manifest, so the files it merged are still there at its commit.
 pub fn compact(
     disk: &dyn Disk,
     data_dir: &Path,
-    manifest: &mut Manifest,
+    manifest: &Mutex<Manifest>,
     only: Option<&HashSet<String>>,
     opts: CompactOptions,
+    on_commit: impl FnOnce(&Manifest),
 ) -> Result<CompactOutcome> {
+    let current = manifest.lock().expect("manifest lock").clone();
     let mut by_partition: BTreeMap<&str, Vec<&FileMeta>> = BTreeMap::new();
-    for f in &manifest.files {
+    for f in &current.files {
         if only.is_none_or(|o| o.contains(&f.partition)) {
             by_partition.entry(&f.partition).or_default().push(f);
         }
@@ -66,19 +84,25 @@ pub fn compact(
     let mut out = CompactOutcome::default();
     let mut added = Vec::new();
     for (partition, files) in by_partition {
-        let (mut small, big): (Vec<&FileMeta>, Vec<&FileMeta>) =
-            files.into_iter().partition(|f| f.bytes < opts.small_bytes);
-        if small.len() < opts.min_files {
+        let (mut small, big): (Vec<&FileMeta>, Vec<&FileMeta>) = files
+            .into_iter()
+            .partition(|f| f.bytes < opts.small_bytes || from_flush(f));
+        let unchecked_big = small.iter().any(|f| f.bytes >= opts.small_bytes);
+        if small.len() < opts.min_files && !unchecked_big {
             continue;
         }
         small.sort_by_key(|f| f.bytes);
         let mut budget = 0;
+        let mut taken = 0;
+        // Within the input budget, but always at least one file, so a big flush file
+        // (at most one flush's worth) is checked too.
         small.retain(|f| {
             budget += f.bytes;
-            budget <= opts.max_input_bytes
+            taken += 1;
+            taken == 1 || budget <= opts.max_input_bytes
         });
         // One small file is still worth rewriting when big ones may hold its late duplicates.
-        if small.is_empty() || (small.len() == 1 && big.is_empty()) {
+        if small.len() == 1 && big.is_empty() && !from_flush(small[0]) {
             continue;
         }
         let mut batches = Vec::new();
@@ -121,10 +145,14 @@ pub fn compact(
         added.push(meta);
     }
     if out.partitions > 0 {
+        let mut current = manifest.lock().expect("manifest lock");
+        let mut next = current.clone();
         let replaced: HashSet<&String> = out.replaced.iter().collect();
-        manifest.files.retain(|f| !replaced.contains(&f.path));
-        manifest.files.extend(added);
-        manifest.commit(disk, data_dir)?;
+        next.files.retain(|f| !replaced.contains(&f.path));
+        next.files.extend(added);
+        next.commit(disk, data_dir)?;
+        *current = next;
+        on_commit(&current);
     }
     Ok(out)
 }

@@ -5,8 +5,10 @@
 //!   puts them into the live buffer as one Arrow batch and only then answers the requests.
 //! - When the live buffer is large or old enough, the writer rotates the WAL and hands the
 //!   sealed batches to the flusher thread, which writes sorted Parquet files, the dedup ids
-//!   file and a new manifest (the commit), swaps files and buffer for readers, deletes the
-//!   flushed WAL segments, and compacts partitions that collected many small files.
+//!   file and a new manifest (the commit), swaps files and buffer for readers, and deletes
+//!   the flushed WAL segments.
+//! - The compactor thread merges the files of the partitions a flush touched, on its own
+//!   thread so that a long compaction never holds up flushes (and through them, acks).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -184,6 +186,18 @@ impl EventStore {
             flush_interval: cfg.flush_interval,
         };
         let stopping = Arc::new(AtomicBool::new(false));
+        let manifest = Arc::new(Mutex::new(manifest));
+        let (compact_tx, compact_rx) = mpsc::channel();
+        let compactor = Compactor {
+            disk: Arc::clone(&disk),
+            data_dir: data_dir.to_path_buf(),
+            manifest: Arc::clone(&manifest),
+            buffer: Arc::clone(&buffer),
+            metrics: Arc::clone(&metrics),
+            opts: CompactOptions::from_config(cfg, cfg.compact_min_files),
+            stopping: Arc::clone(&stopping),
+            pending_deletes: Vec::new(),
+        };
         let flusher = Flusher {
             disk,
             stopping: Arc::clone(&stopping),
@@ -193,7 +207,7 @@ impl EventStore {
             buffer: Arc::clone(&buffer),
             metrics: Arc::clone(&metrics),
             cfg: cfg.clone(),
-            pending_deletes: Vec::new(),
+            compact_tx,
         };
         let threads = vec![
             std::thread::Builder::new()
@@ -204,6 +218,12 @@ impl EventStore {
                 .spawn(move || {
                     background_priority();
                     flusher.run(flush_rx)
+                }),
+            std::thread::Builder::new()
+                .name("fh-compactor".into())
+                .spawn(move || {
+                    background_priority();
+                    compactor.run(compact_rx)
                 }),
         ]
         .into_iter()
@@ -502,7 +522,7 @@ impl Writer {
     }
 }
 
-// ---- the flusher thread: Parquet, commit, compaction ----
+// ---- the flusher thread: Parquet, commit ----
 
 struct Flusher {
     disk: Arc<dyn Disk>,
@@ -510,16 +530,14 @@ struct Flusher {
     stopping: Arc<AtomicBool>,
     failures_while_stopping: u32,
     data_dir: PathBuf,
-    manifest: Manifest,
+    /// Shared with the compactor; whoever commits holds it from commit to buffer swap.
+    manifest: Arc<Mutex<Manifest>>,
     buffer: Arc<LiveBuffer>,
     metrics: Arc<Metrics>,
     cfg: IngestConfig,
-    /// Files replaced by compaction, deleted after a grace period for running queries.
-    pending_deletes: Vec<(Instant, PathBuf)>,
+    /// Partitions a flush touched, for the compactor.
+    compact_tx: Sender<HashSet<String>>,
 }
-
-/// How long replaced files stay on disk for queries that planned over them.
-const DELETE_GRACE: Duration = Duration::from_secs(120);
 
 impl Flusher {
     fn run(mut self, rx: Receiver<FlushJob>) {
@@ -531,9 +549,7 @@ impl Flusher {
             if let Some(reply) = job.reply {
                 let _ = reply.send(result);
             }
-            self.delete_replaced(false);
         }
-        self.delete_replaced(true);
     }
 
     /// A failed flush loses nothing (the WAL still has the events) but must not be skipped:
@@ -576,14 +592,17 @@ impl Flusher {
         let disk = &*self.disk;
         let files = write_partitioned(disk, &self.data_dir, batches, self.cfg.partition, &prefix)?;
         IdsFile::write(disk, &self.data_dir.join("dedup"), seq, id_pairs(batches))?;
-        let mut next = self.manifest.clone();
-        next.wal_flushed_through = seq;
         let touched: HashSet<String> = files.iter().map(|f| f.partition.clone()).collect();
         let rows: u64 = files.iter().map(|f| f.rows).sum();
-        next.files.extend(files);
-        next.commit(disk, &self.data_dir)?;
-        self.manifest = next;
-        self.buffer.finish_flush(seq, self.manifest.files.clone());
+        {
+            let mut manifest = self.manifest.lock().expect("manifest lock");
+            let mut next = manifest.clone();
+            next.wal_flushed_through = seq;
+            next.files.extend(files);
+            next.commit(disk, &self.data_dir)?;
+            *manifest = next;
+            self.buffer.finish_flush(seq, manifest.files.clone());
+        }
         Metrics::add_duration(
             &self.metrics.flushes,
             &self.metrics.flush_micros,
@@ -599,24 +618,76 @@ impl Flusher {
         if let Err(e) = cleanup {
             tracing::warn!(seq, error = %e, "cleanup after a committed flush failed; retried after the next flush");
         }
-        self.compact(&touched);
+        let _ = self.compact_tx.send(touched);
         Ok(())
+    }
+
+    /// An ids file written longer than the dedup window ago holds only expired ids.
+    fn expire_ids_files(&self) -> Result<()> {
+        let dir = self.data_dir.join("dedup");
+        for (_, path) in IdsFile::list(&dir)? {
+            let age = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok());
+            if age.is_some_and(|a| a > self.cfg.dedup_window) {
+                std::fs::remove_file(&path).map_err(IngestError::io(&path))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---- the compactor thread ----
+
+struct Compactor {
+    disk: Arc<dyn Disk>,
+    data_dir: PathBuf,
+    manifest: Arc<Mutex<Manifest>>,
+    buffer: Arc<LiveBuffer>,
+    metrics: Arc<Metrics>,
+    opts: CompactOptions,
+    stopping: Arc<AtomicBool>,
+    /// Files replaced by compaction, deleted after a grace period for running queries.
+    pending_deletes: Vec<(Instant, PathBuf)>,
+}
+
+/// How long replaced files stay on disk for queries that planned over them.
+const DELETE_GRACE: Duration = Duration::from_secs(120);
+
+impl Compactor {
+    /// Compact the partitions flushes touched, several flushes' worth at a time, until the
+    /// flusher is gone.
+    fn run(mut self, rx: Receiver<HashSet<String>>) {
+        loop {
+            match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(mut partitions) => {
+                    partitions.extend(rx.try_iter().flatten());
+                    if !self.stopping.load(Relaxed) {
+                        self.compact(&partitions);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            self.delete_replaced(false);
+        }
+        self.delete_replaced(true);
     }
 
     fn compact(&mut self, partitions: &HashSet<String>) {
         let start = Instant::now();
-        let opts = CompactOptions::from_config(&self.cfg, self.cfg.compact_min_files);
-        let mut next = self.manifest.clone();
-        match compact(
+        let buffer = &self.buffer;
+        let result = compact(
             &*self.disk,
             &self.data_dir,
-            &mut next,
+            &self.manifest,
             Some(partitions),
-            opts,
-        ) {
+            self.opts,
+            |m| buffer.set_files(m.files.clone()),
+        );
+        match result {
             Ok(outcome) if outcome.partitions > 0 => {
-                self.manifest = next;
-                self.buffer.set_files(self.manifest.files.clone());
                 let now = Instant::now();
                 self.pending_deletes.extend(
                     outcome
@@ -647,21 +718,6 @@ impl Flusher {
             }
         });
     }
-
-    /// An ids file written longer than the dedup window ago holds only expired ids.
-    fn expire_ids_files(&self) -> Result<()> {
-        let dir = self.data_dir.join("dedup");
-        for (_, path) in IdsFile::list(&dir)? {
-            let age = std::fs::metadata(&path)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| SystemTime::now().duration_since(t).ok());
-            if age.is_some_and(|a| a > self.cfg.dedup_window) {
-                std::fs::remove_file(&path).map_err(IngestError::io(&path))?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// (received_at, id hash) of every row, for the dedup ids file.
@@ -688,14 +744,15 @@ pub fn compact_data_dir(
     cfg: &IngestConfig,
 ) -> Result<crate::compact::CompactOutcome> {
     let _lock = DataDirLock::acquire(data_dir)?;
-    let mut manifest = Manifest::load(data_dir)?;
+    let manifest = Manifest::load(data_dir)?;
     manifest.remove_orphans(data_dir)?;
     let outcome = compact(
         &OsDisk,
         data_dir,
-        &mut manifest,
+        &Mutex::new(manifest),
         None,
         CompactOptions::from_config(cfg, 1),
+        |_| {},
     )?;
     for p in &outcome.replaced {
         let path = data_dir.join(p);

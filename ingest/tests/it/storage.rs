@@ -9,7 +9,7 @@ use parquet::basic::Compression;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use serde_json::{Value, json};
 
-use crate::support::{TestServer, committed_rows, config, event};
+use crate::support::{TestServer, committed_rows, config, event, wait_until};
 
 fn at(id: &str, user: &str, ts: &str) -> Value {
     let mut e = event(id);
@@ -154,6 +154,10 @@ async fn small_files_are_compacted_and_late_duplicates_dropped() {
     assert_eq!(server.rows().len(), 31);
     // ...until the fourth small file triggers compaction of the partition.
     server.store.flush().await.unwrap();
+    wait_until("the partition is compacted", || {
+        Manifest::load(&server.dir).unwrap().files.len() == 1
+    })
+    .await;
     let manifest = Manifest::load(&server.dir).unwrap();
     assert_eq!(manifest.files.len(), 1, "{:?}", manifest.files);
     assert!(manifest.files[0].path.contains("/c-"));
@@ -200,6 +204,11 @@ async fn compaction_drops_late_duplicates_of_events_in_big_files() {
         assert_eq!(reply.json["duplicates"], 0, "{}", reply.json);
         server.store.flush().await.unwrap();
     }
+    wait_until("the small files are compacted", || {
+        let files = Manifest::load(&server.dir).unwrap().files;
+        files.len() == 2 && files.iter().all(|f| f.path.contains("/c-"))
+    })
+    .await;
     let rows = committed_rows(&server.dir);
     assert_eq!(
         rows.len(),
@@ -207,6 +216,44 @@ async fn compaction_drops_late_duplicates_of_events_in_big_files() {
         "the late duplicate is dropped, the rest kept"
     );
     assert_eq!(rows.iter().filter(|r| r.event_id == "big-7").count(), 1);
+}
+
+/// Every file a flush wrote is checked once, however big: a late duplicate cannot hide
+/// in two big files.
+#[tokio::test]
+async fn compaction_drops_late_duplicates_that_sit_in_two_big_files() {
+    let cfg = IngestConfig {
+        dedup_window: Duration::ZERO,
+        compact_small_bytes: ByteSize(1024),
+        ..config()
+    };
+    let server = TestServer::start(cfg).await;
+    let ts = "2026-11-11T10:00:00Z";
+    let ids = |range: std::ops::Range<usize>| -> Value {
+        range
+            .map(|i| at(&format!("d-{i}"), &format!("u{i}"), ts))
+            .collect()
+    };
+    server.post_json(&ids(0..500)).await;
+    server.store.flush().await.unwrap();
+    // Resent past the (zero) dedup window, together with new events.
+    let reply = server.post_json(&ids(400..900)).await;
+    assert_eq!(reply.json["accepted"], 500, "{}", reply.json);
+    server.store.flush().await.unwrap();
+    wait_until("both flush files are compacted", || {
+        let files = Manifest::load(&server.dir).unwrap().files;
+        files.iter().all(|f| f.path.contains("/c-"))
+    })
+    .await;
+    let files = Manifest::load(&server.dir).unwrap().files;
+    assert!(
+        files.iter().all(|f| f.bytes >= 1024),
+        "big files: {files:?}"
+    );
+    let rows = committed_rows(&server.dir);
+    let distinct: std::collections::HashSet<&str> =
+        rows.iter().map(|r| r.event_id.as_str()).collect();
+    assert_eq!((rows.len(), distinct.len()), (900, 900));
 }
 
 #[tokio::test]

@@ -192,6 +192,18 @@ pub fn committed_rows(dir: &Path) -> Vec<Row> {
         .collect()
 }
 
+/// Wait (up to 20 s) until `done` holds: for work the store does in the background.
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
 /// A valid event with the given id.
 pub fn event(id: &str) -> Value {
     serde_json::json!({
