@@ -410,13 +410,19 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     if !gzip {
         return Ok(raw);
     }
-    let mut out = Vec::with_capacity(raw.len() * 4);
-    flate2::read::MultiGzDecoder::new(&raw[..])
+    gunzip_within(&raw, limit).map(Bytes::from)
+}
+
+/// Decompress a gzip body (several members allowed), refusing it as soon as it grows
+/// past `limit` bytes: a gzip bomb costs at most `limit` bytes of memory.
+pub fn gunzip_within(raw: &[u8], limit: usize) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(raw.len().saturating_mul(4).min(limit));
+    flate2::read::MultiGzDecoder::new(raw)
         .take(limit as u64 + 1)
         .read_to_end(&mut out)
         .map_err(|e| IngestError::BadRequest(format!("body is not valid gzip: {e}")))?;
     if out.len() > limit {
-        return Err(too_large);
+        return Err(IngestError::TooLarge { limit });
     }
-    Ok(Bytes::from(out))
+    Ok(out)
 }

@@ -6,21 +6,26 @@
 //! each stored row is checked against the partition's other files: a late duplicate
 //! cannot hide in two big files. The merge reads and writes without holding the
 //! manifest; only the commit takes it, so flushes commit while a compaction runs.
+//!
+//! Memory does not follow the files' size: the rows to drop are found from the ids
+//! alone (about 32 bytes per merged row), then the files, each already sorted, are
+//! merged a batch at a time into the new file.
 
-use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use arrow::array::{AsArray, RecordBatch, UInt32Array};
-use arrow::compute::{concat_batches, sort_to_indices, take_record_batch};
+use arrow::array::{AsArray, RecordBatch};
+use arrow::compute::interleave_record_batch;
+use arrow::datatypes::TimestampMicrosecondType;
 use funnelhouse_schemas::arrow::col;
-use funnelhouse_schemas::event_schema;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReader;
 
 use crate::dedup::id_hash;
 use crate::disk::Disk;
 use crate::error::Result;
 use crate::manifest::{FileMeta, Manifest};
-use crate::parquet_file::{read_batches, read_file, write_sorted_file};
+use crate::parquet_file::{SortedFileWriter, read_batches, read_batches_of};
 
 #[derive(Debug, Clone, Copy)]
 pub struct CompactOptions {
@@ -28,7 +33,7 @@ pub struct CompactOptions {
     pub min_files: usize,
     /// Files below this size are small.
     pub small_bytes: u64,
-    /// Most input bytes merged in one step, to bound memory.
+    /// Most input bytes merged in one step, to bound the work of one step.
     pub max_input_bytes: u64,
 }
 
@@ -105,42 +110,21 @@ pub fn compact(
         if small.len() == 1 && big.is_empty() && !from_flush(small[0]) {
             continue;
         }
-        let mut batches = Vec::new();
-        for f in &small {
-            batches.extend(read_file(&data_dir.join(&f.path), None)?);
-        }
-        let merged = concat_batches(&event_schema(), &batches)?;
-        // Which of the merged ids a big file already holds: the big files' ids are
-        // streamed past the merged ones, so memory follows the small files' size, not
-        // the partition's.
-        let merged_ids: HashSet<u128> = merged
-            .column(col::EVENT_ID)
-            .as_string_view()
-            .iter()
-            .flatten()
-            .map(id_hash)
-            .collect();
-        let mut seen = HashSet::new();
-        for f in &big {
-            for b in read_batches(&data_dir.join(&f.path), Some(&[col::EVENT_ID]))? {
-                let b = b?;
-                let ids = b.column(0).as_string_view().iter().flatten().map(id_hash);
-                seen.extend(ids.filter(|h| merged_ids.contains(h)));
-            }
-        }
-        let kept = first_received_per_id(&merged, seen)?;
-        let meta = write_sorted_file(disk, data_dir, &kept, partition, "c")?;
+        let paths: Vec<PathBuf> = small.iter().map(|f| data_dir.join(&f.path)).collect();
+        let big_paths: Vec<PathBuf> = big.iter().map(|f| data_dir.join(&f.path)).collect();
+        let drop = rows_to_drop(&paths, &big_paths)?;
+        let (meta, rows_in) = merge_sorted(disk, data_dir, partition, &paths, &drop)?;
         tracing::info!(
             partition,
             files = small.len(),
-            rows_in = merged.num_rows(),
-            rows_out = kept.num_rows(),
+            rows_in,
+            rows_out = meta.rows,
             "compacted"
         );
         out.partitions += 1;
         out.files_in += small.len();
-        out.rows_in += merged.num_rows() as u64;
-        out.rows_out += kept.num_rows() as u64;
+        out.rows_in += rows_in;
+        out.rows_out += meta.rows;
         out.replaced.extend(small.iter().map(|f| f.path.clone()));
         added.push(meta);
     }
@@ -157,15 +141,298 @@ pub fn compact(
     Ok(out)
 }
 
-/// Keep, per event_id, the first received row, and none whose id is in `seen`.
-fn first_received_per_id(batch: &RecordBatch, mut seen: HashSet<u128>) -> Result<RecordBatch> {
-    let order = sort_to_indices(batch.column(col::RECEIVED_AT), None, None)?;
-    let ids = batch.column(col::EVENT_ID).as_string_view();
-    let keep: UInt32Array = order
-        .values()
-        .iter()
-        .copied()
-        .filter(|&i| seen.insert(id_hash(ids.value(i as usize))))
-        .collect();
-    Ok(take_record_batch(batch, &keep)?)
+/// Rows (file, row) of the merged `files` that go: every row whose event_id a file of
+/// `others` already holds, and of an id stored twice among `files`, every row but the
+/// first received. Reads ids only, a batch at a time: memory follows the number of
+/// rows merged, at about 32 bytes each, not their size.
+fn rows_to_drop(files: &[PathBuf], others: &[PathBuf]) -> Result<HashSet<(usize, usize)>> {
+    let ids_of = |path: &Path, columns: &[usize]| read_batches(path, Some(columns));
+    let mut seen: HashSet<u128> = HashSet::new();
+    let mut repeated: HashSet<u128> = HashSet::new();
+    for path in files {
+        for b in ids_of(path, &[col::EVENT_ID])? {
+            for id in b?.column(0).as_string_view().iter().flatten() {
+                let h = id_hash(id);
+                if !seen.insert(h) {
+                    repeated.insert(h);
+                }
+            }
+        }
+    }
+    let mut elsewhere: HashSet<u128> = HashSet::new();
+    for path in others {
+        for b in ids_of(path, &[col::EVENT_ID])? {
+            let b = b?;
+            let ids = b.column(0).as_string_view().iter().flatten().map(id_hash);
+            elsewhere.extend(ids.filter(|h| seen.contains(h)));
+        }
+    }
+    drop(seen);
+    let mut out = HashSet::new();
+    if repeated.is_empty() && elsewhere.is_empty() {
+        return Ok(out);
+    }
+    // Every row of a repeated id (rare: late resends), to keep the first received.
+    let mut copies: HashMap<u128, Vec<(i64, usize, usize)>> = HashMap::new();
+    for (file, path) in files.iter().enumerate() {
+        let mut row = 0;
+        for b in ids_of(path, &[col::EVENT_ID, col::RECEIVED_AT])? {
+            let b = b?;
+            let ids = b.column(0).as_string_view();
+            let at = b.column(1).as_primitive::<TimestampMicrosecondType>();
+            for (id, at) in ids.iter().zip(at.values()) {
+                let h = id_hash(id.unwrap_or(""));
+                if elsewhere.contains(&h) {
+                    out.insert((file, row));
+                } else if repeated.contains(&h) {
+                    copies.entry(h).or_default().push((*at, file, row));
+                }
+                row += 1;
+            }
+        }
+    }
+    for mut rows in copies.into_values() {
+        rows.sort_unstable();
+        out.extend(rows[1..].iter().map(|&(_, f, r)| (f, r)));
+    }
+    Ok(out)
+}
+
+/// Rows per batch read from each merged file and per batch written.
+const MERGE_BATCH_ROWS: usize = 8 * 1024;
+
+/// One merged file's reader and its current row.
+struct Cursor {
+    reader: ParquetRecordBatchReader,
+    /// Index of the current batch in the merge's batch pool; `None` once exhausted.
+    batch: Option<usize>,
+    row: usize,
+    /// Row number in the file of the current batch's first row.
+    base: usize,
+}
+
+/// Merge `files`, each sorted in file order (campaign, user_id, ts), into one sorted file
+/// of `partition`, leaving out the rows in `drop`. Holds about one batch per file and one
+/// batch of output, whatever the files' size. Returns the new file and the rows read.
+fn merge_sorted(
+    disk: &dyn Disk,
+    data_dir: &Path,
+    partition: &str,
+    files: &[PathBuf],
+    drop: &HashSet<(usize, usize)>,
+) -> Result<(FileMeta, u64)> {
+    let mut pool: Vec<RecordBatch> = Vec::new();
+    let mut cursors = Vec::with_capacity(files.len());
+    for path in files {
+        let mut cursor = Cursor {
+            reader: read_batches_of(path, None, MERGE_BATCH_ROWS)?,
+            batch: None,
+            row: 0,
+            base: 0,
+        };
+        cursor.next_batch(&mut pool)?;
+        cursors.push(cursor);
+    }
+    let mut out = SortedFileWriter::create(disk, data_dir, partition, "c")?;
+    let mut picked: Vec<(usize, usize)> = Vec::with_capacity(MERGE_BATCH_ROWS);
+    let mut rows_in = 0u64;
+    loop {
+        let mut min: Option<usize> = None;
+        for (i, c) in cursors.iter().enumerate() {
+            if c.batch.is_some()
+                && min.is_none_or(|m| c.key(&pool).cmp(&cursors[m].key(&pool)).is_lt())
+            {
+                min = Some(i);
+            }
+        }
+        let Some(i) = min else { break };
+        let c = &mut cursors[i];
+        let batch = c.batch.expect("a live cursor has a batch");
+        rows_in += 1;
+        if !drop.contains(&(i, c.base + c.row)) {
+            picked.push((batch, c.row));
+        }
+        c.row += 1;
+        if c.row == pool[batch].num_rows() {
+            c.next_batch(&mut pool)?;
+        }
+        if picked.len() == MERGE_BATCH_ROWS {
+            emit(&mut out, &mut pool, &mut cursors, &mut picked)?;
+        }
+    }
+    emit(&mut out, &mut pool, &mut cursors, &mut picked)?;
+    Ok((out.finish()?, rows_in))
+}
+
+impl Cursor {
+    fn key<'p>(&self, pool: &'p [RecordBatch]) -> (&'p str, &'p str, i64) {
+        let b = &pool[self.batch.expect("a live cursor has a batch")];
+        let ts = b.column(col::TS).as_primitive::<TimestampMicrosecondType>();
+        (
+            b.column(col::CAMPAIGN).as_string_view().value(self.row),
+            b.column(col::USER_ID).as_string_view().value(self.row),
+            ts.value(self.row),
+        )
+    }
+
+    fn next_batch(&mut self, pool: &mut Vec<RecordBatch>) -> Result<()> {
+        if let Some(b) = self.batch {
+            self.base += pool[b].num_rows();
+        }
+        self.row = 0;
+        self.batch = None;
+        for b in self.reader.by_ref() {
+            let b = b?;
+            if b.num_rows() > 0 {
+                pool.push(b);
+                self.batch = Some(pool.len() - 1);
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Write the picked rows as one batch, then keep only the cursors' current batches.
+fn emit(
+    out: &mut SortedFileWriter,
+    pool: &mut Vec<RecordBatch>,
+    cursors: &mut [Cursor],
+    picked: &mut Vec<(usize, usize)>,
+) -> Result<()> {
+    if !picked.is_empty() {
+        let refs: Vec<&RecordBatch> = pool.iter().collect();
+        out.write(&interleave_record_batch(&refs, picked)?)?;
+        picked.clear();
+    }
+    let mut kept = Vec::with_capacity(cursors.len());
+    for c in cursors.iter_mut() {
+        if let Some(b) = c.batch {
+            kept.push(pool[b].clone());
+            c.batch = Some(kept.len() - 1);
+        }
+    }
+    *pool = kept;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::OsDisk;
+    use crate::parquet_file::{read_file, write_sorted_file};
+    use funnelhouse_schemas::{Event, events_to_batch};
+
+    /// Several sorted files with repeated ids (received at different times) and ids a
+    /// big file holds, merged with tiny batches: the output is in file order and holds
+    /// exactly the first received row of each id not in the big file.
+    #[test]
+    fn the_streaming_merge_equals_a_sort_of_the_kept_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut x: u64 = 3;
+        let mut rand = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut all = Vec::new();
+        let mut files = Vec::new();
+        for f in 0..5 {
+            let events: Vec<Event> = (0..20_000)
+                .map(|_| Event {
+                    event_id: format!("e{}", rand(60_000)),
+                    event: "scan".into(),
+                    user_id: format!("u{}", rand(50)),
+                    campaign: format!("c{}", rand(3)),
+                    channel: String::new(),
+                    ts: rand(100_000) as i64,
+                    received_at: rand(1_000_000) as i64,
+                    properties: None,
+                })
+                .collect();
+            // Within one file an id appears once, as a flush stores it.
+            let mut ids = HashSet::new();
+            let events: Vec<Event> = events
+                .into_iter()
+                .filter(|e| ids.insert(e.event_id.clone()))
+                .collect();
+            let batch = events_to_batch(&events);
+            let prefix = if f == 4 { "c" } else { "f" };
+            files.push(write_sorted_file(&OsDisk, dir.path(), &batch, "p", prefix).unwrap());
+            if f < 4 {
+                all.extend(events);
+            }
+        }
+        // The big file is the last one: every id it holds leaves the others.
+        let big_ids: HashSet<String> = read_file(&dir.path().join(&files[4].path), None)
+            .unwrap()
+            .iter()
+            .flat_map(|b| {
+                let ids = b.column(col::EVENT_ID).as_string_view();
+                (0..b.num_rows())
+                    .map(|r| ids.value(r).to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        all.retain(|e| !big_ids.contains(&e.event_id));
+        let mut expected: Vec<&Event> = Vec::new();
+        all.sort_by_key(|e| e.received_at);
+        let mut kept_ids = HashSet::new();
+        for e in &all {
+            if kept_ids.insert(e.event_id.clone()) {
+                expected.push(e);
+            }
+        }
+        expected
+            .sort_by(|a, b| (&a.campaign, &a.user_id, a.ts).cmp(&(&b.campaign, &b.user_id, b.ts)));
+        let (big_bytes, big_path) = (files[4].bytes, files[4].path.clone());
+        let manifest = Mutex::new(Manifest {
+            wal_flushed_through: 0,
+            files,
+        });
+        let opts = CompactOptions {
+            min_files: 2,
+            small_bytes: big_bytes,
+            max_input_bytes: u64::MAX,
+        };
+        let outcome = compact(&OsDisk, dir.path(), &manifest, None, opts, |_| {}).unwrap();
+        assert_eq!(outcome.files_in, 4);
+        let m = manifest.lock().unwrap();
+        assert_eq!(m.files.len(), 2);
+        let merged = m.files.iter().find(|f| f.path != big_path).unwrap();
+        let got: Vec<(String, String, i64, String)> =
+            read_file(&dir.path().join(&merged.path), None)
+                .unwrap()
+                .iter()
+                .flat_map(|b| {
+                    let s = |c| b.column(c).as_string_view();
+                    let ts = b.column(col::TS).as_primitive::<TimestampMicrosecondType>();
+                    (0..b.num_rows())
+                        .map(|r| {
+                            (
+                                s(col::CAMPAIGN).value(r).to_string(),
+                                s(col::USER_ID).value(r).to_string(),
+                                ts.value(r),
+                                s(col::EVENT_ID).value(r).to_string(),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+        let mut sorted = got.clone();
+        sorted.sort_by(|a, b| (&a.0, &a.1, a.2).cmp(&(&b.0, &b.1, b.2)));
+        assert_eq!(got, sorted, "the merged file is in file order");
+        let got_ids: BTreeMap<String, i64> = got.iter().map(|r| (r.3.clone(), r.2)).collect();
+        let want_ids: BTreeMap<String, i64> = expected
+            .iter()
+            .map(|e| (e.event_id.clone(), e.ts))
+            .collect();
+        assert_eq!(got.len(), expected.len());
+        assert_eq!(
+            got_ids, want_ids,
+            "the first received row of each id, none in the big file"
+        );
+        assert_eq!(outcome.rows_out as usize, expected.len());
+    }
 }

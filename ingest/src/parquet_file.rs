@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use arrow::array::{AsArray, RecordBatch, TimestampMicrosecondArray, UInt32Array};
 use arrow::compute::{concat_batches, take_record_batch};
@@ -18,7 +18,7 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
 use crate::config::Partitioning;
-use crate::disk::Disk;
+use crate::disk::{Disk, DiskFile};
 use crate::error::{IngestError, Result};
 use crate::fsutil::rename_durable;
 use crate::manifest::{EVENTS_DIR, FileMeta};
@@ -191,30 +191,73 @@ fn write_file(
     partition: &str,
     name_prefix: &str,
 ) -> Result<FileMeta> {
-    let rel_dir = format!("{EVENTS_DIR}/{partition}");
-    let dir = data_dir.join(&rel_dir);
-    crate::fsutil::create_dir_durable(disk, &dir)?;
-    let name = format!("{name_prefix}-{}.parquet", uuid::Uuid::now_v7().simple());
-    let final_path = dir.join(&name);
-    let tmp = final_path.with_extension("tmp");
-    let file = disk.create(&tmp).map_err(IngestError::io(&tmp))?;
-    let mut writer = ArrowWriter::try_new(file, event_schema(), Some(writer_properties()))?;
-    writer.write(sorted)?;
-    let mut file = writer.into_inner()?;
-    file.sync().map_err(IngestError::io(&tmp))?;
-    let bytes = std::fs::metadata(&tmp)
-        .map_err(IngestError::io(&tmp))?
-        .len();
-    rename_durable(disk, &tmp, &final_path)?;
-    let ts = ts_column(sorted).values();
-    Ok(FileMeta {
-        path: format!("{rel_dir}/{name}"),
-        partition: partition.to_string(),
-        rows: sorted.num_rows() as u64,
-        bytes,
-        min_ts: ts.iter().copied().min().unwrap_or(0),
-        max_ts: ts.iter().copied().max().unwrap_or(0),
-    })
+    let mut file = SortedFileWriter::create(disk, data_dir, partition, name_prefix)?;
+    file.write(sorted)?;
+    file.finish()
+}
+
+/// A Parquet file of a partition being written from batches already in file order, a
+/// batch at a time; [`SortedFileWriter::finish`] fsyncs it and renames it into place.
+pub struct SortedFileWriter<'a> {
+    disk: &'a dyn Disk,
+    writer: ArrowWriter<Box<dyn DiskFile>>,
+    tmp: PathBuf,
+    final_path: PathBuf,
+    meta: FileMeta,
+}
+
+impl<'a> SortedFileWriter<'a> {
+    pub fn create(
+        disk: &'a dyn Disk,
+        data_dir: &Path,
+        partition: &str,
+        name_prefix: &str,
+    ) -> Result<Self> {
+        let rel_dir = format!("{EVENTS_DIR}/{partition}");
+        let dir = data_dir.join(&rel_dir);
+        crate::fsutil::create_dir_durable(disk, &dir)?;
+        let name = format!("{name_prefix}-{}.parquet", uuid::Uuid::now_v7().simple());
+        let final_path = dir.join(&name);
+        let tmp = final_path.with_extension("tmp");
+        let file = disk.create(&tmp).map_err(IngestError::io(&tmp))?;
+        let writer = ArrowWriter::try_new(file, event_schema(), Some(writer_properties()))?;
+        Ok(Self {
+            disk,
+            writer,
+            tmp,
+            final_path,
+            meta: FileMeta {
+                path: format!("{rel_dir}/{name}"),
+                partition: partition.to_string(),
+                rows: 0,
+                bytes: 0,
+                min_ts: i64::MAX,
+                max_ts: i64::MIN,
+            },
+        })
+    }
+
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let ts = ts_column(batch).values();
+        self.meta.rows += batch.num_rows() as u64;
+        self.meta.min_ts = ts.iter().copied().fold(self.meta.min_ts, i64::min);
+        self.meta.max_ts = ts.iter().copied().fold(self.meta.max_ts, i64::max);
+        self.writer.write(batch)?;
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<FileMeta> {
+        let mut file = self.writer.into_inner()?;
+        file.sync().map_err(IngestError::io(&self.tmp))?;
+        self.meta.bytes = std::fs::metadata(&self.tmp)
+            .map_err(IngestError::io(&self.tmp))?
+            .len();
+        rename_durable(self.disk, &self.tmp, &self.final_path)?;
+        if self.meta.rows == 0 {
+            (self.meta.min_ts, self.meta.max_ts) = (0, 0);
+        }
+        Ok(self.meta)
+    }
 }
 
 /// Read a whole Parquet file (optionally only some columns) as batches.
@@ -227,6 +270,15 @@ pub fn read_batches(
     path: &Path,
     columns: Option<&[usize]>,
 ) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
+    read_batches_of(path, columns, 64 * 1024)
+}
+
+/// [`read_batches`] with batches of `rows` rows.
+pub fn read_batches_of(
+    path: &Path,
+    columns: Option<&[usize]>,
+    rows: usize,
+) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
     use parquet::arrow::ProjectionMask;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let file = File::open(path).map_err(IngestError::io(path))?;
@@ -235,7 +287,7 @@ pub fn read_batches(
         let mask = ProjectionMask::roots(builder.parquet_schema(), cols.iter().copied());
         builder = builder.with_projection(mask);
     }
-    Ok(builder.with_batch_size(64 * 1024).build()?)
+    Ok(builder.with_batch_size(rows).build()?)
 }
 
 #[cfg(test)]

@@ -139,7 +139,7 @@ impl EventStore {
             }
             let pairs = IdsFile::read(&path)?;
             for chunk in pairs.chunk_by(|a, b| a.0 == b.0) {
-                dedup.load(chunk[0].0, chunk.iter().map(|p| p.1).collect());
+                dedup.load(chunk[0].0, chunk.iter().map(|p| p.1));
             }
         }
         dedup.expire(now_micros());
@@ -153,19 +153,12 @@ impl EventStore {
             manifest.wal_flushed_through,
             Arc::clone(&disk),
             |events| {
-                let mut hashes = Vec::with_capacity(events.len());
                 let fresh: Vec<&Event> = events
                     .iter()
-                    .filter(|e| {
-                        let h = id_hash(&e.event_id);
-                        dedup.insert(h) && {
-                            hashes.push(h);
-                            true
-                        }
-                    })
+                    .filter(|e| dedup.insert(id_hash(&e.event_id)))
                     .collect();
                 let received_at = events.first().map_or(0, |e| e.received_at);
-                dedup.record(received_at, hashes);
+                dedup.record(received_at, fresh.len());
                 buffer.push(events_to_batch(fresh));
             },
         )?;
@@ -432,25 +425,24 @@ impl Writer {
     /// Dedup, one WAL record + fsync for the whole group, one batch into the buffer, reply.
     fn commit(&mut self, writes: Vec<WriteRequest>) {
         let mut fresh: Vec<&Event> = Vec::new();
+        // Events of each request new to the dedup index (pending in it until durable).
         let mut per_request = Vec::with_capacity(writes.len());
         for w in &writes {
-            let mut hashes = Vec::with_capacity(w.events.len());
-            for e in &w.events {
-                let h = id_hash(&e.event_id);
-                if self.dedup.insert(h) {
-                    hashes.push(h);
-                    fresh.push(e);
-                }
-            }
-            per_request.push(hashes);
+            let before = fresh.len();
+            fresh.extend(
+                w.events
+                    .iter()
+                    .filter(|e| self.dedup.insert(id_hash(&e.event_id))),
+            );
+            per_request.push(fresh.len() - before);
         }
-        let outcome = |w: &WriteRequest, hashes: &Vec<u128>| WriteOutcome {
-            accepted: hashes.len(),
-            duplicates: w.events.len() - hashes.len(),
+        let outcome = |w: &WriteRequest, accepted: usize| WriteOutcome {
+            accepted,
+            duplicates: w.events.len() - accepted,
         };
         if fresh.is_empty() {
-            for (w, hashes) in writes.into_iter().zip(&per_request) {
-                let result = outcome(&w, hashes);
+            for (w, accepted) in writes.into_iter().zip(per_request) {
+                let result = outcome(&w, accepted);
                 let _ = w.reply.send(Ok(result));
             }
             return;
@@ -468,22 +460,22 @@ impl Writer {
                     .wal_bytes
                     .fetch_add(payload.len() as u64, Relaxed);
                 self.buffer.push(events_to_batch(fresh));
-                for (w, hashes) in writes.into_iter().zip(per_request) {
-                    let result = outcome(&w, &hashes);
+                for (w, accepted) in writes.into_iter().zip(per_request) {
+                    let result = outcome(&w, accepted);
                     self.metrics
                         .accepted
                         .fetch_add(result.accepted as u64, Relaxed);
                     self.metrics
                         .duplicates
                         .fetch_add(result.duplicates as u64, Relaxed);
-                    self.dedup.record(w.received_at, hashes);
+                    self.dedup.record(w.received_at, accepted);
                     let _ = w.reply.send(Ok(result));
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, segment = self.wal.current_seq(), "WAL append failed");
-                for (w, hashes) in writes.into_iter().zip(per_request) {
-                    self.dedup.remove(&hashes);
+                self.dedup.remove_pending();
+                for w in writes {
                     let _ = w.reply.send(Err(IngestError::Wal(std::io::Error::new(
                         e.kind(),
                         e.to_string(),
