@@ -10,17 +10,23 @@ RATE="${1:-20000}"
 BURST_CLIENTS="${2:-200}"
 BURST_SECS="${3:-60}"
 MAX_BUFFER="${MAX_BUFFER:-256MiB}"
+# The dedup index is memory of its own, about 21 bytes per id up to dedup_max_ids; a
+# minute's burst brings ~15M ids. The RSS bound covers the buffer, requests in flight,
+# flushes and compaction plus an index capped at 4M ids (~100 MB): past the cap the
+# oldest ids leave early (counted in funnelhouse_dedup_evicted_total).
+DEDUP_MAX_IDS="${DEDUP_MAX_IDS:-4000000}"
 RSS_BOUND_MB="${RSS_BOUND_MB:-1024}"
 DATA="$OUT/burst-data"
 cat > "$OUT/burst.toml" <<TOML
 [ingest]
 max_buffer_bytes = "$MAX_BUFFER"
+dedup_max_ids = $DEDUP_MAX_IDS
 flush_bytes = "64MiB"
 [http]
 max_connections = 10000
 TOML
 FUNNELHOUSE_CONFIG="$OUT/burst.toml" start_server "$DATA"
-echo "server $SERVER_PID at $URL, max_buffer_bytes $MAX_BUFFER, RSS bound ${RSS_BOUND_MB} MB"
+echo "server $SERVER_PID at $URL, max_buffer_bytes $MAX_BUFFER, dedup_max_ids $DEDUP_MAX_IDS, RSS bound ${RSS_BOUND_MB} MB"
 "$BIN/burst" --url "$URL" --pid "$SERVER_PID" --rate "$RATE" --burst-clients "$BURST_CLIENTS" \
   --burst-secs "$BURST_SECS" | tee "$OUT/burst.jsonl"
 verdict=${PIPESTATUS[0]}

@@ -124,9 +124,15 @@ async fn phase(
                     .body(pending.clone())
                     .send()
                     .await;
-                let Ok(resp) = resp else {
-                    tally.other.fetch_add(1, Relaxed);
-                    continue;
+                let resp = match resp {
+                    Ok(resp) => resp,
+                    Err(e) => {
+                        // Say what the first few were; the count says how many.
+                        if tally.other.fetch_add(1, Relaxed) < 3 {
+                            eprintln!("{name}: {e:?}");
+                        }
+                        continue;
+                    }
                 };
                 let status = resp.status().as_u16();
                 let retry_after = resp.headers().contains_key("retry-after");
