@@ -350,8 +350,9 @@ mod tests {
     use funnelhouse_schemas::{Event, events_to_batch};
 
     /// Several sorted files with repeated ids (received at different times) and ids a
-    /// big file holds, merged with tiny batches (and ids checked in one pass or several): the output is in file order and holds
-    /// exactly the first received row of each id not in the big file.
+    /// big file holds, merged with tiny batches (ids checked in one pass or several):
+    /// the output is in file order and holds exactly the first received row of each id
+    /// not in the big file.
     #[test]
     fn the_streaming_merge_equals_a_sort_of_the_kept_rows() {
         let dir = tempfile::tempdir().unwrap();

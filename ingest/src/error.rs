@@ -106,8 +106,13 @@ fn warn_refusal(status: StatusCode, err: &IngestError) {
             .compare_exchange(next, now + 10, Relaxed, Relaxed)
             .is_ok()
     {
-        let refusals = SINCE_LAST.swap(0, Relaxed);
-        tracing::warn!(%status, error = %err, refusals, "refusing requests; clients retry after Retry-After");
+        let refused_since_last_warning = SINCE_LAST.swap(0, Relaxed);
+        tracing::warn!(
+            %status,
+            error = %err,
+            refused_since_last_warning,
+            "refusing requests with Retry-After (this warning repeats at most every 10 s)"
+        );
     }
 }
 
