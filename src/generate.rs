@@ -1,10 +1,14 @@
 //! `funnelhouse gen`: synthetic campaign events for demos, tests and benchmarks.
 //!
-//! Users of several campaigns arrive through channels with channel-specific drop-off
-//! along package -> scan -> view -> draw; some events arrive late (old ts) and some are
-//! sent twice (same event_id). Event ids are `<user_id>-<n>`, as the browser SDK makes
-//! them (device id + counter), so a retried send repeats its id. Output is NDJSON to a
-//! file / stdout, or posted straight to a server.
+//! Users of several campaigns arrive through six channels with channel-specific drop-off
+//! along package -> scan -> view -> draw, shaped like real traffic: user ids are counters,
+//! UUIDs (Segment anonymousIds) or WeChat openids; event ids are `<user_id>-<n>` as the
+//! browser SDK makes them (so a retried send repeats its id) or UUIDs as server SDKs
+//! send them; timestamps are RFC 3339 in UTC or +08:00, with or without milliseconds,
+//! and 10% epoch milliseconds; properties differ by step (order numbers, device and
+//! user agent, URLs, numbers, booleans, nested objects). Some events arrive late (old
+//! ts), some are sent twice (same event_id), and some are unrelated app events (opens,
+//! shares, logins). Output is NDJSON to a file / stdout, or posted straight to a server.
 
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
@@ -34,8 +38,11 @@ pub struct GenArgs {
     #[arg(long, default_value_t = 7)]
     days: u32,
     /// Fraction of events sent a second time with the same event_id.
-    #[arg(long, default_value_t = 0.005)]
+    #[arg(long, default_value_t = 0.01)]
     duplicates: f64,
+    /// Fraction of events that are unrelated app events (app_open, share, login).
+    #[arg(long, default_value_t = 0.02)]
+    unrelated: f64,
     /// Fraction of users whose events carry a ts days before --start (late arrivals).
     #[arg(long, default_value_t = 0.01)]
     late: f64,
@@ -62,6 +69,7 @@ impl GenArgs {
             start,
             days,
             duplicates: 0.005,
+            unrelated: 0.0,
             late: 0.0,
             seed: 7,
             out: None,
@@ -72,16 +80,52 @@ impl GenArgs {
 }
 
 /// Channel name, weight of users, and the probability of each next step (scan, view, draw).
-const CHANNELS: [(&str, u32, [f64; 3]); 5] = [
-    ("jd", 30, [0.45, 0.80, 0.55]),
-    ("tmall", 25, [0.40, 0.75, 0.50]),
-    ("douyin", 20, [0.30, 0.55, 0.60]),
-    ("offline", 15, [0.20, 0.85, 0.40]),
-    ("", 10, [0.35, 0.70, 0.50]),
+const CHANNELS: [(&str, u32, [f64; 3]); 6] = [
+    ("jd", 28, [0.45, 0.80, 0.55]),
+    ("tmall", 22, [0.40, 0.75, 0.50]),
+    ("douyin", 18, [0.30, 0.55, 0.60]),
+    ("offline", 12, [0.20, 0.85, 0.40]),
+    ("wechat", 12, [0.50, 0.65, 0.45]),
+    ("", 8, [0.35, 0.70, 0.50]),
 ];
 const STEPS: [&str; 4] = ["package", "scan", "view", "draw"];
 const CARDS: [&str; 4] = ["A1", "A2", "A3", "B1"];
 const PRIZES: [&str; 4] = ["none", "coupon", "silver", "gold"];
+const CARRIERS: [&str; 4] = ["sf-express", "jd-logistics", "zto", "yto"];
+const CITIES: [&str; 6] = [
+    "Shanghai", "Beijing", "Shenzhen", "Hangzhou", "Chengdu", "Wuhan",
+];
+/// (os, versions, model, user agent: before the version, after it)
+const DEVICES: [(&str, [&str; 3], &str, [&str; 2]); 3] = [
+    (
+        "iOS",
+        ["17.4", "17.6.1", "18.1"],
+        "iPhone15,2",
+        [
+            "Mozilla/5.0 (iPhone; CPU iPhone OS ",
+            " like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148",
+        ],
+    ),
+    (
+        "Android",
+        ["13", "14", "12"],
+        "Redmi Note 12",
+        [
+            "Mozilla/5.0 (Linux; Android ",
+            "; 23021RAA2Y) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/116.0.0.0 Mobile Safari/537.36",
+        ],
+    ),
+    (
+        "HarmonyOS",
+        ["4.0", "4.2", "3.1"],
+        "HUAWEI Mate 60",
+        [
+            "Mozilla/5.0 (Linux; Android 12; HarmonyOS ",
+            "; BRA-AL00) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/114.0.0.0 Mobile Safari/537.36",
+        ],
+    ),
+];
+const UNRELATED: [&str; 4] = ["app_open", "share", "login", "coupon_view"];
 
 /// Generates one user's events at a time.
 pub struct Generator {
@@ -103,12 +147,19 @@ impl Generator {
         })
     }
 
-    /// The NDJSON lines of the next user (1..=4 events, plus duplicates).
+    /// The NDJSON lines of the next user (1..=4 funnel events, plus unrelated events and
+    /// duplicates).
     pub fn next_user(&mut self, out: &mut Vec<String>) {
-        let rng = &mut self.rng;
         let user = self.next_user;
         self.next_user += 1;
-        let user_id = format!("u{user:08}");
+        let rng = &mut self.rng;
+        let user_id = match rng.random_range(0..20) {
+            0..12 => format!("u{user:08}"),
+            12..17 => uuid(rng),
+            _ => format!("oX{}", random_text(rng, 26)),
+        };
+        // Server-side SDKs send a UUID per event; the browser SDK sends device + counter.
+        let uuid_ids = rng.random_bool(0.3);
         let campaign = match rng.random_range(0..self.args.campaigns.max(1)) {
             0 => "parcel-lottery".to_string(),
             n => format!("campaign-{}", n + 1),
@@ -130,6 +181,29 @@ impl Generator {
             ts -= rng.random_range(1..30) * 86_400_000_000;
         }
         let card = CARDS[rng.random_range(0..CARDS.len())];
+        let (os, versions, model, ua) = DEVICES[rng.random_range(0..DEVICES.len())];
+        let os_version = versions[rng.random_range(0..versions.len())];
+        let mut n = 0;
+        let mut push = |rng: &mut SmallRng,
+                        out: &mut Vec<String>,
+                        name: &str,
+                        ts: i64,
+                        props: String| {
+            let event_id = if uuid_ids {
+                uuid(rng)
+            } else {
+                format!("{user_id}-{n}")
+            };
+            n += 1;
+            let line = format!(
+                r#"{{"event_id":"{event_id}","event":"{name}","user_id":"{user_id}","campaign":"{campaign}","channel":"{channel}","ts":{},"properties":{props}}}"#,
+                timestamp(rng, ts)
+            );
+            if rng.random_bool(self.args.duplicates.clamp(0.0, 1.0)) {
+                out.push(line.clone());
+            }
+            out.push(line);
+        };
         for (step, name) in STEPS.iter().enumerate() {
             if step > 0 {
                 if !rng.random_bool(rates[step - 1]) {
@@ -144,23 +218,113 @@ impl Generator {
                 ts += minutes * 60_000_000 + rng.random_range(0..60_000_000);
             }
             let props = match *name {
-                "package" | "scan" => format!(r#"{{"card":"{card}"}}"#),
-                "draw" => format!(
-                    r#"{{"prize":"{}"}}"#,
-                    PRIZES[rng.random_range(0..PRIZES.len())]
+                "package" => format!(
+                    r#"{{"card":"{card}","order_id":"{}{:016}","carrier":"{}","city":"{}","items":{}}}"#,
+                    ["JD", "TM", "DY", "WX"][rng.random_range(0..4)],
+                    rng.random_range(0..10_000_000_000_000_000u64),
+                    CARRIERS[rng.random_range(0..CARRIERS.len())],
+                    CITIES[rng.random_range(0..CITIES.len())],
+                    rng.random_range(1..6),
                 ),
-                _ => r#"{"page":"lottery"}"#.to_string(),
+                "scan" => format!(
+                    r#"{{"card":"{card}","qr":"https://fh.example/s/{campaign}/{channel}?c={card}","device":{{"os":"{os}","os_version":"{os_version}","model":"{model}"}},"ua":"{}{}{} MicroMessenger/8.0.{}","lat":{:.4},"lng":{:.4}}}"#,
+                    ua[0],
+                    if os == "iOS" {
+                        os_version.replace('.', "_")
+                    } else {
+                        os_version.to_string()
+                    },
+                    ua[1],
+                    rng.random_range(30..54),
+                    rng.random_range(22.0..40.0),
+                    rng.random_range(102.0..122.0),
+                ),
+                "view" => format!(
+                    r#"{{"page":"lottery","url":"https://fh.example/{campaign}/lottery?utm_source={channel}&utm_medium=qr","referrer":"{}","duration_ms":{},"scroll":{:.2},"first_visit":{}}}"#,
+                    [
+                        "",
+                        "https://m.jd.com/",
+                        "https://www.douyin.com/",
+                        "https://servicewechat.com/"
+                    ][rng.random_range(0..4)],
+                    rng.random_range(200..90_000),
+                    rng.random_range(0.0..1.0),
+                    rng.random_bool(0.8),
+                ),
+                _ => {
+                    let prize = PRIZES[rng.random_range(0..PRIZES.len())];
+                    let amount = match prize {
+                        "none" => "null".to_string(),
+                        _ => format!("{}", [5, 10, 20, 50, 100][rng.random_range(0..5)]),
+                    };
+                    format!(
+                        r#"{{"prize":"{prize}","amount":{amount},"win":{},"attempt":{}}}"#,
+                        prize != "none",
+                        rng.random_range(1..4),
+                    )
+                }
             };
-            let line = format!(
-                r#"{{"event_id":"{user_id}-{step}","event":"{name}","user_id":"{user_id}","campaign":"{campaign}","channel":"{channel}","ts":"{}","properties":{props}}}"#,
-                format_micros(ts)
-            );
-            if rng.random_bool(self.args.duplicates.clamp(0.0, 1.0)) {
-                out.push(line.clone());
+            push(rng, out, name, ts, props);
+            while rng.random_bool(self.args.unrelated.clamp(0.0, 0.9)) {
+                let name = UNRELATED[rng.random_range(0..UNRELATED.len())];
+                let props = match name {
+                    "app_open" => format!(
+                        r#"{{"version":"3.{}.{}","cold_start":{}}}"#,
+                        rng.random_range(0..9),
+                        rng.random_range(0..20),
+                        rng.random_bool(0.3)
+                    ),
+                    "share" => format!(
+                        r#"{{"target":"{}"}}"#,
+                        ["wechat", "moments", "weibo", "qq"][rng.random_range(0..4)]
+                    ),
+                    "login" => format!(
+                        r#"{{"method":"{}"}}"#,
+                        ["sms", "wechat", "password"][rng.random_range(0..3)]
+                    ),
+                    _ => r#"{}"#.to_string(),
+                };
+                let at = ts + rng.random_range(-600_000_000..600_000_000);
+                push(rng, out, name, at, props);
             }
-            out.push(line);
         }
     }
+}
+
+/// A timestamp as clients send them: mostly RFC 3339 (UTC or China time, with or
+/// without milliseconds), 10% epoch milliseconds.
+fn timestamp(rng: &mut SmallRng, micros: i64) -> String {
+    let millis = micros.div_euclid(1000);
+    match rng.random_range(0..10) {
+        0 => millis.to_string(),
+        1..4 => {
+            let text = format_micros((millis + 8 * 3_600_000) * 1000);
+            // 2026-11-01T08:00:00.123000Z -> 2026-11-01T08:00:00.123+08:00
+            format!("\"{}+08:00\"", &text[..23])
+        }
+        4..6 => format!("\"{}Z\"", &format_micros(millis * 1000)[..19]),
+        _ => format!("\"{}Z\"", &format_micros(millis * 1000)[..23]),
+    }
+}
+
+fn uuid(rng: &mut SmallRng) -> String {
+    let v: u128 = rng.random();
+    let h = format!("{v:032x}");
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..]
+    )
+}
+
+fn random_text(rng: &mut SmallRng, len: usize) -> String {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_-";
+    (0..len)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 pub async fn run(args: GenArgs, _cfg: &Config) -> Result<(), CliError> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use funnelhouse_ingest::{Metrics, Snapshot};
-use funnelhouse_query::{FunnelRequest, QueryEngine, StaticSource, output};
+use funnelhouse_query::{FunnelRequest, OutputFormat, QueryEngine, StaticSource};
 use serde_json::Value;
 
 use crate::config::Config;
@@ -118,10 +118,10 @@ pub async fn sql(args: SqlArgs, cfg: &Config) -> Result<(), CliError> {
         None => {
             let engine = offline_engine(cfg)?;
             let result = engine
-                .sql(&args.sql)
+                .sql_rendered(&args.sql, OutputFormat::Json)
                 .await
                 .map_err(|e| CliError::Query(e.to_string()))?;
-            output::to_json(&result)
+            serde_json::from_slice(&result.body).expect("the JSON writer writes JSON")
         }
     };
     if args.json {

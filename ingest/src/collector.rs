@@ -361,10 +361,38 @@ async fn read_admitted(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
         .map_or(limit, |n| n.min(limit));
-    let mut admission = store.admit(declared)?;
+    let mut admission = match store.admit(declared) {
+        Ok(admission) => admission,
+        Err(refused) => {
+            // Answer at once, but read and drop the body the client may still be sending:
+            // closing with it unread resets the connection, and the client would see that
+            // instead of the 503. Bounded by the wire limit and by request_timeout in all.
+            let drain = discard_body(body, wire_limit(limit));
+            tokio::spawn(tokio::time::timeout(state.http.request_timeout, drain));
+            return Err(refused);
+        }
+    };
     let bytes = read_body(headers, body, limit).await?;
     store.readmit(&mut admission, bytes.len())?;
     Ok((bytes, admission))
+}
+
+/// The most bytes a gzip body decompressing to at most `limit` may take on the wire:
+/// a gzip stream of incompressible data is slightly larger than the data itself.
+fn wire_limit(limit: usize) -> usize {
+    limit + limit / 8 + 1024
+}
+
+/// Read up to `limit` bytes of `body` and keep none of them.
+async fn discard_body(mut body: Body, limit: usize) {
+    use http_body_util::BodyExt;
+    let mut read = 0;
+    while let Some(Ok(frame)) = body.frame().await {
+        read += frame.data_ref().map_or(0, |d| d.len());
+        if read > limit {
+            break;
+        }
+    }
 }
 
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes> {
@@ -381,20 +409,15 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
             )));
         }
     };
-    // A gzip stream of incompressible data is slightly larger than the data itself.
-    let wire_limit = if gzip {
-        limit + limit / 8 + 1024
-    } else {
-        limit
-    };
+    let max_wire = if gzip { wire_limit(limit) } else { limit };
     let too_large = IngestError::TooLarge { limit };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > wire_limit) {
+    if declared.is_some_and(|n| n > max_wire) {
         return Err(too_large);
     }
-    let raw = axum::body::to_bytes(body, wire_limit).await.map_err(|e| {
+    let raw = axum::body::to_bytes(body, max_wire).await.map_err(|e| {
         let mut causes = std::iter::successors(std::error::Error::source(&e), |s| s.source());
         if causes.any(|s| s.is::<tower_http::timeout::TimeoutError>()) {
             IngestError::BodyTimeout

@@ -92,9 +92,9 @@ async fn sql(
         headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()),
     )?;
     let text = sql_text(&headers, &body)?;
-    let result = engine.sql(&text).await?;
-    let bytes = format.render(&result)?;
-    let mut response = ([(header::CONTENT_TYPE, format.content_type())], bytes).into_response();
+    let result = engine.sql_rendered(&text, format).await?;
+    let mut response =
+        ([(header::CONTENT_TYPE, format.content_type())], result.body).into_response();
     if result.truncated {
         // CSV and Arrow have no place in the body to say so.
         response.headers_mut().insert(

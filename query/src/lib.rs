@@ -10,6 +10,7 @@ pub mod dashboard;
 pub mod error;
 pub mod funnel;
 pub mod http;
+pub mod limits;
 pub mod output;
 pub mod pgwire;
 pub mod session;
@@ -23,6 +24,6 @@ pub use funnel::{FunnelReport, FunnelRequest, FunnelSpec, LiveFunnels, TrendRepo
 pub use http::{QueryState, router};
 pub use output::OutputFormat;
 pub use pgwire::serve_pg;
-pub use session::{QueryEngine, QueryOptions, QueryResult};
+pub use session::{QueryEngine, QueryOptions, QueryResult, RenderedResult};
 pub use table::{EventsTable, SnapshotSource, StaticSource};
 pub use udaf::WindowFunnel;

@@ -3,12 +3,13 @@
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, SchemaRef};
+use arrow::ipc::writer::StreamWriter;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
+use datafusion::error::DataFusionError;
 use funnelhouse_schemas::time::format_micros;
-use serde_json::{Map, Value};
+use serde_json::{Value, json};
 
 use crate::error::{QueryError, Result};
-use crate::session::QueryResult;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputFormat {
@@ -48,14 +49,112 @@ impl OutputFormat {
         }
     }
 
-    pub fn render(self, result: &QueryResult) -> Result<Vec<u8>> {
-        let (schema, batches) = (&result.schema, &result.batches[..]);
-        match self {
-            Self::Json => Ok(serde_json::to_vec(&to_json(result)).expect("JSON values serialise")),
-            Self::Csv => to_csv(schema, batches),
-            Self::Arrow => to_arrow_ipc(schema, batches),
+    /// Start rendering a result with this schema.
+    pub fn writer(self, schema: &SchemaRef) -> Result<ResultWriter> {
+        let sink = match self {
+            Self::Json => {
+                let mut head = serde_json::to_vec(&json!({ "columns": columns(schema) }))
+                    .expect("JSON values serialise");
+                head.pop(); // the closing brace: rows follow
+                head.extend_from_slice(b",\"rows\":[");
+                Sink::Json(head)
+            }
+            Self::Csv => {
+                let mut w = csv::Writer::from_writer(Vec::new());
+                w.write_record(schema.fields().iter().map(|f| f.name().as_str()))
+                    .map_err(csv_error)?;
+                Sink::Csv(w)
+            }
+            Self::Arrow => Sink::Arrow(
+                StreamWriter::try_new(Vec::new(), schema).map_err(DataFusionError::from)?,
+            ),
+        };
+        Ok(ResultWriter { sink, rows: 0 })
+    }
+}
+
+/// A result rendered batch by batch as it arrives, so it is held once, as the body,
+/// and its size is known as it grows (the query memory pool accounts it).
+pub struct ResultWriter {
+    sink: Sink,
+    rows: usize,
+}
+
+enum Sink {
+    Json(Vec<u8>),
+    Csv(csv::Writer<Vec<u8>>),
+    Arrow(StreamWriter<Vec<u8>>),
+}
+
+impl ResultWriter {
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        match &mut self.sink {
+            Sink::Json(buf) => {
+                for r in 0..batch.num_rows() {
+                    if self.rows + r > 0 {
+                        buf.push(b',');
+                    }
+                    let row: Vec<Value> = batch
+                        .columns()
+                        .iter()
+                        .map(|c| cell(c.as_ref(), r))
+                        .collect();
+                    serde_json::to_writer(&mut *buf, &row).expect("JSON values serialise");
+                }
+            }
+            Sink::Csv(w) => {
+                for r in 0..batch.num_rows() {
+                    w.write_record(batch.columns().iter().map(|c| csv_cell(c.as_ref(), r)))
+                        .map_err(csv_error)?;
+                }
+            }
+            Sink::Arrow(w) => w.write(batch).map_err(DataFusionError::from)?,
+        }
+        self.rows += batch.num_rows();
+        Ok(())
+    }
+
+    /// Bytes held so far (the buffer's capacity, not only what is written).
+    pub fn held_bytes(&self) -> usize {
+        match &self.sink {
+            Sink::Json(buf) => buf.capacity(),
+            // The csv writer's own buffer comes on top.
+            Sink::Csv(w) => w.get_ref().capacity() + (8 << 10),
+            Sink::Arrow(w) => w.get_ref().capacity(),
         }
     }
+
+    /// The body; JSON ends with `"row_count"` and, when the result stopped at
+    /// `max_result_rows`, `"truncated": true`.
+    pub fn finish(self, truncated: bool) -> Result<Vec<u8>> {
+        match self.sink {
+            Sink::Json(mut buf) => {
+                buf.extend_from_slice(format!("],\"row_count\":{}", self.rows).as_bytes());
+                if truncated {
+                    buf.extend_from_slice(b",\"truncated\":true");
+                }
+                buf.push(b'}');
+                Ok(buf)
+            }
+            Sink::Csv(w) => w.into_inner().map_err(|e| csv_error(e.into_error().into())),
+            Sink::Arrow(mut w) => {
+                w.finish().map_err(DataFusionError::from)?;
+                Ok(w.into_inner().map_err(DataFusionError::from)?)
+            }
+        }
+    }
+}
+
+fn csv_error(e: csv::Error) -> QueryError {
+    QueryError::Internal(format!("csv: {e}"))
+}
+
+fn columns(schema: &SchemaRef) -> Vec<Value> {
+    schema
+        .fields()
+        .iter()
+        .map(|f| json!({ "name": f.name(), "type": type_name(f.data_type()) }))
+        .collect()
 }
 
 /// A SQL-ish type name for a column, as Postgres clients would call it.
@@ -75,36 +174,6 @@ pub fn type_name(dt: &DataType) -> String {
         DataType::Null => "null".into(),
         other => other.to_string(),
     }
-}
-
-/// `{"columns", "rows", "row_count"}`, plus `"truncated": true` when the result stopped
-/// at `max_result_rows`.
-pub fn to_json(result: &QueryResult) -> Value {
-    let (schema, batches) = (&result.schema, &result.batches);
-    let columns: Vec<Value> = schema
-        .fields()
-        .iter()
-        .map(|f| {
-            let mut m = Map::new();
-            m.insert("name".into(), Value::String(f.name().clone()));
-            m.insert("type".into(), Value::String(type_name(f.data_type())));
-            Value::Object(m)
-        })
-        .collect();
-    let mut rows = Vec::new();
-    for b in batches {
-        for r in 0..b.num_rows() {
-            rows.push(Value::Array(
-                b.columns().iter().map(|c| cell(c.as_ref(), r)).collect(),
-            ));
-        }
-    }
-    let n = rows.len();
-    let mut out = serde_json::json!({ "columns": columns, "rows": rows, "row_count": n });
-    if result.truncated {
-        out["truncated"] = Value::Bool(true);
-    }
-    out
 }
 
 /// One value as JSON: numbers as numbers, timestamps as RFC 3339 with µs and `Z`.
@@ -171,33 +240,4 @@ fn csv_cell(col: &dyn Array, row: usize) -> String {
         Value::String(s) => s,
         other => other.to_string(),
     }
-}
-
-pub fn to_csv(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
-    let mut w = csv::Writer::from_writer(Vec::new());
-    let err = |e: csv::Error| QueryError::BadRequest(format!("csv: {e}"));
-    w.write_record(schema.fields().iter().map(|f| f.name().as_str()))
-        .map_err(err)?;
-    for b in batches {
-        for r in 0..b.num_rows() {
-            w.write_record(b.columns().iter().map(|c| csv_cell(c.as_ref(), r)))
-                .map_err(err)?;
-        }
-    }
-    w.into_inner()
-        .map_err(|e| QueryError::BadRequest(format!("csv: {e}")))
-}
-
-pub fn to_arrow_ipc(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, schema)
-        .map_err(datafusion::error::DataFusionError::from)?;
-    for b in batches {
-        w.write(b)
-            .map_err(datafusion::error::DataFusionError::from)?;
-    }
-    w.finish()
-        .map_err(datafusion::error::DataFusionError::from)?;
-    drop(w);
-    Ok(buf)
 }

@@ -5,7 +5,9 @@
 //! this module adds what the contract asks on top: read-only (anything but queries,
 //! EXPLAIN, SHOW, SET and transaction control is refused with SQLSTATE 25006), the
 //! SETs clients send on connect accepted without touching the shared session, the
-//! query timeout, and password = a read token when read tokens are configured.
+//! query limits (`timeout` over planning and every row streamed, `max_result_rows`: see
+//! [`crate::limits`]), and
+//! password = a read token when read tokens are configured.
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -91,7 +93,13 @@ struct PgHandlers {
 
 impl PgHandlers {
     fn new(engine: &QueryEngine, read_tokens: Vec<String>) -> Result<Self> {
-        let ctx = engine.context().clone();
+        // datafusion-postgres times planning only, and pgwire gathers an extended-protocol
+        // result in memory before sending it: both limits are enforced in the plan.
+        let limits = crate::limits::ResultLimits {
+            timeout: engine.timeout(),
+            max_rows: engine.max_result_rows(),
+        };
+        let ctx = crate::limits::with_limits(engine.context(), limits);
         setup_pg_catalog(&ctx, DATABASE, EmptyContextProvider)
             .map_err(|e| QueryError::Internal(format!("pg_catalog: {e}")))?;
         let hooks: Vec<Arc<dyn QueryHook>> = vec![
@@ -130,7 +138,8 @@ impl PgWireServerHandlers for PgHandlers {
 /// constant time), whatever the user name.
 struct TokenStartup {
     tokens: Vec<String>,
-    /// The `[query] timeout`, applied by datafusion-postgres as the statement timeout.
+    /// The `[query] timeout`, applied by datafusion-postgres to planning (execution has
+    /// its `LimitsExec`).
     timeout_ms: String,
     pids: RandomPidSecretKeyGenerator,
     parameters: DefaultServerParameterProvider,

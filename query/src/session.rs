@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
+use bytes::Bytes;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::memory_pool::{FairSpillPool, MemoryConsumer, MemoryReservation};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
@@ -16,6 +17,7 @@ use futures::StreamExt;
 
 use crate::error::{QueryError, Result};
 use crate::funnel::live::LiveFunnels;
+use crate::output::OutputFormat;
 use crate::table::{EventsTable, SnapshotSource, StaticSource};
 use crate::udaf::WindowFunnel;
 
@@ -54,6 +56,52 @@ pub struct QueryResult {
     pub batches: Vec<RecordBatch>,
     /// More rows than `max_result_rows` existed; `batches` stop there.
     pub truncated: bool,
+}
+
+/// A query's answer rendered in an output format.
+pub struct RenderedResult {
+    /// The response body; its share of the memory pool is returned when it is dropped.
+    pub body: Bytes,
+    /// More rows than `max_result_rows` existed; the body stops there.
+    pub truncated: bool,
+}
+
+/// A rendered body that keeps its memory reservation until the body is dropped.
+struct HeldBody {
+    body: Vec<u8>,
+    _held: MemoryReservation,
+}
+
+impl AsRef<[u8]> for HeldBody {
+    fn as_ref(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+/// A running query's batches, cut at `max_result_rows`.
+struct CappedResult {
+    schema: SchemaRef,
+    stream: SendableRecordBatchStream,
+    /// Rows still allowed.
+    room: usize,
+    truncated: bool,
+}
+
+impl CappedResult {
+    async fn next(&mut self) -> Result<Option<RecordBatch>> {
+        if self.truncated {
+            return Ok(None);
+        }
+        let Some(batch) = self.stream.next().await.transpose()? else {
+            return Ok(None);
+        };
+        if batch.num_rows() > self.room {
+            self.truncated = true;
+            return Ok(Some(batch.slice(0, std::mem::take(&mut self.room))));
+        }
+        self.room -= batch.num_rows();
+        Ok(Some(batch))
+    }
 }
 
 #[derive(Clone)]
@@ -137,6 +185,10 @@ impl QueryEngine {
         self.timeout
     }
 
+    pub fn max_result_rows(&self) -> usize {
+        self.opts.max_result_rows
+    }
+
     /// What read-only SQL may plan: no DDL, no DML (COPY included), no statements.
     pub fn read_only_options() -> SQLOptions {
         SQLOptions::new()
@@ -155,37 +207,64 @@ impl QueryEngine {
 
     /// Run read-only SQL to completion within the timeout.
     pub async fn sql(&self, sql: &str) -> Result<QueryResult> {
-        let started = Instant::now();
         let sql = sql.to_string();
-        let result = self
-            .run(move |engine| async move {
-                let df = engine.plan(&sql).await?;
-                let schema = Arc::new(df.schema().as_arrow().clone());
-                // Streamed, so a huge result stops at the cap instead of being built
-                // whole; dropping the stream stops the query's work.
-                let mut stream = df.execute_stream().await?;
-                // The result is held in the query memory pool too, up to memory_limit.
-                let held = engine.reservation("sql result");
-                let (mut batches, mut rows, mut truncated) = (Vec::new(), 0, false);
-                while let Some(batch) = stream.next().await {
-                    let batch = batch?;
-                    held.try_grow(batch.get_array_memory_size())?;
-                    let room = engine.opts.max_result_rows - rows;
-                    if batch.num_rows() > room {
-                        batches.push(batch.slice(0, room));
-                        truncated = true;
-                        break;
-                    }
-                    rows += batch.num_rows();
-                    batches.push(batch);
-                }
-                Ok(QueryResult {
-                    schema,
-                    batches,
-                    truncated,
-                })
+        self.timed(self.run(move |engine| async move {
+            let mut result = engine.capped(&sql).await?;
+            // The result is held in the query memory pool too, up to memory_limit.
+            let held = engine.reservation("sql result");
+            let mut batches = Vec::new();
+            while let Some(batch) = result.next().await? {
+                held.try_grow(batch.get_array_memory_size())?;
+                batches.push(batch);
+            }
+            Ok(QueryResult {
+                schema: result.schema,
+                batches,
+                truncated: result.truncated,
             })
-            .await;
+        }))
+        .await
+    }
+
+    /// Run read-only SQL within the timeout and render it as `format`, batch by batch as
+    /// rows arrive. The body is held in the query memory pool until it has been sent.
+    pub async fn sql_rendered(&self, sql: &str, format: OutputFormat) -> Result<RenderedResult> {
+        let sql = sql.to_string();
+        self.timed(self.run(move |engine| async move {
+            let mut result = engine.capped(&sql).await?;
+            let held = engine.reservation("sql result");
+            let mut writer = format.writer(&result.schema)?;
+            while let Some(batch) = result.next().await? {
+                writer.write(&batch)?;
+                held.try_resize(writer.held_bytes())?;
+            }
+            let body = writer.finish(result.truncated)?;
+            held.try_resize(body.capacity())?;
+            Ok(RenderedResult {
+                body: Bytes::from_owner(HeldBody { body, _held: held }),
+                truncated: result.truncated,
+            })
+        }))
+        .await
+    }
+
+    /// Plan and start `sql`, its rows to stop at `max_result_rows`.
+    async fn capped(&self, sql: &str) -> Result<CappedResult> {
+        let df = self.plan(sql).await?;
+        Ok(CappedResult {
+            schema: Arc::new(df.schema().as_arrow().clone()),
+            // Streamed, so a huge result stops at the cap instead of being built whole;
+            // dropping the stream stops the query's work.
+            stream: df.execute_stream().await?,
+            room: self.opts.max_result_rows,
+            truncated: false,
+        })
+    }
+
+    /// `work`, counted in the query metrics.
+    async fn timed<T>(&self, work: impl Future<Output = Result<T>>) -> Result<T> {
+        let started = Instant::now();
+        let result = work.await;
         Metrics::add_duration(
             &self.metrics.query_count,
             &self.metrics.query_micros,

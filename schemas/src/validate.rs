@@ -233,7 +233,12 @@ pub(crate) fn properties_text(value: &RawValue) -> Result<String, String> {
     }
     // Drop the whitespace a pretty-printer adds (Python's json.dumps does) without
     // re-serialising: numbers keep their text (`1e3` stays `1e3`) and keys their order.
-    let compact = compact_json(text).into_owned();
+    let shape = json_shape(text);
+    let compact = if shape.whitespace {
+        compact_json(text)
+    } else {
+        text.to_string()
+    };
     if compact.len() > limits::PROPERTIES_MAX {
         return Err(format!(
             "properties: {} bytes serialized, the limit is {}",
@@ -241,59 +246,84 @@ pub(crate) fn properties_text(value: &RawValue) -> Result<String, String> {
             limits::PROPERTIES_MAX
         ));
     }
-    let (depth, keys) = json_shape(&compact);
-    if depth > limits::PROPERTIES_DEPTH_MAX {
+    if shape.depth > limits::PROPERTIES_DEPTH_MAX {
         return Err(format!(
-            "properties: nested {depth} levels deep, the limit is {}",
+            "properties: nested {} levels deep, the limit is {}",
+            shape.depth,
             limits::PROPERTIES_DEPTH_MAX
         ));
     }
-    if keys > limits::PROPERTIES_KEYS_MAX {
+    if shape.keys > limits::PROPERTIES_KEYS_MAX {
         return Err(format!(
-            "properties: {keys} keys, the limit is {}",
+            "properties: {} keys, the limit is {}",
+            shape.keys,
             limits::PROPERTIES_KEYS_MAX
         ));
     }
     Ok(compact)
 }
 
-/// The deepest nesting of objects and arrays in compact JSON, and the number of keys
-/// of its outer object (its top-level commas, plus one unless it is empty).
-fn json_shape(compact: &str) -> (usize, usize) {
+/// What one pass over parser-checked JSON text tells: its deepest nesting of objects and
+/// arrays, the keys of its outer object, and whether it has insignificant whitespace.
+#[derive(Debug, PartialEq, Eq)]
+struct JsonShape {
+    depth: usize,
+    keys: usize,
+    whitespace: bool,
+}
+
+/// One pass over the bytes, jumping over each string to its closing quote with memchr
+/// (properties are mostly string values: URLs, user agents, names).
+fn json_shape(text: &str) -> JsonShape {
+    let b = text.as_bytes();
     let (mut depth, mut deepest, mut commas) = (0usize, 0usize, 0usize);
-    let (mut in_string, mut escaped) = (false, false);
-    for b in compact.bytes() {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
+    let (mut whitespace, mut has_keys) = (false, false);
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                has_keys |= depth == 1;
+                i += 1;
+                // To the closing quote; an escape is a backslash and one ASCII byte.
+                loop {
+                    let rest = b.get(i..).unwrap_or_default();
+                    match memchr::memchr2(b'"', b'\\', rest) {
+                        Some(j) if rest[j] == b'\\' => i += j + 2,
+                        Some(j) => {
+                            i += j;
+                            break;
+                        }
+                        None => {
+                            i = b.len();
+                            break;
+                        }
+                    }
+                }
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
             b'{' | b'[' => {
                 depth += 1;
                 deepest = deepest.max(depth);
             }
             b'}' | b']' => depth = depth.saturating_sub(1),
             b',' if depth == 1 => commas += 1,
+            b' ' | b'\n' | b'\r' | b'\t' => whitespace = true,
             _ => {}
         }
+        i += 1;
     }
-    let keys = if compact == "{}" { 0 } else { commas + 1 };
-    (deepest, keys)
+    JsonShape {
+        depth: deepest,
+        keys: if has_keys { commas + 1 } else { 0 },
+        whitespace,
+    }
 }
 
-/// JSON text without insignificant whitespace (a space inside a string value stays):
-/// borrowed as it is when there is none, which is the common case.
-fn compact_json(text: &str) -> std::borrow::Cow<'_, str> {
+/// JSON text without insignificant whitespace (a space inside a string value stays).
+fn compact_json(text: &str) -> String {
     let mut in_string = false;
     let mut escaped = false;
-    let mut out: Option<String> = None;
-    for (i, c) in text.char_indices() {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
         let insignificant = if in_string {
             match c {
                 _ if escaped => escaped = false,
@@ -306,13 +336,11 @@ fn compact_json(text: &str) -> std::borrow::Cow<'_, str> {
             in_string = c == '"';
             matches!(c, ' ' | '\n' | '\r' | '\t')
         };
-        match (&mut out, insignificant) {
-            (None, true) => out = Some(text[..i].to_string()),
-            (Some(o), false) => o.push(c),
-            _ => {}
+        if !insignificant {
+            out.push(c);
         }
     }
-    out.map_or(std::borrow::Cow::Borrowed(text), std::borrow::Cow::Owned)
+    out
 }
 
 pub(crate) fn json_kind(text: &str) -> &'static str {
@@ -373,9 +401,16 @@ mod tests {
             properties_text(&many).unwrap_err(),
             "properties: 1001 keys, the limit is 1000"
         );
-        assert_eq!(json_shape("{}"), (1, 0));
-        assert_eq!(json_shape(r#"{"a":"}{,"}"#), (1, 1));
-        assert_eq!(json_shape(r#"{"a":[1,2],"b":{"c":1,"d":[2]}}"#), (3, 2));
+        let shape = |t: &str| {
+            let s = json_shape(t);
+            (s.depth, s.keys, s.whitespace)
+        };
+        assert_eq!(shape("{}"), (1, 0, false));
+        assert_eq!(shape("{ }"), (1, 0, true));
+        assert_eq!(shape(r#"{"a":"}{,\" "}"#), (1, 1, false));
+        assert_eq!(shape(r#"{"a":"\\","b":1}"#), (1, 2, false));
+        assert_eq!(shape(r#"{"a":[1,2],"b":{"c":1,"d":[2]}}"#), (3, 2, false));
+        assert_eq!(shape("{\"a\": [1,\n2]}"), (2, 1, true));
     }
 
     #[test]

@@ -4,6 +4,7 @@ clients send accepted, and with read tokens a wrong password refused."""
 
 import os
 import subprocess
+import time
 
 import psycopg
 import pytest
@@ -121,6 +122,45 @@ def test_with_read_tokens_the_password_must_be_one(start_server):
     refused = psql(server, "SELECT 1", password="wrong", check=False)
     assert refused.returncode != 0 and "password" in refused.stderr.lower(), refused.stderr
     assert psql(server, "SELECT 1", password="rt_one").stdout.strip() == "1"
+
+
+@pytest.mark.timeout(90)
+def test_the_query_timeout_holds_while_the_query_runs_and_rows_stream(start_server):
+    """[query] timeout covers the whole query on the wire, not only its planning: an
+    endless aggregate and an endless row stream (single-row mode) both end with an error
+    naming the timeout, and the connection stays usable."""
+    server = start_server('[query]\ntimeout = "1s"\nmax_result_rows = 1000000000000\n')
+    with psycopg.connect(conninfo(server), autocommit=True) as conn:
+        for sql in ["SELECT count(*) FROM generate_series(1, 1000000000000)",
+                    "SELECT * FROM generate_series(1, 1000000000000)"]:
+            started = time.time()
+            with pytest.raises(psycopg.Error) as stopped:
+                for _ in conn.cursor().stream(sql):
+                    pass
+            assert "query.timeout" in str(stopped.value)
+            assert time.time() - started < 15
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
+    started = time.time()
+    failed = psql(server, "SELECT count(*) FROM generate_series(1, 1000000000000)", check=False)
+    assert failed.returncode != 0 and "query.timeout" in failed.stderr, failed.stderr
+    assert time.time() - started < 15
+
+
+@pytest.mark.timeout(90)
+def test_results_past_max_result_rows_are_refused_on_the_wire(start_server):
+    """pgwire gathers an extended-protocol result in memory before sending it, so a result
+    past [query] max_result_rows ends in an error naming the limit instead of growing the
+    server; one of exactly max_result_rows rows is whole."""
+    server = start_server("[query]\nmax_result_rows = 1000\n")
+    with psycopg.connect(conninfo(server), autocommit=True) as conn:
+        rows = conn.execute("SELECT * FROM generate_series(1, 1000)").fetchall()
+        assert len(rows) == 1000
+        with pytest.raises(psycopg.Error) as refused:
+            conn.execute("SELECT * FROM generate_series(1, 1000000000000)")
+        assert "query.max_result_rows (1000)" in str(refused.value)
+        assert conn.execute("SELECT count(*) FROM generate_series(1, 100000)").fetchone()[0] == 100000
+    failed = psql(server, "SELECT * FROM generate_series(1, 5000)", check=False)
+    assert failed.returncode != 0 and "max_result_rows" in failed.stderr, failed.stderr
 
 
 # What DBeaver (through the PostgreSQL JDBC driver) and Grafana's PostgreSQL data source

@@ -1,6 +1,8 @@
 //! End-to-end ingest load: several loopback clients post NDJSON batches (500 events by
 //! default) from a file to `/v1/events`, each waiting for its durable ack, and report
-//! events/s, MB/s and ack latency percentiles as one JSON line.
+//! events/s, MB/s and ack latency percentiles as one JSON line. With `--probe-visible`
+//! a further client posts one marker event every 50 ms and polls `/v1/sql` until it is
+//! seen, for the ack -> visible in SQL latency under that load.
 //!
 //!     load --url http://127.0.0.1:8080 --file events.ndjson --clients 8 [--rate 200000]
 
@@ -30,6 +32,67 @@ struct Args {
     /// Send at most this many events.
     #[arg(long)]
     limit: Option<usize>,
+    /// Also measure ack -> visible in SQL latency while the load runs.
+    #[arg(long)]
+    probe_visible: bool,
+}
+
+/// Post a marker event every 50 ms until `done`, each time polling SQL every 2 ms until
+/// it is counted; the ack -> visible times.
+async fn probe_visible(
+    http: reqwest::Client,
+    base: String,
+    done: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<Duration> {
+    let mut seen = Vec::new();
+    let mut n = 0;
+    while !done.load(Ordering::Relaxed) {
+        n += 1;
+        let id = format!("visible-probe-{n}");
+        let event = serde_json::json!({"event_id": id, "event": "probe", "user_id": "probe", "campaign": "probe"});
+        let resp = http
+            .post(format!("{base}/v1/events"))
+            .json(&event)
+            .send()
+            .await
+            .expect("probe post");
+        if !resp.status().is_success() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let acked = Instant::now();
+        // The ts bound keeps the poll to today's partition and the live buffer.
+        let sql = format!(
+            "SELECT count(*) AS n FROM events WHERE ts > now() - INTERVAL '1 minute' AND event_id = '{id}'"
+        );
+        loop {
+            let json: serde_json::Value = http
+                .post(format!("{base}/v1/sql"))
+                .json(&serde_json::json!({ "sql": sql }))
+                .send()
+                .await
+                .expect("probe query")
+                .json()
+                .await
+                .unwrap_or_default();
+            if json["rows"][0][0].as_u64() == Some(1) {
+                seen.push(acked.elapsed());
+                break;
+            }
+            assert!(
+                acked.elapsed() < Duration::from_secs(30),
+                "probe {id} never became visible: {json}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    seen
+}
+
+/// The `p` quantile of sorted durations, in ms.
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)].as_secs_f64() * 1e3
 }
 
 #[tokio::main]
@@ -60,6 +123,14 @@ async fn main() {
         .rate
         .map(|r| Duration::from_secs_f64(args.batch as f64 * args.clients as f64 / r));
     let started = Instant::now();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = args.probe_visible.then(|| {
+        tokio::spawn(probe_visible(
+            http.clone(),
+            args.url.trim_end_matches('/').to_string(),
+            Arc::clone(&done),
+        ))
+    });
     let mut tasks = Vec::new();
     for _ in 0..args.clients {
         let (http, next, bodies, url) = (
@@ -117,18 +188,22 @@ async fn main() {
         latencies.extend(t.await.unwrap());
     }
     let secs = started.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
     latencies.sort();
-    let pct = |p: f64| {
-        latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64()
-            * 1e3
-    };
-    println!(
-        "{}",
-        serde_json::json!({
-            "events": total_events, "requests": latencies.len(), "seconds": secs,
-            "events_per_sec": total_events as f64 / secs, "mb_per_sec": total_bytes as f64 / secs / 1e6,
-            "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": pct(1.0),
-            "clients": args.clients, "batch": args.batch, "offered_rate": args.rate,
-        })
-    );
+    let mut report = serde_json::json!({
+        "events": total_events, "requests": latencies.len(), "seconds": secs,
+        "events_per_sec": total_events as f64 / secs, "mb_per_sec": total_bytes as f64 / secs / 1e6,
+        "p50_ms": pct(&latencies, 0.50), "p99_ms": pct(&latencies, 0.99), "max_ms": pct(&latencies, 1.0),
+        "clients": args.clients, "batch": args.batch, "offered_rate": args.rate,
+    });
+    if let Some(probe) = probe {
+        let mut visible = probe.await.unwrap();
+        visible.sort();
+        if !visible.is_empty() {
+            report["visible_probes"] = visible.len().into();
+            report["visible_p50_ms"] = pct(&visible, 0.50).into();
+            report["visible_p99_ms"] = pct(&visible, 0.99).into();
+        }
+    }
+    println!("{report}");
 }

@@ -321,6 +321,34 @@ async fn past_max_buffer_bytes_the_collector_answers_503_with_retry_after() {
     .expect("answered without the body")
     .unwrap();
     assert_eq!(&head, b"HTTP/1.1 503");
+    // A client that sends its whole body reads the 503 too, and the connection is
+    // still good for the next request: the refused body was read and dropped, not
+    // left unread to reset the connection.
+    let mut conn = tokio::net::TcpStream::connect(server.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let body = format!("[{}]", vec![r#"{"event":"x"}"#; 3500].join(","));
+    let request = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut replies = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&replies).contains("\r\n\r\nok") {
+            let n = conn.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            replies.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let replies = String::from_utf8_lossy(&replies);
+    assert!(read.is_ok(), "no answer to the second request: {replies}");
+    assert!(replies.starts_with("HTTP/1.1 503"), "{replies}");
+    assert!(replies.contains("HTTP/1.1 200"), "{replies}");
     // Once the buffer is flushed, writes are accepted again.
     server.store.flush().await.unwrap();
     let reply = server.post_json(&json!([event("after-flush")])).await;

@@ -326,13 +326,14 @@ async fn window_funnel_in_sql() {
     ];
     let engine = engine_over(&events);
     let result = engine
-        .sql(
+        .sql_rendered(
             "SELECT user_id, window_funnel(3600, ts, event = 'scan', event = 'view') AS level \
              FROM events GROUP BY user_id ORDER BY user_id",
+            funnelhouse_query::OutputFormat::Json,
         )
         .await
         .unwrap();
-    let json = funnelhouse_query::output::to_json(&result);
+    let json: serde_json::Value = serde_json::from_slice(&result.body).unwrap();
     assert_eq!(json["rows"], json!([["u1", 2], ["u2", 1], ["u3", 0]]));
     let err = engine
         .sql("SELECT window_funnel(3600, ts) FROM events")

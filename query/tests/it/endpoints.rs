@@ -398,3 +398,26 @@ async fn results_and_funnel_rows_count_against_memory_limit() {
     let body = resp.text().await.unwrap();
     assert!(body.contains("query.memory_limit"), "{body}");
 }
+
+/// The rendered body is what counts against `memory_limit`, not only the Arrow batches
+/// it came from: a timestamp is 8 bytes in Arrow and about 32 as JSON text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rendered_body_counts_against_memory_limit() {
+    let opts = funnelhouse_query::QueryOptions {
+        memory_limit: 32 << 20,
+        max_result_rows: 10_000_000,
+        ..Default::default()
+    };
+    let server = TestServer::start_with_options(opts).await;
+    // 2M rows: 16 MB as Arrow (under the limit), about 64 MB as JSON (over it).
+    let sql = "SELECT to_timestamp_micros(value) AS ts FROM generate_series(1, 2000000)";
+    let (status, body, _) = server.sql(sql, "json").await;
+    assert_eq!(status, 503, "{}", &body[..body.len().min(300)]);
+    assert!(body.contains("query.memory_limit"), "{body}");
+    let (status, body, _) = server
+        .sql(&format!("{sql} ORDER BY ts LIMIT 200000"), "csv")
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body.lines().count(), 200_001, "header + rows");
+    assert_eq!(body.lines().nth(1), Some("1970-01-01T00:00:00.000001Z"));
+}
