@@ -5,10 +5,13 @@
 //! written before the flush commits) plus the replay of the WAL segments not yet flushed.
 //!
 //! Layout, for about 21 bytes per id at the cap (a `HashSet<u128>` plus an expiry queue
-//! took 35-55): the hashes sit once, in arrival order, in a ring (16 bytes each); a
-//! linear-probing table of 32-bit ring positions (at most 80% full, so 5-10 bytes per
-//! id) finds them. Expiry pops the ring's front and deletes its slot by backward shift,
-//! so the table never holds tombstones.
+//! took 35-55): the hashes sit once, in arrival order, in a ring of fixed blocks (16
+//! bytes each); a linear-probing table of 32-bit ring positions (at most 80% full, so
+//! 5-10 bytes per id) finds them. Expiry pops the ring's front and deletes its slot by
+//! backward shift, so the table never holds tombstones. Nothing is ever held twice: the
+//! ring grows by a block without moving what it holds, and the table is rebuilt from the
+//! ring after the old one is freed, so memory never passes ~26 bytes per id, not even
+//! while growing (a ring in one allocation held old and new copies at once, ~50).
 
 use std::collections::VecDeque;
 use std::fs;
@@ -29,8 +32,8 @@ const CHUNK_US: i64 = 1_000_000;
 
 pub struct DedupIndex {
     /// Every id in the index, oldest first. Position `p` (counted since the start, mod
-    /// 2^32) is at `ring[p - head]`.
-    ring: VecDeque<u128>,
+    /// 2^32) is at `ring.get(p - head)`.
+    ring: BlockRing,
     /// Absolute position of `ring[0]`, mod 2^32.
     head: u32,
     /// Slots holding a ring position or EMPTY; the length is a power of two.
@@ -52,7 +55,7 @@ impl DedupIndex {
         const INITIAL_IDS: usize = 1 << 20;
         let ids = max_ids.clamp(16, INITIAL_IDS);
         Self {
-            ring: VecDeque::with_capacity(ids),
+            ring: BlockRing::default(),
             head: 0,
             table: vec![EMPTY; table_len(ids)],
             chunks: VecDeque::new(),
@@ -73,7 +76,7 @@ impl DedupIndex {
 
     /// Heap bytes held, for the memory figure per id.
     pub fn heap_bytes(&self) -> usize {
-        self.ring.capacity() * 16 + self.table.len() * 4 + self.chunks.capacity() * 24
+        self.ring.heap_bytes() + self.table.len() * 4 + self.chunks.capacity() * 24
     }
 
     fn slot_of(&self, hash: u128) -> usize {
@@ -82,7 +85,7 @@ impl DedupIndex {
     }
 
     fn at(&self, pos: u32) -> u128 {
-        self.ring[pos.wrapping_sub(self.head) as usize]
+        self.ring.get(pos.wrapping_sub(self.head) as usize)
     }
 
     /// The slot holding `hash`, or the empty slot where it would go.
@@ -106,17 +109,6 @@ impl DedupIndex {
             return false;
         }
         let pos = self.head.wrapping_add(self.ring.len() as u32);
-        if self.ring.len() == self.ring.capacity() {
-            // Grow by half, not double, and not far past the cap: at the cap the ring is
-            // most of the memory.
-            let extra = (self.ring.len() / 2).max(1024);
-            let extra = extra.min(
-                (self.max_ids + 4096)
-                    .saturating_sub(self.ring.len())
-                    .max(1024),
-            );
-            self.ring.reserve_exact(extra);
-        }
         self.ring.push_back(hash);
         self.table[slot] = pos;
         if self.ring.len() * 5 > self.table.len() * 4 {
@@ -126,9 +118,11 @@ impl DedupIndex {
     }
 
     fn rebuild(&mut self, len: usize) {
+        // Free the old table first: the ring alone says where every id goes.
+        self.table = Vec::new();
         self.table = vec![EMPTY; len];
         let mask = len - 1;
-        for (i, &h) in self.ring.iter().enumerate() {
+        for (i, h) in self.ring.iter().enumerate() {
             let mut slot = self.slot_of(h);
             while self.table[slot] != EMPTY {
                 slot = (slot + 1) & mask;
@@ -176,7 +170,7 @@ impl DedupIndex {
     /// Take back the pending ids: their write failed.
     pub fn remove_pending(&mut self) {
         while self.ring.len() > self.committed {
-            let h = *self.ring.back().expect("pending ids are in the ring");
+            let h = self.ring.back().expect("pending ids are in the ring");
             self.delete(h);
             self.ring.pop_back();
         }
@@ -202,13 +196,79 @@ impl DedupIndex {
                 self.evicted += n as u64;
             }
             for _ in 0..n {
-                let h = self.ring[0];
+                let h = self.ring.get(0);
                 self.delete(h);
                 self.ring.pop_front();
                 self.head = self.head.wrapping_add(1);
             }
             self.committed -= n;
         }
+    }
+}
+
+/// Ids per ring block (256 KiB): small enough that the blocks' slack is a rounding error.
+const BLOCK: usize = 1 << 14;
+
+/// A double-ended queue of hashes in fixed blocks: growing adds a block and never moves
+/// what is held; popping the front frees each block as it empties.
+#[derive(Default)]
+struct BlockRing {
+    blocks: VecDeque<Box<[u128]>>,
+    /// Index of the first hash in `blocks[0]`.
+    start: usize,
+    len: usize,
+}
+
+impl BlockRing {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.blocks.len() * BLOCK * 16 + self.blocks.capacity() * 16
+    }
+
+    fn get(&self, i: usize) -> u128 {
+        debug_assert!(i < self.len);
+        let j = self.start + i;
+        self.blocks[j / BLOCK][j % BLOCK]
+    }
+
+    fn back(&self) -> Option<u128> {
+        (!self.is_empty()).then(|| self.get(self.len - 1))
+    }
+
+    fn push_back(&mut self, hash: u128) {
+        let j = self.start + self.len;
+        if j / BLOCK == self.blocks.len() {
+            self.blocks.push_back(vec![0; BLOCK].into_boxed_slice());
+        }
+        self.blocks[j / BLOCK][j % BLOCK] = hash;
+        self.len += 1;
+    }
+
+    fn pop_front(&mut self) {
+        if self.is_empty() {
+            return;
+        }
+        self.start += 1;
+        self.len -= 1;
+        if self.start == BLOCK {
+            self.blocks.pop_front();
+            self.start = 0;
+        }
+    }
+
+    fn pop_back(&mut self) {
+        self.len = self.len.saturating_sub(1);
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u128> + '_ {
+        (0..self.len).map(|i| self.get(i))
     }
 }
 
@@ -380,6 +440,25 @@ mod tests {
         let per_id = idx.heap_bytes() as f64 / idx.len() as f64;
         eprintln!("dedup index: {per_id:.1} bytes per id at {n} ids");
         assert!(per_id <= 22.0, "{per_id:.1} bytes per id");
+    }
+
+    /// Growing without a cap, the index never holds more than ~27 bytes per id (ring
+    /// blocks, the table right after it doubles, chunks), measured after every insert.
+    #[test]
+    fn growing_never_holds_more_than_27_bytes_per_id() {
+        let mut idx = DedupIndex::new(Duration::from_secs(3600), 100_000_000);
+        let mut worst: f64 = 0.0;
+        for i in 0..3_000_000u64 {
+            assert!(idx.insert(id_hash(&format!("event-{i}"))));
+            if i % 500 == 499 {
+                idx.record(i as i64, 500);
+            }
+            if i >= 1_000_000 {
+                worst = worst.max(idx.heap_bytes() as f64 / idx.len() as f64);
+            }
+        }
+        eprintln!("dedup index while growing: at most {worst:.1} bytes per id");
+        assert!(worst <= 27.0, "{worst:.1} bytes per id");
     }
 
     #[test]
