@@ -307,17 +307,11 @@ fn timestamp(rng: &mut SmallRng, micros: i64) -> String {
     }
 }
 
+/// A version 4 UUID from the seeded generator (so the same seed gives the same ids).
 fn uuid(rng: &mut SmallRng) -> String {
-    let v: u128 = rng.random();
-    let h = format!("{v:032x}");
-    format!(
-        "{}-{}-4{}-a{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[13..16],
-        &h[17..20],
-        &h[20..]
-    )
+    uuid::Builder::from_random_bytes(rng.random())
+        .into_uuid()
+        .to_string()
 }
 
 fn random_text(rng: &mut SmallRng, len: usize) -> String {

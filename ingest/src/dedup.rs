@@ -50,8 +50,8 @@ pub struct DedupIndex {
 
 impl DedupIndex {
     pub fn new(window: std::time::Duration, max_ids: usize) -> Self {
-        // Start with room for a busy minute or so: growing rehashes every id on the
-        // writer thread, which showed up under load.
+        // A table with room for a busy minute or so: growing it rehashes every id on
+        // the writer thread, which showed up under load. (The ring grows by blocks.)
         const INITIAL_IDS: usize = 1 << 20;
         let ids = max_ids.clamp(16, INITIAL_IDS);
         Self {

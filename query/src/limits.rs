@@ -93,7 +93,7 @@ impl LimitsExec {
 /// The error a stream ends with at its deadline, worded as Postgres words it (though a
 /// Postgres client sees SQLSTATE XX000, as for any error inside a result stream, not
 /// 57014).
-pub fn timeout_error(timeout: Duration) -> DataFusionError {
+fn timeout_error(timeout: Duration) -> DataFusionError {
     DataFusionError::Execution(format!(
         "canceling statement due to statement timeout: it ran longer than query.timeout ({timeout:?})"
     ))
@@ -161,7 +161,7 @@ impl ExecutionPlan for LimitsExec {
 
 /// `input` until `limits.max_rows` rows or `limits.timeout` from now; then `input` is
 /// dropped and the stream ends with an error naming the limit.
-pub fn limited_stream(
+fn limited_stream(
     mut input: SendableRecordBatchStream,
     limits: ResultLimits,
 ) -> SendableRecordBatchStream {

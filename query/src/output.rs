@@ -94,12 +94,15 @@ impl ResultWriter {
                     if self.rows + r > 0 {
                         buf.push(b',');
                     }
-                    let row: Vec<Value> = batch
-                        .columns()
-                        .iter()
-                        .map(|c| cell(c.as_ref(), r))
-                        .collect();
-                    serde_json::to_writer(&mut *buf, &row).expect("JSON values serialise");
+                    buf.push(b'[');
+                    for (i, c) in batch.columns().iter().enumerate() {
+                        if i > 0 {
+                            buf.push(b',');
+                        }
+                        serde_json::to_writer(&mut *buf, &cell(c.as_ref(), r))
+                            .expect("JSON values serialise");
+                    }
+                    buf.push(b']');
                 }
             }
             Sink::Csv(w) => {

@@ -6,8 +6,7 @@
 //! EXPLAIN, SHOW, SET and transaction control is refused with SQLSTATE 25006), the
 //! SETs clients send on connect accepted without touching the shared session, the
 //! query limits (`timeout` over planning and every row streamed, `max_result_rows`: see
-//! [`crate::limits`]), and
-//! password = a read token when read tokens are configured.
+//! [`crate::limits`]), and password = a read token when read tokens are configured.
 
 use std::fmt::Debug;
 use std::sync::Arc;

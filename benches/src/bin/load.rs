@@ -7,7 +7,7 @@
 //!     load --url http://127.0.0.1:8080 --file events.ndjson --clients 8 [--rate 200000]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -42,7 +42,7 @@ struct Args {
 async fn probe_visible(
     http: reqwest::Client,
     base: String,
-    done: Arc<std::sync::atomic::AtomicBool>,
+    done: Arc<AtomicBool>,
 ) -> Vec<Duration> {
     let mut seen = Vec::new();
     let mut n = 0;
@@ -123,7 +123,7 @@ async fn main() {
         .rate
         .map(|r| Duration::from_secs_f64(args.batch as f64 * args.clients as f64 / r));
     let started = Instant::now();
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
     let probe = args.probe_visible.then(|| {
         tokio::spawn(probe_visible(
             http.clone(),
