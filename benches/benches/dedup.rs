@@ -1,5 +1,7 @@
 //! The dedup index on the writer thread: per 500-event group, insert every id, record
-//! the group, expire past the cap; at a steady 4M ids held. Reports ids/s.
+//! the group, expire past the cap; at a steady 4M ids held. Reports ids/s. Then the
+//! slowest group while the index grows from empty past 16M ids (the table doubles on
+//! the way): that group's ack waits for it.
 
 use std::time::Duration;
 
@@ -32,6 +34,28 @@ fn dedup(c: &mut Criterion) {
         "dedup index: {:.1} bytes per id at {} ids",
         idx.heap_bytes() as f64 / idx.len() as f64,
         idx.len()
+    );
+    slowest_group_while_growing();
+}
+
+fn slowest_group_while_growing() {
+    const IDS: u64 = 16_000_000;
+    let mut idx = DedupIndex::new(Duration::from_secs(86_400), 100_000_000);
+    let (mut worst, mut at) = (Duration::ZERO, 0);
+    let started = std::time::Instant::now();
+    for first in (0..IDS).step_by(500) {
+        let t = std::time::Instant::now();
+        for i in first..first + 500 {
+            idx.insert(id_hash(&format!("grow-{i:012}")));
+        }
+        idx.record(first as i64, 500);
+        if t.elapsed() > worst {
+            (worst, at) = (t.elapsed(), first);
+        }
+    }
+    println!(
+        "dedup index grown to {IDS} ids in {:.1} s: slowest 500-id group {worst:.2?} (at {at} ids)",
+        started.elapsed().as_secs_f64()
     );
 }
 

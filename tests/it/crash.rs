@@ -25,9 +25,9 @@ const CLIENTS: usize = 4;
 const MAX_REPLAY: Duration = Duration::from_secs(20);
 const MAX_RSS_MB: u64 = 1024;
 /// On top of [`MAX_RSS_MB`]: the dedup index, which by contract holds every id of the
-/// window (~21 bytes each at rest, up to 34 just after the ring grows by half and the
-/// table doubles). Every event of this test is in the window, so the 1,000-kill loop's
-/// ~40 M ids are ~1.3 GB of index by design, not a leak.
+/// window (~21 bytes each at rest, up to 31 while its table doubles). Every event of
+/// this test is in the window, so the 1,000-kill loop's ~30 M ids are ~1 GB of index by
+/// design, not a leak.
 const DEDUP_BYTES_PER_ID: u64 = 34;
 
 fn rss_mb(pid: u32) -> u64 {
