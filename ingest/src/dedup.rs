@@ -237,13 +237,13 @@ impl DedupIndex {
             self.ring.pop_back();
             // A position taken back is given again to the next insert: it must not
             // count as one of the growth's old positions.
-            if let Some(g) = &mut self.growth {
-                if g.end == after(pos, 1) {
-                    if g.moved == g.end {
-                        g.moved = pos;
-                    }
-                    g.end = pos;
+            if let Some(g) = &mut self.growth
+                && g.end == after(pos, 1)
+            {
+                if g.moved == g.end {
+                    g.moved = pos;
                 }
+                g.end = pos;
             }
             self.grow_step(0);
         }
@@ -274,10 +274,10 @@ impl DedupIndex {
                 self.ring.pop_front();
                 self.head = after(pos, 1);
                 // An old position that leaves before it was moved need not be moved.
-                if let Some(g) = &mut self.growth {
-                    if g.moved == pos {
-                        g.moved = self.head;
-                    }
+                if let Some(g) = &mut self.growth
+                    && g.moved == pos
+                {
+                    g.moved = self.head;
                 }
                 self.grow_step(0);
             }
