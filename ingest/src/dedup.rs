@@ -249,6 +249,25 @@ impl DedupIndex {
         }
     }
 
+    /// Make room for `ids` more ids at once, so loading them at start-up never grows the
+    /// table step by step (moving each id again and probing two tables meanwhile).
+    pub fn reserve(&mut self, ids: usize) {
+        let len = table_len(self.ring.len() + ids.min(self.max_ids));
+        if len <= self.table.len() {
+            return;
+        }
+        self.grow_step(usize::MAX);
+        self.table = vec![EMPTY; len];
+        let mask = len - 1;
+        for i in 0..self.ring.len() {
+            let mut slot = home(self.ring.get(i), mask);
+            while self.table[slot] != EMPTY {
+                slot = (slot + 1) & mask;
+            }
+            self.table[slot] = after(self.head, i) | OCCUPIED;
+        }
+    }
+
     /// Insert and record hashes known to be stored (start-up load); returns how many were new.
     pub fn load(&mut self, received_at: i64, hashes: impl IntoIterator<Item = u128>) -> usize {
         let n = hashes.into_iter().filter(|h| self.insert(*h)).count();
@@ -391,6 +410,11 @@ impl IdsFile {
         let crc = crc32fast::hash(&buf);
         buf.extend_from_slice(&crc.to_le_bytes());
         write_atomic(disk, &Self::path(dir, seq), &buf)
+    }
+
+    /// How many ids the file at `path` holds, from its size (0 when unreadable).
+    pub fn ids_in(path: &Path) -> usize {
+        fs::metadata(path).map_or(0, |m| (m.len() as usize).saturating_sub(12) / 24)
     }
 
     pub fn read(path: &Path) -> Result<Vec<(i64, u128)>> {
@@ -571,6 +595,21 @@ mod tests {
         }
         eprintln!("dedup index while growing: at most {worst:.1} bytes per id");
         assert!(worst <= 32.0, "{worst:.1} bytes per id");
+    }
+
+    /// Reserving keeps what is held findable and makes loading that many never grow.
+    #[test]
+    fn reserve_sizes_the_table_for_a_start_up_load() {
+        let mut idx = DedupIndex::with_room_for(Duration::from_secs(3600), 1_000_000, 16);
+        idx.head = POS_MASK - 10;
+        idx.load(0, (0..1000u128).map(|i| (i << 64) | i));
+        idx.reserve(100_000);
+        assert!(idx.growth.is_none() && idx.table.len() >= 101_000 * 5 / 4);
+        assert!((0..1000u128).all(|i| !idx.insert((i << 64) | i)), "held ids still found");
+        for i in 1000..101_000u128 {
+            assert!(idx.insert((i << 64) | i));
+            assert!(idx.growth.is_none(), "grew at {i}");
+        }
     }
 
     #[test]

@@ -132,7 +132,9 @@ impl EventStore {
         };
         let dedup_dir = data_dir.join("dedup");
         let mut dedup = DedupIndex::new(cfg.dedup_window, cfg.dedup_max_ids);
-        for (seq, path) in IdsFile::list(&dedup_dir)? {
+        let ids_files = IdsFile::list(&dedup_dir)?;
+        dedup.reserve(ids_files.iter().map(|(_, path)| IdsFile::ids_in(path)).sum());
+        for (seq, path) in ids_files {
             if seq > manifest.wal_flushed_through {
                 std::fs::remove_file(&path).map_err(IngestError::io(&path))?;
                 continue;
