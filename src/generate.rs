@@ -5,8 +5,8 @@
 //! UUIDs (Segment anonymousIds) or WeChat openids; event ids are `<user_id>-<n>` as the
 //! browser SDK makes them (so a retried send repeats its id) or UUIDs as server SDKs
 //! send them; timestamps are RFC 3339 in UTC or +08:00, with or without milliseconds,
-//! and 10% epoch milliseconds; properties differ by step (order numbers, device and
-//! user agent, URLs, numbers, booleans, nested objects). Some events arrive late (old
+//! and 10% epoch milliseconds; properties differ by step (order numbers, a nested
+//! device object, URLs, numbers, booleans, nulls). Some events arrive late (old
 //! ts), some are sent twice (same event_id), and some are unrelated app events (opens,
 //! shares, logins). Output is NDJSON to a file / stdout, or posted straight to a server.
 
@@ -95,35 +95,11 @@ const CARRIERS: [&str; 4] = ["sf-express", "jd-logistics", "zto", "yto"];
 const CITIES: [&str; 6] = [
     "Shanghai", "Beijing", "Shenzhen", "Hangzhou", "Chengdu", "Wuhan",
 ];
-/// (os, versions, model, user agent: before the version, after it)
-const DEVICES: [(&str, [&str; 3], &str, [&str; 2]); 3] = [
-    (
-        "iOS",
-        ["17.4", "17.6.1", "18.1"],
-        "iPhone15,2",
-        [
-            "Mozilla/5.0 (iPhone; CPU iPhone OS ",
-            " like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148",
-        ],
-    ),
-    (
-        "Android",
-        ["13", "14", "12"],
-        "Redmi Note 12",
-        [
-            "Mozilla/5.0 (Linux; Android ",
-            "; 23021RAA2Y) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/116.0.0.0 Mobile Safari/537.36",
-        ],
-    ),
-    (
-        "HarmonyOS",
-        ["4.0", "4.2", "3.1"],
-        "HUAWEI Mate 60",
-        [
-            "Mozilla/5.0 (Linux; Android 12; HarmonyOS ",
-            "; BRA-AL00) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/114.0.0.0 Mobile Safari/537.36",
-        ],
-    ),
+/// (os, versions, model)
+const DEVICES: [(&str, [&str; 3], &str); 3] = [
+    ("iOS", ["17.4", "17.6.1", "18.1"], "iPhone15,2"),
+    ("Android", ["13", "14", "12"], "Redmi Note 12"),
+    ("HarmonyOS", ["4.0", "4.2", "3.1"], "HUAWEI Mate 60"),
 ];
 const UNRELATED: [&str; 4] = ["app_open", "share", "login", "coupon_view"];
 
@@ -154,12 +130,12 @@ impl Generator {
         self.next_user += 1;
         let rng = &mut self.rng;
         let user_id = match rng.random_range(0..20) {
-            0..12 => format!("u{user:08}"),
-            12..17 => uuid(rng),
+            0..14 => format!("u{user:08}"),
+            14..18 => uuid(rng),
             _ => format!("oX{}", random_text(rng, 26)),
         };
         // Server-side SDKs send a UUID per event; the browser SDK sends device + counter.
-        let uuid_ids = rng.random_bool(0.3);
+        let uuid_ids = rng.random_bool(0.1);
         let campaign = match rng.random_range(0..self.args.campaigns.max(1)) {
             0 => "parcel-lottery".to_string(),
             n => format!("campaign-{}", n + 1),
@@ -181,7 +157,7 @@ impl Generator {
             ts -= rng.random_range(1..30) * 86_400_000_000;
         }
         let card = CARDS[rng.random_range(0..CARDS.len())];
-        let (os, versions, model, ua) = DEVICES[rng.random_range(0..DEVICES.len())];
+        let (os, versions, model) = DEVICES[rng.random_range(0..DEVICES.len())];
         let os_version = versions[rng.random_range(0..versions.len())];
         let mut n = 0;
         let mut push = |rng: &mut SmallRng,
@@ -219,25 +195,16 @@ impl Generator {
             }
             let props = match *name {
                 "package" => format!(
-                    r#"{{"card":"{card}","order_id":"{}{:016}","carrier":"{}","city":"{}","items":{}}}"#,
+                    r#"{{"card":"{card}","order_id":"{}{:010}","carrier":"{}","city":"{}","items":{}}}"#,
                     ["JD", "TM", "DY", "WX"][rng.random_range(0..4)],
-                    rng.random_range(0..10_000_000_000_000_000u64),
+                    rng.random_range(0..10_000_000_000u64),
                     CARRIERS[rng.random_range(0..CARRIERS.len())],
                     CITIES[rng.random_range(0..CITIES.len())],
                     rng.random_range(1..6),
                 ),
                 "scan" => format!(
-                    r#"{{"card":"{card}","qr":"https://fh.example/s/{campaign}/{channel}?c={card}","device":{{"os":"{os}","os_version":"{os_version}","model":"{model}"}},"ua":"{}{}{} MicroMessenger/8.0.{}","lat":{:.4},"lng":{:.4}}}"#,
-                    ua[0],
-                    if os == "iOS" {
-                        os_version.replace('.', "_")
-                    } else {
-                        os_version.to_string()
-                    },
-                    ua[1],
+                    r#"{{"card":"{card}","qr":"https://fh.example/s/{campaign}/{channel}?c={card}","device":{{"os":"{os}","os_version":"{os_version}","model":"{model}"}},"wechat":"8.0.{}"}}"#,
                     rng.random_range(30..54),
-                    rng.random_range(22.0..40.0),
-                    rng.random_range(102.0..122.0),
                 ),
                 "view" => format!(
                     r#"{{"page":"lottery","url":"https://fh.example/{campaign}/lottery?utm_source={channel}&utm_medium=qr","referrer":"{}","duration_ms":{},"scroll":{:.2},"first_visit":{}}}"#,
