@@ -605,7 +605,10 @@ mod tests {
         idx.load(0, (0..1000u128).map(|i| (i << 64) | i));
         idx.reserve(100_000);
         assert!(idx.growth.is_none() && idx.table.len() >= 101_000 * 5 / 4);
-        assert!((0..1000u128).all(|i| !idx.insert((i << 64) | i)), "held ids still found");
+        assert!(
+            (0..1000u128).all(|i| !idx.insert((i << 64) | i)),
+            "held ids still found"
+        );
         for i in 1000..101_000u128 {
             assert!(idx.insert((i << 64) | i));
             assert!(idx.growth.is_none(), "grew at {i}");

@@ -133,7 +133,12 @@ impl EventStore {
         let dedup_dir = data_dir.join("dedup");
         let mut dedup = DedupIndex::new(cfg.dedup_window, cfg.dedup_max_ids);
         let ids_files = IdsFile::list(&dedup_dir)?;
-        dedup.reserve(ids_files.iter().map(|(_, path)| IdsFile::ids_in(path)).sum());
+        dedup.reserve(
+            ids_files
+                .iter()
+                .map(|(_, path)| IdsFile::ids_in(path))
+                .sum(),
+        );
         for (seq, path) in ids_files {
             if seq > manifest.wal_flushed_through {
                 std::fs::remove_file(&path).map_err(IngestError::io(&path))?;

@@ -93,7 +93,7 @@ async fn kill_9_under_load_loses_and_doubles_nothing_acknowledged() {
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let http = reqwest::Client::new();
     let mut acked_before_kill = Vec::new();
-    let (mut max_replay, mut max_rss) = (Duration::ZERO, 0);
+    let (mut max_replay, mut max_rss, mut max_rss_round) = (Duration::ZERO, 0, 0);
     let kills = kills();
 
     for round in 0..kills {
@@ -139,7 +139,14 @@ async fn kill_9_under_load_loses_and_doubles_nothing_acknowledged() {
             }));
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(50..600))).await;
-        max_rss = max_rss.max(rss_mb(server.pid()));
+        let rss = rss_mb(server.pid());
+        if rss > max_rss {
+            (max_rss, max_rss_round) = (rss, round);
+        }
+        if round % 100 == 99 {
+            let acked = ledger.lock().unwrap().acked.len();
+            eprintln!("round {}: {acked} acknowledged, RSS {rss} MB", round + 1);
+        }
         server.kill9();
         for c in clients {
             c.await.unwrap();
@@ -182,7 +189,7 @@ async fn kill_9_under_load_loses_and_doubles_nothing_acknowledged() {
         "most rounds acknowledged writes before their kill: {acked_before_kill:?}"
     );
     eprintln!(
-        "{kills} kills: {} acknowledged, {} stored, 0 lost, 0 doubled; slowest start (replay) {max_replay:?}, peak RSS {max_rss} MB",
+        "{kills} kills: {} acknowledged, {} stored, 0 lost, 0 doubled; slowest start (replay) {max_replay:?}, peak RSS {max_rss} MB (round {max_rss_round})",
         ledger.acked.len(),
         stored.len()
     );
