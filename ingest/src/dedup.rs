@@ -133,18 +133,23 @@ impl DedupIndex {
         self.table[slot] = pos | OCCUPIED;
         self.grow_step(MOVES_PER_INSERT);
         if self.ring.len() * 5 > self.table.len() * 4 {
-            // Two moves per insert finish a growth long before the next one is due;
-            // finishing here keeps that true whatever the churn.
-            self.grow_step(usize::MAX);
-            let doubled = vec![EMPTY; self.table.len() * 2];
-            let table = std::mem::replace(&mut self.table, doubled);
-            self.growth = Some(Growth {
-                old: table,
-                moved: self.head,
-                end: after(pos, 1),
-            });
+            self.grow_to(self.table.len() * 2);
         }
         true
+    }
+
+    /// Start a growth into a new table of `len` slots: every id held is moved there by
+    /// later [`Self::grow_step`]s. A growth still under way is finished first; two moves
+    /// per insert finish one long before the next is due, so that costs nothing usually
+    /// and keeps it true whatever the churn.
+    fn grow_to(&mut self, len: usize) {
+        self.grow_step(usize::MAX);
+        let old = std::mem::replace(&mut self.table, vec![EMPTY; len]);
+        self.growth = Some(Growth {
+            old,
+            moved: self.head,
+            end: after(self.head, self.ring.len()),
+        });
     }
 
     /// Move up to `n` ring positions of a growth into the new table; drop the old
@@ -256,16 +261,8 @@ impl DedupIndex {
         if len <= self.table.len() {
             return;
         }
+        self.grow_to(len);
         self.grow_step(usize::MAX);
-        self.table = vec![EMPTY; len];
-        let mask = len - 1;
-        for i in 0..self.ring.len() {
-            let mut slot = home(self.ring.get(i), mask);
-            while self.table[slot] != EMPTY {
-                slot = (slot + 1) & mask;
-            }
-            self.table[slot] = after(self.head, i) | OCCUPIED;
-        }
     }
 
     /// Insert and record hashes known to be stored (start-up load); returns how many were new.
@@ -393,6 +390,10 @@ pub struct IdsFile;
 
 impl IdsFile {
     const MAGIC: &'static [u8; 8] = b"FHIDS001";
+    /// Bytes around the entries: the magic before them, a CRC-32 after.
+    const FRAME: usize = 8 + 4;
+    /// Bytes per entry: received_at (i64) and the id's hash (u128), little-endian.
+    const ENTRY: usize = 8 + 16;
 
     pub fn path(dir: &Path, seq: u64) -> PathBuf {
         dir.join(format!("{seq:020}.ids"))
@@ -401,7 +402,7 @@ impl IdsFile {
     pub fn write(disk: &dyn Disk, dir: &Path, seq: u64, mut pairs: Vec<(i64, u128)>) -> Result<()> {
         crate::fsutil::create_dir_durable(disk, dir)?;
         pairs.sort_unstable();
-        let mut buf = Vec::with_capacity(16 + pairs.len() * 24);
+        let mut buf = Vec::with_capacity(Self::FRAME + pairs.len() * Self::ENTRY);
         buf.extend_from_slice(Self::MAGIC);
         for (at, h) in &pairs {
             buf.extend_from_slice(&at.to_le_bytes());
@@ -414,7 +415,9 @@ impl IdsFile {
 
     /// How many ids the file at `path` holds, from its size (0 when unreadable).
     pub fn ids_in(path: &Path) -> usize {
-        fs::metadata(path).map_or(0, |m| (m.len() as usize).saturating_sub(12) / 24)
+        fs::metadata(path).map_or(0, |m| {
+            (m.len() as usize).saturating_sub(Self::FRAME) / Self::ENTRY
+        })
     }
 
     pub fn read(path: &Path) -> Result<Vec<(i64, u128)>> {
@@ -423,7 +426,10 @@ impl IdsFile {
             path: path.to_path_buf(),
             reason: reason.into(),
         };
-        if buf.len() < 12 || &buf[..8] != Self::MAGIC || (buf.len() - 12) % 24 != 0 {
+        if buf.len() < Self::FRAME
+            || &buf[..8] != Self::MAGIC
+            || (buf.len() - Self::FRAME) % Self::ENTRY != 0
+        {
             return Err(corrupt("not a dedup ids file"));
         }
         let (body, crc) = buf.split_at(buf.len() - 4);
@@ -431,7 +437,7 @@ impl IdsFile {
             return Err(corrupt("checksum mismatch"));
         }
         Ok(body[8..]
-            .chunks_exact(24)
+            .chunks_exact(Self::ENTRY)
             .map(|c| {
                 let at = i64::from_le_bytes(c[..8].try_into().unwrap());
                 let h = u128::from_le_bytes(c[8..].try_into().unwrap());

@@ -141,7 +141,7 @@ async fn kill_9_under_load_loses_and_doubles_nothing_acknowledged() {
         tokio::time::sleep(Duration::from_millis(rng.random_range(50..600))).await;
         let rss = rss_mb(server.pid());
         if rss > max_rss {
-            (max_rss, max_rss_round) = (rss, round);
+            (max_rss, max_rss_round) = (rss, round + 1);
         }
         if round % 100 == 99 {
             let acked = ledger.lock().unwrap().acked.len();
