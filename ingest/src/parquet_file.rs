@@ -131,20 +131,24 @@ pub fn write_partitioned(
     partitioning: Partitioning,
     name_prefix: &str,
 ) -> Result<Vec<FileMeta>> {
-    let batch = concat_batches(&event_schema(), batches)?;
-    if batch.num_rows() == 0 {
-        return Ok(Vec::new());
-    }
     let unit = match partitioning {
         Partitioning::Day => DAY_US,
         Partitioning::Hour => HOUR_US,
     };
-    let keys: Vec<i64> = ts_column(&batch)
-        .values()
-        .iter()
-        .map(|t| t.div_euclid(unit))
-        .collect();
-    let sorted = sort_batch(&batch, Some(&keys))?;
+    // The concatenation goes as soon as it is sorted: a flush holds one copy of its
+    // rows beside the live buffer's, not two.
+    let sorted = {
+        let batch = concat_batches(&event_schema(), batches)?;
+        if batch.num_rows() == 0 {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<i64> = ts_column(&batch)
+            .values()
+            .iter()
+            .map(|t| t.div_euclid(unit))
+            .collect();
+        sort_batch(&batch, Some(&keys))?
+    };
     let ts = ts_column(&sorted).values();
     let mut files = Vec::new();
     let mut start = 0;

@@ -155,11 +155,27 @@ impl EventStore {
             manifest.files.clone(),
             Arc::clone(&metrics),
         ));
+        // Replay flushes as it goes, at the end of each segment once a flush's worth is
+        // held (segment N ends where every event of segments <= N is held), so that a
+        // long replay becomes several flushes of the usual size: one flush of all of it
+        // would take two more copies of it at once, on top of the live buffer.
+        let mut replay_flushes = Vec::new();
+        let mut segment = None;
         let (wal, stats) = Wal::open(
             &data_dir.join("wal"),
             manifest.wal_flushed_through,
             Arc::clone(&disk),
-            |events| {
+            |seq, events| {
+                if let Some(done) = segment.filter(|&s| s != seq)
+                    && buffer.active().0 >= cfg.flush_bytes.0
+                {
+                    replay_flushes.push(FlushJob {
+                        seq: Some(done),
+                        batches: buffer.seal(done),
+                        reply: None,
+                    });
+                }
+                segment = Some(seq);
                 let fresh: Vec<&Event> = events
                     .iter()
                     .filter(|e| dedup.insert(id_hash(&e.event_id)))
@@ -176,6 +192,9 @@ impl EventStore {
 
         let (tx, rx) = mpsc::channel();
         let (flush_tx, flush_rx) = mpsc::channel();
+        for job in replay_flushes {
+            let _ = flush_tx.send(job);
+        }
         let writer = Writer {
             wal,
             dedup,

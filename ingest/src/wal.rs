@@ -65,7 +65,7 @@ impl Wal {
         dir: &Path,
         flushed_through: u64,
         disk: Arc<dyn Disk>,
-        mut on_record: impl FnMut(Vec<Event>),
+        mut on_record: impl FnMut(u64, Vec<Event>),
     ) -> Result<(Wal, ReplayStats)> {
         crate::fsutil::create_dir_durable(&*disk, dir)?;
         let mut stats = ReplayStats::default();
@@ -80,8 +80,18 @@ impl Wal {
             }
             stats.segments += 1;
             let data = read_segment(seq, &path, &cuts)?;
-            let scan = scan_segment(&data);
-            if let Some(damage) = scan.damage.filter(|d| d.records_after > 0) {
+            // Records go to `on_record` as they are decoded, so replay holds one record's
+            // events at a time, not a segment's. Damage makes open fail, and the caller
+            // drops what it was handed.
+            let (valid_prefix, damage) = scan_records(&data, |_, events| {
+                // A cut mark is an empty record.
+                if !events.is_empty() {
+                    stats.records += 1;
+                    stats.events += events.len();
+                    on_record(seq, events);
+                }
+            });
+            if let Some(damage) = damage.filter(|d| d.records_after > 0) {
                 return Err(IngestError::Corrupt {
                     path: path.clone(),
                     reason: format!(
@@ -89,25 +99,19 @@ impl Wal {
                     ),
                 });
             }
-            // A cut mark is an empty record.
-            for (_, events) in scan.records.into_iter().filter(|(_, e)| !e.is_empty()) {
-                stats.records += 1;
-                stats.events += events.len();
-                on_record(events);
-            }
-            let dropped = data.len() as u64 - scan.valid_prefix as u64;
+            let dropped = data.len() as u64 - valid_prefix as u64;
             if dropped > 0 && !cuts.contains_key(&seq) {
                 tracing::warn!(
                     segment = %path.display(),
                     dropped_bytes = dropped,
-                    kept_bytes = scan.valid_prefix,
+                    kept_bytes = valid_prefix,
                     "WAL segment has a torn or zero-filled tail; cut at the last valid record"
                 );
                 let f = OpenOptions::new()
                     .write(true)
                     .open(&path)
                     .map_err(IngestError::io(&path))?;
-                f.set_len(scan.valid_prefix as u64)
+                f.set_len(valid_prefix as u64)
                     .map_err(IngestError::io(&path))?;
                 f.sync_all().map_err(IngestError::io(&path))?;
                 stats.dropped_bytes += dropped;
@@ -399,16 +403,31 @@ fn read_record(data: &[u8], pos: usize) -> std::result::Result<Record, String> {
 /// Read a segment: records from the start until one is unreadable; then, to tell a
 /// tail from damage, every later offset that holds a readable record.
 pub fn scan_segment(data: &[u8]) -> SegmentScan {
-    let mut scan = SegmentScan::default();
+    let mut records = Vec::new();
+    let (valid_prefix, damage) = scan_records(data, |at, events| records.push((at, events)));
+    SegmentScan {
+        records,
+        valid_prefix,
+        damage,
+    }
+}
+
+/// [`scan_segment`], handing each readable record (offset, events) to `on_record` as it
+/// is decoded instead of collecting them; returns the valid prefix and the damage.
+fn scan_records(
+    data: &[u8],
+    mut on_record: impl FnMut(usize, Vec<Event>),
+) -> (usize, Option<Damage>) {
     let mut pos = 0;
+    let mut damage = None;
     while pos < data.len() {
         match read_record(data, pos) {
             Ok(r) => {
-                scan.records.push((pos, r.events));
+                on_record(pos, r.events);
                 pos += r.len;
             }
             Err(reason) => {
-                scan.damage = Some(Damage {
+                damage = Some(Damage {
                     offset: pos,
                     reason,
                     records_after: 0,
@@ -417,26 +436,25 @@ pub fn scan_segment(data: &[u8]) -> SegmentScan {
             }
         }
     }
-    scan.valid_prefix = pos;
-    let Some(damage) = scan.damage.as_mut() else {
-        return scan;
+    let Some(found) = damage.as_mut() else {
+        return (pos, None);
     };
     if data[pos..].iter().all(|&b| b == 0) {
-        return scan;
+        return (pos, damage);
     }
     // Resynchronise: a readable record can start at any later byte.
     let mut at = pos + 1;
     while at + HEADER <= data.len() {
         match read_record(data, at) {
             Ok(r) => {
-                scan.records.push((at, r.events));
-                damage.records_after += 1;
+                on_record(at, r.events);
+                found.records_after += 1;
                 at += r.len;
             }
             Err(_) => at += 1,
         }
     }
-    scan
+    (pos, damage)
 }
 
 /// One segment as `funnelhouse wal check` reports it.
@@ -604,7 +622,7 @@ mod tests {
     #[test]
     fn torn_tail_is_cut_and_earlier_records_survive() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = Wal::open(dir.path(), 0, Arc::new(crate::disk::OsDisk), |_| {
+        let (mut wal, _) = Wal::open(dir.path(), 0, Arc::new(crate::disk::OsDisk), |_, _| {
             panic!("empty")
         })
         .unwrap();
@@ -620,7 +638,7 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(full - 3).unwrap();
         let mut seen = Vec::new();
-        let (wal, stats) = Wal::open(dir.path(), 0, Arc::new(crate::disk::OsDisk), |evs| {
+        let (wal, stats) = Wal::open(dir.path(), 0, Arc::new(crate::disk::OsDisk), |_, evs| {
             seen.extend(evs)
         })
         .unwrap();

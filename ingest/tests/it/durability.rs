@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::support::{TestServer, committed_rows, config, event};
+use crate::support::{TestServer, committed_rows, config, event, wait_until};
 
 fn copy_dir(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();
@@ -235,4 +235,66 @@ async fn files_of_an_uncommitted_flush_are_removed_and_their_events_replayed() {
     stored.dedup();
     assert_eq!(stored.len(), 20);
     assert_eq!(committed_rows(crashed.path()).len(), 20);
+}
+
+#[tokio::test]
+async fn a_long_replay_is_flushed_a_segment_at_a_time() {
+    use funnelhouse_ingest::wal::{Wal, encode_events};
+    use funnelhouse_ingest::{ByteSize, IngestConfig, Manifest, OsDisk};
+    use std::sync::Arc;
+    // What a server killed while its flushes lagged leaves: three unflushed WAL segments.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut wal, _) = Wal::open(&dir.path().join("wal"), 0, Arc::new(OsDisk), |_, _| {}).unwrap();
+    let mut sent = Vec::new();
+    for segment in 0..3 {
+        for record in 0..2 {
+            let events: Vec<funnelhouse_schemas::Event> = (0..20)
+                .map(|i| funnelhouse_schemas::Event {
+                    event_id: format!("s{segment}-r{record}-{i}"),
+                    event: "scan".into(),
+                    user_id: format!("u{i}"),
+                    campaign: "parcel-lottery".into(),
+                    channel: "jd".into(),
+                    ts: 1_794_000_000_000_000,
+                    received_at: funnelhouse_schemas::time::now_micros(),
+                    properties: None,
+                })
+                .collect();
+            let mut payload = Vec::new();
+            encode_events(events.iter(), &mut payload);
+            wal.append(&payload).unwrap();
+            sent.extend(events.into_iter().map(|e| e.event_id));
+        }
+        wal.rotate().unwrap();
+    }
+    drop(wal);
+
+    // Any held bytes are a flush's worth: each segment end seals what came before it.
+    let cfg = IngestConfig {
+        flush_bytes: ByteSize(1),
+        compact_min_files: 100,
+        ..config()
+    };
+    let restarted = TestServer::start_with(cfg, Default::default(), Some(dir.path())).await;
+    wait_until("the replay's flushes commit", || {
+        Manifest::load(dir.path()).unwrap().files.len() == 3
+    })
+    .await;
+    let manifest = Manifest::load(dir.path()).unwrap();
+    let mut names: Vec<&str> = manifest
+        .files
+        .iter()
+        .map(|f| f.path.rsplit('/').next().unwrap())
+        .collect();
+    names.sort();
+    assert!(names[0].starts_with("f00000000000000000001"), "{names:?}");
+    assert!(names[1].starts_with("f00000000000000000002"), "{names:?}");
+    assert_eq!(
+        manifest.files.iter().map(|f| f.rows).collect::<Vec<_>>(),
+        vec![40, 40, 40]
+    );
+    sent.sort();
+    assert_eq!(ids(&restarted.rows()), sent, "every replayed event once");
+    restarted.stop().await;
+    assert_eq!(ids(&committed_rows(dir.path())), sent);
 }
