@@ -41,6 +41,33 @@ fn rss_mb(pid: u32) -> u64 {
         .map_or(0, |kb| kb / 1024)
 }
 
+/// CPU ticks per thread name of `pid` (summed over threads of one name): which parts of
+/// the server were busy, for the report of the round with the peak RSS.
+fn thread_ticks(pid: u32) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(task.unwrap().path().join("stat")) else {
+            continue;
+        };
+        // "tid (comm) state ...": utime and stime are fields 14 and 15.
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let name = head.split_once(" (").map_or("", |(_, n)| n).to_string();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, t)) => *t += ticks,
+            None => out.push((name, ticks)),
+        }
+    }
+    out.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
+    out
+}
+
 /// After a kill: leave the newest WAL segment as a crash or power loss might, beyond
 /// its last fsynced record (which holds everything acknowledged).
 fn tear_wal_tail(data: &std::path::Path, rng: &mut impl Rng) {
@@ -154,12 +181,20 @@ async fn kill_9_under_load_loses_and_doubles_nothing_acknowledged() {
         }
         if rss > max_rss {
             (max_rss, max_rss_round) = (rss, round + 1);
-            max_rss_start = server
-                .log_text()
-                .lines()
-                .find(|l| l.contains("ready: WAL replayed"))
-                .unwrap_or_default()
-                .to_string();
+            let log = server.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            max_rss_start = format!(
+                "{}; busy threads (CPU ticks): {:?}; last log lines: {:?}",
+                lines
+                    .iter()
+                    .find(|l| l.contains("ready: WAL replayed"))
+                    .unwrap_or(&""),
+                thread_ticks(server.pid())
+                    .into_iter()
+                    .take(6)
+                    .collect::<Vec<_>>(),
+                &lines[lines.len().saturating_sub(3)..]
+            );
         }
         if round % 100 == 99 {
             let acked = ledger.lock().unwrap().acked.len();
