@@ -9,7 +9,8 @@
 //!
 //! Memory does not follow the files' size: the rows to drop are found from the ids
 //! alone (about 32 bytes per merged row), then the files, each already sorted, are
-//! merged a batch at a time into the new file.
+//! merged a batch at a time into the new file. Nor their number: a step merges at most
+//! `max_files` of them, and a backlog is worked off in several steps.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -35,7 +36,14 @@ pub struct CompactOptions {
     pub small_bytes: u64,
     /// Most input bytes merged in one step, to bound the work of one step.
     pub max_input_bytes: u64,
+    /// Most files merged in one step: each open input holds a batch of up to 8 K rows
+    /// (1.5-2 MB), so merging the 1,227 small files of a lagging partition at once took
+    /// about 2 GB (the crash loop's RSS peak).
+    pub max_files: usize,
 }
+
+/// [`CompactOptions::max_files`] from the config: about 128 MB of open inputs.
+const MAX_MERGE_FILES: usize = 64;
 
 impl CompactOptions {
     /// The `[ingest]` settings; `min_files` differs between background and offline runs.
@@ -45,6 +53,7 @@ impl CompactOptions {
             min_files,
             small_bytes: small,
             max_input_bytes: 4 * small,
+            max_files: MAX_MERGE_FILES,
         }
     }
 }
@@ -57,6 +66,8 @@ pub struct CompactOutcome {
     pub rows_out: u64,
     /// Paths (relative to the data dir) no longer in the manifest, to delete once readers are done.
     pub replaced: Vec<String>,
+    /// A partition has small files this step left out (input budget, file cap): run again.
+    pub more: bool,
 }
 
 /// A file a flush wrote, not yet checked against the partition's other files.
@@ -97,19 +108,21 @@ pub fn compact(
             continue;
         }
         small.sort_by_key(|f| f.bytes);
+        let candidates = small.len();
         let mut budget = 0;
         let mut taken = 0;
-        // Within the input budget, but always at least one file, so a big flush file
-        // (at most one flush's worth) is checked too.
+        // Within the input budget and the file cap, but always at least one file, so a
+        // big flush file (at most one flush's worth) is checked too.
         small.retain(|f| {
             budget += f.bytes;
             taken += 1;
-            taken == 1 || budget <= opts.max_input_bytes
+            taken == 1 || (budget <= opts.max_input_bytes && taken <= opts.max_files)
         });
         // One small file is still worth rewriting when big ones may hold its late duplicates.
         if small.len() == 1 && big.is_empty() && !from_flush(small[0]) {
             continue;
         }
+        out.more |= small.len() < candidates;
         let paths: Vec<PathBuf> = small.iter().map(|f| data_dir.join(&f.path)).collect();
         let big_paths: Vec<PathBuf> = big.iter().map(|f| data_dir.join(&f.path)).collect();
         let rows: u64 = small.iter().map(|f| f.rows).sum();
@@ -349,6 +362,54 @@ mod tests {
     use crate::parquet_file::{read_file, write_sorted_file};
     use funnelhouse_schemas::{Event, events_to_batch};
 
+    /// A partition with more small files than one step may merge is compacted in steps
+    /// of at most `max_files` inputs, each saying whether more is left, until one file
+    /// holds every row.
+    #[test]
+    fn a_step_merges_at_most_max_files_and_says_more_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<FileMeta> = (0..10)
+            .map(|f| {
+                let events: Vec<Event> = (0..5)
+                    .map(|i| Event {
+                        event_id: format!("f{f}-{i}"),
+                        event: "scan".into(),
+                        user_id: format!("u{i}"),
+                        campaign: "c".into(),
+                        channel: String::new(),
+                        ts: i,
+                        received_at: f,
+                        properties: None,
+                    })
+                    .collect();
+                write_sorted_file(&OsDisk, dir.path(), &events_to_batch(&events), "p", "f").unwrap()
+            })
+            .collect();
+        let manifest = Mutex::new(Manifest {
+            wal_flushed_through: 0,
+            files,
+        });
+        let opts = CompactOptions {
+            min_files: 2,
+            small_bytes: u64::MAX,
+            max_input_bytes: u64::MAX,
+            max_files: 4,
+        };
+        let mut steps = Vec::new();
+        loop {
+            let o = compact(&OsDisk, dir.path(), &manifest, None, opts, |_| {}).unwrap();
+            steps.push((o.files_in, o.more));
+            if !o.more {
+                break;
+            }
+        }
+        // 10 flush files -> 7 -> 4 (3 flush files and the first merge) -> 1.
+        assert_eq!(steps, vec![(4, true), (4, true), (4, false)]);
+        let m = manifest.lock().unwrap();
+        assert_eq!(m.files.len(), 1);
+        assert_eq!(m.files[0].rows, 50);
+    }
+
     /// Several sorted files with repeated ids (received at different times) and ids a
     /// big file holds, merged with tiny batches (ids checked in one pass or several):
     /// the output is in file order and holds exactly the first received row of each id
@@ -431,6 +492,7 @@ mod tests {
             min_files: 2,
             small_bytes: big_bytes,
             max_input_bytes: u64::MAX,
+            max_files: 64,
         };
         let outcome = compact(&OsDisk, dir.path(), &manifest, None, opts, |_| {}).unwrap();
         assert_eq!(outcome.files_in, 4);

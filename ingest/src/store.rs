@@ -681,9 +681,8 @@ impl Compactor {
             match rx.recv_timeout(Duration::from_secs(10)) {
                 Ok(mut partitions) => {
                     partitions.extend(rx.try_iter().flatten());
-                    if !self.stopping.load(Relaxed) {
-                        self.compact(&partitions);
-                    }
+                    // A step merges a bounded number of files; a backlog takes several.
+                    while !self.stopping.load(Relaxed) && self.compact(&partitions) {}
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -693,7 +692,8 @@ impl Compactor {
         self.delete_replaced(true);
     }
 
-    fn compact(&mut self, partitions: &HashSet<String>) {
+    /// One compaction step over `partitions`; true when it left work for another.
+    fn compact(&mut self, partitions: &HashSet<String>) -> bool {
         let start = Instant::now();
         let buffer = &self.buffer;
         let result = compact(
@@ -718,10 +718,12 @@ impl Compactor {
                     &self.metrics.compaction_micros,
                     start.elapsed(),
                 );
+                outcome.more
             }
-            Ok(_) => {}
+            Ok(_) => false,
             Err(e) => {
-                tracing::warn!(error = %e, "compaction failed; the small files stay and are retried later")
+                tracing::warn!(error = %e, "compaction failed; the small files stay and are retried later");
+                false
             }
         }
     }
@@ -764,14 +766,17 @@ pub fn compact_data_dir(
     let _lock = DataDirLock::acquire(data_dir)?;
     let manifest = Manifest::load(data_dir)?;
     manifest.remove_orphans(data_dir)?;
-    let outcome = compact(
-        &OsDisk,
-        data_dir,
-        &Mutex::new(manifest),
-        None,
-        CompactOptions::from_config(cfg, 1),
-        |_| {},
-    )?;
+    let manifest = Mutex::new(manifest);
+    let opts = CompactOptions::from_config(cfg, 1);
+    let mut outcome = compact(&OsDisk, data_dir, &manifest, None, opts, |_| {})?;
+    while outcome.more {
+        let step = compact(&OsDisk, data_dir, &manifest, None, opts, |_| {})?;
+        outcome.files_in += step.files_in;
+        outcome.rows_in += step.rows_in;
+        outcome.rows_out += step.rows_out;
+        outcome.replaced.extend(step.replaced);
+        outcome.more = step.more;
+    }
     for p in &outcome.replaced {
         let path = data_dir.join(p);
         std::fs::remove_file(&path).map_err(IngestError::io(&path))?;
