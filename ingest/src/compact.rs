@@ -70,6 +70,17 @@ pub struct CompactOutcome {
     pub more: bool,
 }
 
+impl CompactOutcome {
+    /// Add a later step's outcome to this one (its partitions are among this one's).
+    pub fn absorb(&mut self, step: CompactOutcome) {
+        self.files_in += step.files_in;
+        self.rows_in += step.rows_in;
+        self.rows_out += step.rows_out;
+        self.replaced.extend(step.replaced);
+        self.more = step.more;
+    }
+}
+
 /// A file a flush wrote, not yet checked against the partition's other files.
 fn from_flush(f: &FileMeta) -> bool {
     f.path

@@ -770,12 +770,7 @@ pub fn compact_data_dir(
     let opts = CompactOptions::from_config(cfg, 1);
     let mut outcome = compact(&OsDisk, data_dir, &manifest, None, opts, |_| {})?;
     while outcome.more {
-        let step = compact(&OsDisk, data_dir, &manifest, None, opts, |_| {})?;
-        outcome.files_in += step.files_in;
-        outcome.rows_in += step.rows_in;
-        outcome.rows_out += step.rows_out;
-        outcome.replaced.extend(step.replaced);
-        outcome.more = step.more;
+        outcome.absorb(compact(&OsDisk, data_dir, &manifest, None, opts, |_| {})?);
     }
     for p in &outcome.replaced {
         let path = data_dir.join(p);

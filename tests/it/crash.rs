@@ -121,8 +121,9 @@ async fn kill_9_under_load_loses_and_doubles_nothing_acknowledged() {
     let http = reqwest::Client::new();
     let mut acked_before_kill = Vec::new();
     let (mut max_replay, mut max_rss, mut max_rss_round) = (Duration::ZERO, 0, 0);
-    // The start-up line (replayed events, dedup ids) of the round with the peak RSS.
-    let mut max_rss_start = String::new();
+    // What the round with the peak RSS started with (replayed events, dedup ids), which
+    // threads were busy in it, and its last log lines.
+    let mut max_rss_report = String::new();
     let kills = kills();
 
     for round in 0..kills {
@@ -183,8 +184,8 @@ async fn kill_9_under_load_loses_and_doubles_nothing_acknowledged() {
             (max_rss, max_rss_round) = (rss, round + 1);
             let log = server.log_text();
             let lines: Vec<&str> = log.lines().collect();
-            max_rss_start = format!(
-                "{}; busy threads (CPU ticks): {:?}; last log lines: {:?}",
+            max_rss_report = format!(
+                "start-up: {}; busy threads (CPU ticks): {:?}; last log lines: {:?}",
                 lines
                     .iter()
                     .find(|l| l.contains("ready: WAL replayed"))
@@ -245,7 +246,7 @@ async fn kill_9_under_load_loses_and_doubles_nothing_acknowledged() {
         "most rounds acknowledged writes before their kill: {acked_before_kill:?}"
     );
     eprintln!(
-        "{kills} kills: {} acknowledged, {} stored, 0 lost, 0 doubled; slowest start (replay) {max_replay:?}, peak RSS {max_rss} MB (round {max_rss_round}, started with: {max_rss_start})",
+        "{kills} kills: {} acknowledged, {} stored, 0 lost, 0 doubled; slowest start (replay) {max_replay:?}, peak RSS {max_rss} MB (round {max_rss_round}; {max_rss_report})",
         ledger.acked.len(),
         stored.len()
     );
