@@ -123,7 +123,7 @@ impl LiveBuffer {
             return;
         }
         let mut s = self.state.write().expect("buffer lock");
-        s.active_bytes += batch.get_array_memory_size();
+        s.active_bytes += funnelhouse_schemas::batch_memory_size(&batch);
         s.active_rows += batch.num_rows();
         s.active_since.get_or_insert_with(Instant::now);
         s.active.push(batch);

@@ -14,7 +14,7 @@ pub struct IngestConfig {
     #[serde(deserialize_with = "de_duration")]
     pub dedup_window: Duration,
     /// Most event_id hashes kept in the dedup index (about 21 bytes each, ~2 GiB at the
-    /// default); past it the oldest leave early. Default 100 000 000.
+    /// default); past it the oldest leave early. Default 100 000 000, at most 134 217 728.
     pub dedup_max_ids: usize,
     /// Largest request body after decompression; larger is a 413. Default `"8MiB"`.
     pub max_request_bytes: ByteSize,
@@ -72,6 +72,12 @@ impl IngestConfig {
         }
         if self.flush_interval.is_zero() {
             return Err("ingest.flush_interval: must be greater than 0".into());
+        }
+        if self.dedup_max_ids > crate::dedup::MAX_IDS {
+            return Err(format!(
+                "ingest.dedup_max_ids: at most {} (the index addresses that many ids)",
+                crate::dedup::MAX_IDS
+            ));
         }
         if self.compact_min_files < 2 {
             return Err("ingest.compact_min_files: must be at least 2".into());
@@ -288,5 +294,17 @@ mod tests {
         );
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn more_ids_than_the_index_addresses_are_refused_by_name() {
+        let mut cfg = IngestConfig::default();
+        assert_eq!(cfg.validate(), Ok(()));
+        cfg.dedup_max_ids = crate::dedup::MAX_IDS + 1;
+        let err = cfg.validate().unwrap_err();
+        assert!(
+            err.starts_with("ingest.dedup_max_ids: at most 134217728"),
+            "{err}"
+        );
     }
 }

@@ -38,21 +38,37 @@ pub fn writer_properties() -> WriterProperties {
             nulls_first: false,
         })
         .collect();
+    // zstd level 1, not the usual 3: on the benchmark's events it is both smaller (31.4
+    // against 32.4 bytes/event as flushed; properties 12.6 against 13.4, user ids 4.8
+    // against 5.1) and faster, and the flusher's CPU is what limits sustained ingest.
     let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(3).expect("valid zstd level"),
+            ZstdLevel::try_new(1).expect("valid zstd level"),
         ))
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_sorting_columns(Some(sorting));
-    // Unique ids and timestamps gain nothing from a dictionary; delta encodings suit them.
+    // Encodings per column, each the smallest measured on the benchmark's data as flushed
+    // (benches/README.md, "Where the bytes go"). Ids are nearly unique within a file: a
+    // dictionary only costs the flusher hashing, and their lengths delta-encode well (user
+    // ids 4.8 B/row against 6.8 with a dictionary). Event ids stay DELTA_BYTE_ARRAY (as
+    // small within 2%): its reader copies the values out, where a plain or length-encoded
+    // column is read as views into whole decompressed pages, and the funnel engine keeps
+    // each batch's event ids (counting a page shared by batches once per batch).
+    // Properties rarely repeat: plain. Timestamps delta-encode; `received_at` takes one
+    // value per request, a dictionary.
     b = b
         .set_column_dictionary_enabled(ColumnPath::from("event_id"), false)
-        .set_column_encoding(ColumnPath::from("event_id"), Encoding::DELTA_BYTE_ARRAY);
-    for name in ["ts", "received_at"] {
-        b = b
-            .set_column_dictionary_enabled(ColumnPath::from(name), false)
-            .set_column_encoding(ColumnPath::from(name), Encoding::DELTA_BINARY_PACKED);
-    }
+        .set_column_encoding(ColumnPath::from("event_id"), Encoding::DELTA_BYTE_ARRAY)
+        .set_column_dictionary_enabled(ColumnPath::from("user_id"), false)
+        .set_column_encoding(
+            ColumnPath::from("user_id"),
+            Encoding::DELTA_LENGTH_BYTE_ARRAY,
+        )
+        .set_column_dictionary_enabled(ColumnPath::from("properties"), false)
+        // Nobody prunes on ranges of JSON text; its min/max cost a compare per row.
+        .set_column_statistics_enabled(ColumnPath::from("properties"), EnabledStatistics::None)
+        .set_column_dictionary_enabled(ColumnPath::from("ts"), false)
+        .set_column_encoding(ColumnPath::from("ts"), Encoding::DELTA_BINARY_PACKED);
     b.build()
 }
 
@@ -75,23 +91,29 @@ fn ts_column(batch: &RecordBatch) -> &TimestampMicrosecondArray {
 /// Sort rows by (leading key, campaign, user_id, ts): the partition, then the file
 /// order. Compared directly rather than with arrow's `lexsort_to_indices`, whose
 /// per-comparison dispatch took 40% of the flusher's CPU under load: campaigns are
-/// ranked once (there are few), user ids compare an 8-byte prefix before their bytes.
+/// ranked once (there are few), user ids compare a 16-byte prefix before their bytes
+/// (an 8-byte one left counter ids like `u00000123` to `memcmp`, 4% of the flusher).
 fn sort_batch(batch: &RecordBatch, leading: Option<&[i64]>) -> Result<RecordBatch> {
     let n = batch.num_rows();
     let campaign = batch.column(col::CAMPAIGN).as_string_view();
     let user = batch.column(col::USER_ID).as_string_view();
     let ts = ts_column(batch).values();
-    let mut campaigns: Vec<&str> = campaign
-        .iter()
-        .flatten()
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
+    // Rows come in runs of one campaign: only a change of value is worth hashing.
+    let mut seen = HashSet::new();
+    let mut last = None;
+    for c in campaign.iter().flatten() {
+        if last != Some(c) {
+            seen.insert(c);
+            last = Some(c);
+        }
+    }
+    let mut campaigns: Vec<&str> = seen.into_iter().collect();
     campaigns.sort_unstable();
     struct Key {
         /// (leading key, campaign rank) packed so they compare as one integer.
         lead: (i64, u32),
-        user_prefix: u64,
+        user_prefix: u128,
+        user_len: u32,
         row: u32,
     }
     let mut keys: Vec<Key> = (0..n)
@@ -100,12 +122,13 @@ fn sort_batch(batch: &RecordBatch, leading: Option<&[i64]>) -> Result<RecordBatc
                 .binary_search(&campaign.value(r))
                 .unwrap_or_default() as u32;
             let u = user.value(r).as_bytes();
-            let mut prefix = [0u8; 8];
-            let len = u.len().min(8);
+            let mut prefix = [0u8; 16];
+            let len = u.len().min(16);
             prefix[..len].copy_from_slice(&u[..len]);
             Key {
                 lead: (leading.map_or(0, |l| l[r]), rank),
-                user_prefix: u64::from_be_bytes(prefix),
+                user_prefix: u128::from_be_bytes(prefix),
+                user_len: u.len() as u32,
                 row: r as u32,
             }
         })
@@ -115,7 +138,14 @@ fn sort_batch(batch: &RecordBatch, leading: Option<&[i64]>) -> Result<RecordBatc
             .cmp(&(b.lead, b.user_prefix))
             .then_with(|| {
                 let (x, y) = (a.row as usize, b.row as usize);
-                user.value(x).cmp(user.value(y)).then(ts[x].cmp(&ts[y]))
+                // Equal prefixes of ids no longer than it: the shorter id (zero-padded)
+                // comes first, ids of one length are equal (the usual case: one user).
+                let users = if a.user_len.max(b.user_len) <= 16 {
+                    a.user_len.cmp(&b.user_len)
+                } else {
+                    user.value(x).cmp(user.value(y))
+                };
+                users.then(ts[x].cmp(&ts[y]))
             })
     });
     let indices = UInt32Array::from_iter_values(keys.iter().map(|k| k.row));
@@ -308,7 +338,8 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             (x >> 33) % n
         };
-        // Shared 8+ byte prefixes, a prefix of another id, short ids, several campaigns.
+        // Shared 8+ and 16+ byte prefixes, a prefix of another id, ids of exactly 16
+        // bytes, short ids, several campaigns.
         let users = [
             "user-0000001",
             "user-0000002",
@@ -316,6 +347,11 @@ mod tests {
             "u",
             "user-0000001x",
             "ab",
+            "user-00000000001",
+            "user-000000000010",
+            "user-0000000000010",
+            "user-00000000000101",
+            "user-0000000000009",
         ];
         let events: Vec<Event> = (0..2000)
             .map(|i| Event {

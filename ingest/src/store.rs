@@ -203,6 +203,7 @@ impl EventStore {
             flush_tx,
             flush_bytes: cfg.flush_bytes.0,
             flush_interval: cfg.flush_interval,
+            payload: Vec::new(),
         };
         let stopping = Arc::new(AtomicBool::new(false));
         let manifest = Arc::new(Mutex::new(manifest));
@@ -385,6 +386,9 @@ struct Writer {
     flush_tx: Sender<FlushJob>,
     flush_bytes: usize,
     flush_interval: Duration,
+    /// The WAL record being built, kept between commits: a fresh megabyte per commit is
+    /// fresh memory for the OS to fault in.
+    payload: Vec<u8>,
 }
 
 /// Flushes and compactions are background work that takes a core for seconds; on a
@@ -450,16 +454,22 @@ impl Writer {
 
     /// Dedup, one WAL record + fsync for the whole group, one batch into the buffer, reply.
     fn commit(&mut self, writes: Vec<WriteRequest>) {
-        let mut fresh: Vec<&Event> = Vec::new();
+        let hashes: Vec<u128> = (writes.iter())
+            .flat_map(|w| &w.events)
+            .map(|e| id_hash(&e.event_id))
+            .collect();
+        self.dedup.warm(&hashes);
+        let mut hashes = hashes.into_iter();
+        let mut fresh: Vec<&Event> = Vec::with_capacity(hashes.len());
         // Events of each request new to the dedup index (pending in it until durable).
         let mut per_request = Vec::with_capacity(writes.len());
         for w in &writes {
             let before = fresh.len();
-            fresh.extend(
-                w.events
-                    .iter()
-                    .filter(|e| self.dedup.insert(id_hash(&e.event_id))),
-            );
+            for (e, hash) in w.events.iter().zip(hashes.by_ref()) {
+                if self.dedup.insert(hash) {
+                    fresh.push(e);
+                }
+            }
             per_request.push(fresh.len() - before);
         }
         let outcome = |w: &WriteRequest, accepted: usize| WriteOutcome {
@@ -473,9 +483,16 @@ impl Writer {
             }
             return;
         }
-        let mut payload = Vec::with_capacity(fresh.iter().map(|e| e.heap_bytes() + 64).sum());
-        encode_events(fresh.iter().copied(), &mut payload);
-        match self.wal.append(&payload) {
+        /// Past this a record's buffer is not kept for the next commit.
+        const KEEP_PAYLOAD: usize = 16 << 20;
+        if self.payload.capacity() > KEEP_PAYLOAD {
+            self.payload = Vec::new();
+        }
+        let payload = &mut self.payload;
+        payload.clear();
+        payload.reserve(fresh.iter().map(|e| e.heap_bytes() + 64).sum());
+        encode_events(fresh.iter().copied(), payload);
+        match self.wal.append(payload) {
             Ok(fsync) => {
                 Metrics::add_duration(
                     &self.metrics.wal_fsyncs,

@@ -214,7 +214,7 @@ impl QueryEngine {
             let held = engine.reservation("sql result");
             let mut batches = Vec::new();
             while let Some(batch) = result.next().await? {
-                held.try_grow(batch.get_array_memory_size())?;
+                held.try_grow(funnelhouse_schemas::batch_memory_size(&batch))?;
                 batches.push(batch);
             }
             Ok(QueryResult {

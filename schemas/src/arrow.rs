@@ -5,7 +5,11 @@
 
 use std::sync::{Arc, LazyLock};
 
-use arrow::array::{ArrayRef, RecordBatch, StringViewBuilder, TimestampMicrosecondBuilder};
+use arrow::array::builder::make_view;
+use arrow::array::{
+    ArrayRef, ByteView, NullBufferBuilder, RecordBatch, StringViewArray, TimestampMicrosecondArray,
+};
+use arrow::buffer::{Buffer, ScalarBuffer};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use crate::event::Event;
@@ -41,77 +45,276 @@ pub fn event_schema() -> SchemaRef {
     Arc::clone(&SCHEMA)
 }
 
+/// The string columns, in the order [`EventBatchBuilder`] keeps their views.
+const STRING_COLUMNS: [usize; 6] = [
+    col::EVENT_ID,
+    col::EVENT,
+    col::USER_ID,
+    col::CAMPAIGN,
+    col::CHANNEL,
+    col::PROPERTIES,
+];
+/// Columns whose values mostly repeat row to row (event name, campaign, channel).
+const REPEATING: [usize; 3] = [1, 3, 4];
+/// Longest string a view holds inline; longer ones live in a data buffer.
+const INLINE_MAX: usize = 12;
+/// Data buffers are addressed by u32 offsets.
+const BUFFER_MAX: usize = u32::MAX as usize;
+
 /// Appends events column by column and finishes them as one `RecordBatch`.
+///
+/// The string columns share their data: strings longer than a view's 12 inline bytes are
+/// copied once into one buffer sized for the whole batch, and every string column's
+/// views point into it. Per-column builders grow a chain of doubling blocks each, ~40
+/// allocations per group commit and up to half of each last block unused; a live buffer
+/// holding hundreds of thousands of rows is the collector's largest memory, and on small
+/// machines fresh memory is the costliest part of ingest (benches/README.md). Use
+/// [`batch_memory_size`] to measure such batches: shared buffers count once.
 pub struct EventBatchBuilder {
-    event_id: StringViewBuilder,
-    event: StringViewBuilder,
-    user_id: StringViewBuilder,
-    campaign: StringViewBuilder,
-    channel: StringViewBuilder,
-    ts: TimestampMicrosecondBuilder,
-    received_at: TimestampMicrosecondBuilder,
-    properties: StringViewBuilder,
-    rows: usize,
+    views: [Vec<u128>; 6],
+    properties_valid: NullBufferBuilder,
+    ts: Vec<i64>,
+    received_at: Vec<i64>,
+    data: Vec<u8>,
+    /// Buffers filled to [`BUFFER_MAX`] before `data`.
+    full: Vec<Buffer>,
 }
 
 impl EventBatchBuilder {
-    pub fn with_capacity(rows: usize) -> Self {
+    /// A builder for `rows` events whose strings longer than 12 bytes total `data_bytes`.
+    pub fn with_capacity(rows: usize, data_bytes: usize) -> Self {
         Self {
-            event_id: StringViewBuilder::with_capacity(rows),
-            event: StringViewBuilder::with_capacity(rows),
-            user_id: StringViewBuilder::with_capacity(rows),
-            campaign: StringViewBuilder::with_capacity(rows),
-            channel: StringViewBuilder::with_capacity(rows),
-            ts: TimestampMicrosecondBuilder::with_capacity(rows),
-            received_at: TimestampMicrosecondBuilder::with_capacity(rows),
-            properties: StringViewBuilder::with_capacity(rows),
-            rows: 0,
+            views: std::array::from_fn(|_| Vec::with_capacity(rows)),
+            properties_valid: NullBufferBuilder::new(rows),
+            ts: Vec::with_capacity(rows),
+            received_at: Vec::with_capacity(rows),
+            data: Vec::with_capacity(data_bytes.min(BUFFER_MAX)),
+            full: Vec::new(),
         }
     }
 
+    /// Bytes `append(e)` adds to the data buffer after `append(prev)`: its strings that
+    /// do not fit inline in a view, less the repeating ones equal to `prev`'s.
+    pub fn data_bytes(e: &Event, prev: Option<&Event>) -> usize {
+        let long = |v: &str| if v.len() > INLINE_MAX { v.len() } else { 0 };
+        let repeating = |v: &str, p: Option<&str>| if p == Some(v) { 0 } else { long(v) };
+        long(&e.event_id)
+            + repeating(&e.event, prev.map(|p| p.event.as_str()))
+            + long(&e.user_id)
+            + repeating(&e.campaign, prev.map(|p| p.campaign.as_str()))
+            + repeating(&e.channel, prev.map(|p| p.channel.as_str()))
+            + e.properties.as_deref().map_or(0, long)
+    }
+
     pub fn append(&mut self, e: &Event) {
-        self.event_id.append_value(&e.event_id);
-        self.event.append_value(&e.event);
-        self.user_id.append_value(&e.user_id);
-        self.campaign.append_value(&e.campaign);
-        self.channel.append_value(&e.channel);
-        self.ts.append_value(e.ts);
-        self.received_at.append_value(e.received_at);
-        self.properties.append_option(e.properties.as_deref());
-        self.rows += 1;
+        let values = [
+            e.event_id.as_str(),
+            &e.event,
+            &e.user_id,
+            &e.campaign,
+            &e.channel,
+            e.properties.as_deref().unwrap_or_default(),
+        ];
+        for (c, v) in values.into_iter().enumerate() {
+            let view = match self.views[c].last() {
+                Some(&last)
+                    if REPEATING.contains(&c) && self.stored_bytes(last) == Some(v.as_bytes()) =>
+                {
+                    last
+                }
+                _ => self.store(v.as_bytes()),
+            };
+            self.views[c].push(view);
+        }
+        self.properties_valid.append(e.properties.is_some());
+        self.ts.push(e.ts);
+        self.received_at.push(e.received_at);
+    }
+
+    /// The view of `v`, its bytes copied into the data buffer unless they fit inline.
+    fn store(&mut self, v: &[u8]) -> u128 {
+        if v.len() <= INLINE_MAX {
+            return make_view(v, 0, 0);
+        }
+        if self.data.len() + v.len() > BUFFER_MAX {
+            let full = std::mem::replace(&mut self.data, Vec::with_capacity(v.len()));
+            self.full.push(Buffer::from_vec(full));
+        }
+        let offset = self.data.len() as u32;
+        self.data.extend_from_slice(v);
+        make_view(v, self.full.len() as u32, offset)
+    }
+
+    /// The bytes of a view made by `store` that points into a data buffer; `None` for a
+    /// view that holds its string inline (storing those again costs nothing).
+    fn stored_bytes(&self, view: u128) -> Option<&[u8]> {
+        let v = ByteView::from(view);
+        if v.length as usize <= INLINE_MAX {
+            return None;
+        }
+        let buffer = match self.full.get(v.buffer_index as usize) {
+            Some(full) => full.as_slice(),
+            None => self.data.as_slice(),
+        };
+        buffer.get(v.offset as usize..(v.offset + v.length) as usize)
     }
 
     pub fn len(&self) -> usize {
-        self.rows
+        self.ts.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rows == 0
+        self.ts.is_empty()
     }
 
     pub fn finish(&mut self) -> RecordBatch {
-        self.rows = 0;
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(self.event_id.finish()),
-            Arc::new(self.event.finish()),
-            Arc::new(self.user_id.finish()),
-            Arc::new(self.campaign.finish()),
-            Arc::new(self.channel.finish()),
-            Arc::new(self.ts.finish().with_timezone("UTC")),
-            Arc::new(self.received_at.finish().with_timezone("UTC")),
-            Arc::new(self.properties.finish()),
-        ];
+        let mut buffers = std::mem::take(&mut self.full);
+        if !self.data.is_empty() {
+            buffers.push(Buffer::from_vec(std::mem::take(&mut self.data)));
+        }
+        let nulls = self.properties_valid.finish();
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(8);
+        for (c, views) in self.views.iter_mut().enumerate() {
+            let views = ScalarBuffer::from(std::mem::take(views));
+            let nulls = (STRING_COLUMNS[c] == col::PROPERTIES)
+                .then(|| nulls.clone())
+                .flatten();
+            // SAFETY: every view was made by `store` from a whole UTF-8 string, inline or
+            // at an offset of `buffers` that holds all of its bytes.
+            let array = unsafe { StringViewArray::new_unchecked(views, buffers.clone(), nulls) };
+            columns.push(Arc::new(array));
+        }
+        let ts = |v: &mut Vec<i64>| -> ArrayRef {
+            Arc::new(
+                TimestampMicrosecondArray::new(std::mem::take(v).into(), None).with_timezone("UTC"),
+            )
+        };
+        columns.insert(col::TS, ts(&mut self.ts));
+        columns.insert(col::RECEIVED_AT, ts(&mut self.received_at));
         RecordBatch::try_new(event_schema(), columns)
             .expect("builder columns match the event schema")
     }
 }
 
-/// Build one batch from a slice of events.
-pub fn events_to_batch<'a>(events: impl IntoIterator<Item = &'a Event>) -> RecordBatch {
+/// Build one batch from events.
+pub fn events_to_batch<'a, I>(events: I) -> RecordBatch
+where
+    I: IntoIterator<Item = &'a Event>,
+    I::IntoIter: Clone,
+{
     let iter = events.into_iter();
-    let mut builder = EventBatchBuilder::with_capacity(iter.size_hint().0);
+    let (mut rows, mut data, mut prev) = (0, 0, None);
+    for e in iter.clone() {
+        rows += 1;
+        data += EventBatchBuilder::data_bytes(e, prev);
+        prev = Some(e);
+    }
+    let mut builder = EventBatchBuilder::with_capacity(rows, data);
     for e in iter {
         builder.append(e);
     }
     builder.finish()
+}
+
+/// Memory held by `batch`, each buffer counted once however many columns share it
+/// (`RecordBatch::get_array_memory_size` counts a shared buffer once per column).
+pub fn batch_memory_size(batch: &RecordBatch) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    for column in batch.columns() {
+        let data = column.to_data();
+        let nulls = data.nulls().map(|n| n.buffer());
+        for buffer in data.buffers().iter().chain(nulls) {
+            if seen.insert(buffer.as_ptr()) {
+                total += buffer.capacity();
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Array, AsArray};
+
+    use super::*;
+
+    fn event(i: usize) -> Event {
+        Event {
+            event_id: format!("a-long-event-id-{i:06}"),
+            event: if i % 3 == 0 {
+                "package_delivered"
+            } else {
+                "scan"
+            }
+            .into(),
+            user_id: if i % 2 == 0 {
+                format!("u{i}")
+            } else {
+                format!("user-with-a-long-id-{i}")
+            },
+            campaign: "parcel-lottery-2026".into(),
+            channel: if i % 4 == 0 {
+                String::new()
+            } else {
+                "jd".into()
+            },
+            ts: i as i64 * 1_000,
+            received_at: 7,
+            properties: (i % 5 != 0).then(|| format!(r#"{{"card":"A{i}","city":"Hangzhou"}}"#)),
+        }
+    }
+
+    /// Every value reads back as appended, inline or from the shared buffer, repeated
+    /// values included; the shared data counts once in the batch's memory.
+    #[test]
+    fn a_batch_reads_back_every_value_and_counts_shared_data_once() {
+        let events: Vec<Event> = (0..1000).map(event).collect();
+        let batch = events_to_batch(&events);
+        assert_eq!(batch.num_rows(), events.len());
+        let strings = |c: usize| batch.column(c).as_string_view();
+        for (r, e) in events.iter().enumerate() {
+            assert_eq!(strings(col::EVENT_ID).value(r), e.event_id);
+            assert_eq!(strings(col::EVENT).value(r), e.event);
+            assert_eq!(strings(col::USER_ID).value(r), e.user_id);
+            assert_eq!(strings(col::CAMPAIGN).value(r), e.campaign);
+            assert_eq!(strings(col::CHANNEL).value(r), e.channel);
+            let props = strings(col::PROPERTIES);
+            assert_eq!(
+                props.is_valid(r).then(|| props.value(r)),
+                e.properties.as_deref()
+            );
+            let ts = batch
+                .column(col::TS)
+                .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+            assert_eq!(ts.value(r), e.ts);
+        }
+        // Repeated campaigns and event names are stored once per run, not per row, and
+        // the buffer is sized for exactly what is stored.
+        let long = |v: &str| if v.len() > INLINE_MAX { v.len() } else { 0 };
+        let all: usize = events
+            .iter()
+            .map(|e| long(&e.event_id) + long(&e.event) + long(&e.user_id) + long(&e.campaign))
+            .sum::<usize>()
+            + events
+                .iter()
+                .filter_map(|e| e.properties.as_deref())
+                .map(long)
+                .sum::<usize>();
+        let buffer = &strings(col::EVENT_ID).data_buffers()[0];
+        let stored = buffer.len();
+        assert!(
+            stored < all - 10 * events.len(),
+            "stored {stored} of {all} long-string bytes"
+        );
+        assert_eq!(buffer.capacity(), stored);
+        let views_and_times = 6 * 16 * events.len() + 2 * 8 * events.len();
+        let size = batch_memory_size(&batch);
+        assert!(size >= views_and_times + stored, "{size}");
+        assert!(
+            size < views_and_times + stored + 1024,
+            "{size}: shared data counted more than once"
+        );
+        assert!(batch.get_array_memory_size() > size + 4 * stored);
+    }
 }
