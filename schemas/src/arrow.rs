@@ -242,26 +242,27 @@ mod tests {
     fn event(i: usize) -> Event {
         Event {
             event_id: format!("a-long-event-id-{i:06}"),
-            event: if i % 3 == 0 {
+            event: if i.is_multiple_of(3) {
                 "package_delivered"
             } else {
                 "scan"
             }
             .into(),
-            user_id: if i % 2 == 0 {
+            user_id: if i.is_multiple_of(2) {
                 format!("u{i}")
             } else {
                 format!("user-with-a-long-id-{i}")
             },
             campaign: "parcel-lottery-2026".into(),
-            channel: if i % 4 == 0 {
+            channel: if i.is_multiple_of(4) {
                 String::new()
             } else {
                 "jd".into()
             },
             ts: i as i64 * 1_000,
             received_at: 7,
-            properties: (i % 5 != 0).then(|| format!(r#"{{"card":"A{i}","city":"Hangzhou"}}"#)),
+            properties: (!i.is_multiple_of(5))
+                .then(|| format!(r#"{{"card":"A{i}","city":"Hangzhou"}}"#)),
         }
     }
 
