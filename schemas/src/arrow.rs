@@ -168,29 +168,49 @@ impl EventBatchBuilder {
     }
 
     pub fn finish(&mut self) -> RecordBatch {
-        let mut buffers = std::mem::take(&mut self.full);
+        let rows = self.len();
+        let mut data = std::mem::take(&mut self.full);
+        // The six columns' views, the two timestamps, the data buffer being filled: moved
+        // into a mapping of their own when large enough (see `region`).
+        let mut own: Vec<Buffer> = (self.views.iter_mut())
+            .map(|v| Buffer::from_vec(std::mem::take(v)))
+            .collect();
+        own.push(Buffer::from_vec(std::mem::take(&mut self.ts)));
+        own.push(Buffer::from_vec(std::mem::take(&mut self.received_at)));
         if !self.data.is_empty() {
-            buffers.push(Buffer::from_vec(std::mem::take(&mut self.data)));
+            own.push(Buffer::from_vec(std::mem::take(&mut self.data)));
         }
+        let parts: Vec<&[u8]> = own.iter().map(Buffer::as_slice).collect();
+        if let Some(moved) = crate::region::copy_to_region(&parts) {
+            own = moved;
+        }
+        let mut own = own.into_iter();
+        let views: Vec<Buffer> = own.by_ref().take(STRING_COLUMNS.len()).collect();
+        let mut times = own.by_ref().take(2).map(|b| -> ArrayRef {
+            Arc::new(
+                TimestampMicrosecondArray::new(ScalarBuffer::new(b, 0, rows), None)
+                    .with_timezone("UTC"),
+            )
+        });
+        let (ts, received_at) = (times.next(), times.next());
+        data.extend(own);
         let nulls = self.properties_valid.finish();
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(8);
-        for (c, views) in self.views.iter_mut().enumerate() {
-            let views = ScalarBuffer::from(std::mem::take(views));
+        for (c, views) in views.into_iter().enumerate() {
             let nulls = (STRING_COLUMNS[c] == col::PROPERTIES)
                 .then(|| nulls.clone())
                 .flatten();
+            let views = ScalarBuffer::new(views, 0, rows);
             // SAFETY: every view was made by `store` from a whole UTF-8 string, inline or
-            // at an offset of `buffers` that holds all of its bytes.
-            let array = unsafe { StringViewArray::new_unchecked(views, buffers.clone(), nulls) };
+            // at an offset of `data` that holds all of its bytes.
+            let array = unsafe { StringViewArray::new_unchecked(views, data.clone(), nulls) };
             columns.push(Arc::new(array));
         }
-        let ts = |v: &mut Vec<i64>| -> ArrayRef {
-            Arc::new(
-                TimestampMicrosecondArray::new(std::mem::take(v).into(), None).with_timezone("UTC"),
-            )
-        };
-        columns.insert(col::TS, ts(&mut self.ts));
-        columns.insert(col::RECEIVED_AT, ts(&mut self.received_at));
+        columns.insert(col::TS, ts.expect("two timestamp columns"));
+        columns.insert(
+            col::RECEIVED_AT,
+            received_at.expect("two timestamp columns"),
+        );
         RecordBatch::try_new(event_schema(), columns)
             .expect("builder columns match the event schema")
     }
@@ -216,8 +236,8 @@ where
     builder.finish()
 }
 
-/// Memory held by `batch`, each buffer counted once however many columns share it
-/// (`RecordBatch::get_array_memory_size` counts a shared buffer once per column).
+/// Memory held by `batch`, each allocation counted once however many columns or slices
+/// share it (`RecordBatch::get_array_memory_size` counts a shared buffer once per column).
 pub fn batch_memory_size(batch: &RecordBatch) -> usize {
     let mut seen = std::collections::HashSet::new();
     let mut total = 0;
@@ -225,7 +245,7 @@ pub fn batch_memory_size(batch: &RecordBatch) -> usize {
         let data = column.to_data();
         let nulls = data.nulls().map(|n| n.buffer());
         for buffer in data.buffers().iter().chain(nulls) {
-            if seen.insert(buffer.as_ptr()) {
+            if seen.insert(buffer.data_ptr()) {
                 total += buffer.capacity();
             }
         }
@@ -270,52 +290,54 @@ mod tests {
     /// values included; the shared data counts once in the batch's memory.
     #[test]
     fn a_batch_reads_back_every_value_and_counts_shared_data_once() {
-        let events: Vec<Event> = (0..1000).map(event).collect();
-        let batch = events_to_batch(&events);
-        assert_eq!(batch.num_rows(), events.len());
-        let strings = |c: usize| batch.column(c).as_string_view();
-        for (r, e) in events.iter().enumerate() {
-            assert_eq!(strings(col::EVENT_ID).value(r), e.event_id);
-            assert_eq!(strings(col::EVENT).value(r), e.event);
-            assert_eq!(strings(col::USER_ID).value(r), e.user_id);
-            assert_eq!(strings(col::CAMPAIGN).value(r), e.campaign);
-            assert_eq!(strings(col::CHANNEL).value(r), e.channel);
-            let props = strings(col::PROPERTIES);
-            assert_eq!(
-                props.is_valid(r).then(|| props.value(r)),
-                e.properties.as_deref()
-            );
-            let ts = batch
-                .column(col::TS)
-                .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
-            assert_eq!(ts.value(r), e.ts);
-        }
-        // Repeated campaigns and event names are stored once per run, not per row, and
-        // the buffer is sized for exactly what is stored.
-        let long = |v: &str| if v.len() > INLINE_MAX { v.len() } else { 0 };
-        let all: usize = events
-            .iter()
-            .map(|e| long(&e.event_id) + long(&e.event) + long(&e.user_id) + long(&e.campaign))
-            .sum::<usize>()
-            + events
+        // 10 rows stay on the heap, 1000 go to a mapping of their own (`region`).
+        for n in [10, 1000] {
+            let events: Vec<Event> = (0..n).map(event).collect();
+            let batch = events_to_batch(&events);
+            assert_eq!(batch.num_rows(), events.len());
+            let strings = |c: usize| batch.column(c).as_string_view();
+            for (r, e) in events.iter().enumerate() {
+                assert_eq!(strings(col::EVENT_ID).value(r), e.event_id);
+                assert_eq!(strings(col::EVENT).value(r), e.event);
+                assert_eq!(strings(col::USER_ID).value(r), e.user_id);
+                assert_eq!(strings(col::CAMPAIGN).value(r), e.campaign);
+                assert_eq!(strings(col::CHANNEL).value(r), e.channel);
+                let props = strings(col::PROPERTIES);
+                assert_eq!(
+                    props.is_valid(r).then(|| props.value(r)),
+                    e.properties.as_deref()
+                );
+                let ts = batch
+                    .column(col::TS)
+                    .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+                assert_eq!(ts.value(r), e.ts);
+            }
+            // Repeated campaigns and event names are stored once per run, not per row, and
+            // the buffer is sized for exactly what is stored.
+            let long = |v: &str| if v.len() > INLINE_MAX { v.len() } else { 0 };
+            let all: usize = events
                 .iter()
-                .filter_map(|e| e.properties.as_deref())
-                .map(long)
-                .sum::<usize>();
-        let buffer = &strings(col::EVENT_ID).data_buffers()[0];
-        let stored = buffer.len();
-        assert!(
-            stored < all - 10 * events.len(),
-            "stored {stored} of {all} long-string bytes"
-        );
-        assert_eq!(buffer.capacity(), stored);
-        let views_and_times = 6 * 16 * events.len() + 2 * 8 * events.len();
-        let size = batch_memory_size(&batch);
-        assert!(size >= views_and_times + stored, "{size}");
-        assert!(
-            size < views_and_times + stored + 1024,
-            "{size}: shared data counted more than once"
-        );
-        assert!(batch.get_array_memory_size() > size + 4 * stored);
+                .map(|e| long(&e.event_id) + long(&e.event) + long(&e.user_id) + long(&e.campaign))
+                .sum::<usize>()
+                + events
+                    .iter()
+                    .filter_map(|e| e.properties.as_deref())
+                    .map(long)
+                    .sum::<usize>();
+            let buffer = &strings(col::EVENT_ID).data_buffers()[0];
+            let stored = buffer.len();
+            assert!(
+                stored < all - 10 * events.len(),
+                "stored {stored} of {all} long-string bytes"
+            );
+            let views_and_times = 6 * 16 * events.len() + 2 * 8 * events.len();
+            let size = batch_memory_size(&batch);
+            assert!(size >= views_and_times + stored, "{size}");
+            assert!(
+                size < views_and_times + stored + 1024,
+                "{size}: shared data counted more than once"
+            );
+            assert!(batch.get_array_memory_size() > size + 4 * stored);
+        }
     }
 }

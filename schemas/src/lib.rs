@@ -8,6 +8,7 @@ pub mod arrow;
 pub mod decode;
 pub mod error;
 pub mod event;
+mod region;
 pub mod segment;
 pub mod time;
 pub mod validate;
