@@ -65,8 +65,6 @@ pub fn writer_properties() -> WriterProperties {
             Encoding::DELTA_LENGTH_BYTE_ARRAY,
         )
         .set_column_dictionary_enabled(ColumnPath::from("properties"), false)
-        // Nobody prunes on ranges of JSON text; its min/max cost a compare per row.
-        .set_column_statistics_enabled(ColumnPath::from("properties"), EnabledStatistics::None)
         .set_column_dictionary_enabled(ColumnPath::from("ts"), false)
         .set_column_encoding(ColumnPath::from("ts"), Encoding::DELTA_BINARY_PACKED);
     b.build()
