@@ -58,9 +58,9 @@ const CHUNK_US: i64 = 1_000_000;
 
 pub struct DedupIndex {
     /// Every id in the index, oldest first. Position `p` (counted since the start, mod
-    /// 2^31) is at `ring.get(p - head)`.
+    /// 2^28) is at `ring.get(p - head)`.
     ring: BlockRing,
-    /// Absolute position of `ring[0]`, mod 2^31.
+    /// Absolute position of `ring[0]`, mod 2^28.
     head: u32,
     /// Slots (see [`slot`]); the length is a power of two.
     table: Vec<u32>,
@@ -292,6 +292,12 @@ impl DedupIndex {
     pub fn load(&mut self, received_at: i64, hashes: impl IntoIterator<Item = u128>) -> usize {
         let n = hashes.into_iter().filter(|h| self.insert(*h)).count();
         self.record(received_at, n);
+        // A start-up loads a day of ids files before its first expiry; past the cap, the
+        // oldest leave now (what leaves by the window here would leave at that expiry
+        // too), so the ring never outgrows the positions that address it.
+        if self.ring.len() > self.max_ids {
+            self.expire(received_at);
+        }
         n
     }
 
@@ -522,12 +528,30 @@ mod tests {
     /// under way), positions that wrap, expiry by window and by cap, and taken-back
     /// inserts. Steps are a second
     /// apart, so each record is its own expiry chunk, as in the model.
+    /// Loading more ids than the cap (a start-up with a day of ids files) keeps the
+    /// newest `max_ids` of them, plus at most the last file loaded.
+    #[test]
+    fn loading_past_the_cap_keeps_the_newest_ids() {
+        let mut idx = DedupIndex::new(Duration::from_secs(86_400), 1000);
+        for file in 0..10i64 {
+            let hashes = (0..500).map(|i| id_hash(&format!("f{file}-{i}")));
+            assert_eq!(idx.load(file * CHUNK_US, hashes), 500);
+            assert!(
+                idx.len() <= 1500,
+                "{} ids held after file {file}",
+                idx.len()
+            );
+        }
+        assert!(!idx.insert(id_hash("f9-499")), "the newest ids are kept");
+        assert!(idx.insert(id_hash("f0-0")), "the oldest left");
+    }
+
     #[test]
     fn agrees_with_a_reference_model() {
         use std::collections::HashSet;
         let (window, cap) = (50_000_000, 3000);
         let mut idx = DedupIndex::with_room_for(Duration::from_micros(window as u64), cap, 16);
-        // Positions wrap (mod 2^31) early in the run.
+        // Positions wrap (mod 2^28) early in the run.
         idx.head = POS_MASK - 1000;
         let mut growths = 0;
         let mut set = HashSet::new();

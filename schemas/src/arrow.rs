@@ -3,11 +3,14 @@
 //! Strings are `Utf8View` everywhere (live buffer and Parquet alike) because DataFusion
 //! reads Parquet strings as `Utf8View` by default: one type per column for every client.
 
+use std::collections::HashSet;
+use std::ptr::NonNull;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::builder::make_view;
 use arrow::array::{
-    ArrayRef, ByteView, NullBufferBuilder, RecordBatch, StringViewArray, TimestampMicrosecondArray,
+    Array, ArrayData, ArrayRef, ByteView, NullBufferBuilder, RecordBatch, StringViewArray,
+    TimestampMicrosecondArray,
 };
 use arrow::buffer::{Buffer, ScalarBuffer};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -239,18 +242,26 @@ where
 /// Memory held by `batch`, each allocation counted once however many columns or slices
 /// share it (`RecordBatch::get_array_memory_size` counts a shared buffer once per column).
 pub fn batch_memory_size(batch: &RecordBatch) -> usize {
-    let mut seen = std::collections::HashSet::new();
-    let mut total = 0;
-    for column in batch.columns() {
-        let data = column.to_data();
-        let nulls = data.nulls().map(|n| n.buffer());
-        for buffer in data.buffers().iter().chain(nulls) {
-            if seen.insert(buffer.data_ptr()) {
-                total += buffer.capacity();
-            }
-        }
-    }
-    total
+    let mut seen = HashSet::new();
+    (batch.columns().iter())
+        .map(|c| data_memory_size(&c.to_data(), &mut seen))
+        .sum()
+}
+
+/// Memory held by `array`, each allocation counted once (see [`batch_memory_size`]).
+pub fn array_memory_size(array: &dyn Array) -> usize {
+    data_memory_size(&array.to_data(), &mut HashSet::new())
+}
+
+fn data_memory_size(data: &ArrayData, seen: &mut HashSet<NonNull<u8>>) -> usize {
+    let nulls = data.nulls().map(|n| n.buffer());
+    let own: usize = (data.buffers().iter().chain(nulls))
+        .filter(|b| seen.insert(b.data_ptr()))
+        .map(Buffer::capacity)
+        .sum();
+    own + (data.child_data().iter())
+        .map(|child| data_memory_size(child, seen))
+        .sum::<usize>()
 }
 
 #[cfg(test)]
@@ -284,6 +295,17 @@ mod tests {
             properties: (!i.is_multiple_of(5))
                 .then(|| format!(r#"{{"card":"A{i}","city":"Hangzhou"}}"#)),
         }
+    }
+
+    /// A list's values are counted, not only its offsets.
+    #[test]
+    fn memory_size_counts_child_arrays() {
+        use arrow::array::ListArray;
+        use arrow::datatypes::Int64Type;
+        let rows = (0..1000).map(|i| Some(vec![Some(i); 10]));
+        let list = ListArray::from_iter_primitive::<Int64Type, _, _>(rows);
+        let batch = RecordBatch::try_from_iter([("l", Arc::new(list) as ArrayRef)]).unwrap();
+        assert!(batch_memory_size(&batch) >= 10_000 * 8 + 1001 * 4);
     }
 
     /// Every value reads back as appended, inline or from the shared buffer, repeated

@@ -352,8 +352,9 @@ impl RowCollector {
             });
             kept += 1;
         }
-        self.reservation
-            .try_grow(kept * std::mem::size_of::<Row>() + ids.get_array_memory_size())?;
+        self.reservation.try_grow(
+            kept * std::mem::size_of::<Row>() + funnelhouse_schemas::array_memory_size(ids),
+        )?;
         self.event_ids.push(ids.clone());
         Ok(())
     }
