@@ -523,11 +523,6 @@ mod tests {
         assert!(!idx.insert(4) && !idx.insert(5) && idx.insert(2));
     }
 
-    /// Against a plain set and queue, with colliding hashes (equal top bits), growth
-    /// from a 32-slot table (expiries and taken-back inserts land while a growth is
-    /// under way), positions that wrap, expiry by window and by cap, and taken-back
-    /// inserts. Steps are a second
-    /// apart, so each record is its own expiry chunk, as in the model.
     /// Loading more ids than the cap (a start-up with a day of ids files) keeps the
     /// newest `max_ids` of them, plus at most the last file loaded.
     #[test]
@@ -546,6 +541,11 @@ mod tests {
         assert!(idx.insert(id_hash("f0-0")), "the oldest left");
     }
 
+    /// Against a plain set and queue, with colliding hashes (equal top bits), growth
+    /// from a 32-slot table (expiries and taken-back inserts land while a growth is
+    /// under way), positions that wrap, expiry by window and by cap, and taken-back
+    /// inserts. Steps are a second apart, so each record is its own expiry chunk, as in
+    /// the model.
     #[test]
     fn agrees_with_a_reference_model() {
         use std::collections::HashSet;

@@ -57,8 +57,8 @@ const STRING_COLUMNS: [usize; 6] = [
     col::CHANNEL,
     col::PROPERTIES,
 ];
-/// Columns whose values mostly repeat row to row (event name, campaign, channel).
-const REPEATING: [usize; 3] = [1, 3, 4];
+/// Columns whose values mostly repeat row to row.
+const REPEATING: [usize; 3] = [col::EVENT, col::CAMPAIGN, col::CHANNEL];
 /// Longest string a view holds inline; longer ones live in a data buffer.
 const INLINE_MAX: usize = 12;
 /// Data buffers are addressed by u32 offsets.
@@ -121,7 +121,8 @@ impl EventBatchBuilder {
         for (c, v) in values.into_iter().enumerate() {
             let view = match self.views[c].last() {
                 Some(&last)
-                    if REPEATING.contains(&c) && self.stored_bytes(last) == Some(v.as_bytes()) =>
+                    if REPEATING.contains(&STRING_COLUMNS[c])
+                        && self.stored_bytes(last) == Some(v.as_bytes()) =>
                 {
                     last
                 }
@@ -189,32 +190,24 @@ impl EventBatchBuilder {
         }
         let mut own = own.into_iter();
         let views: Vec<Buffer> = own.by_ref().take(STRING_COLUMNS.len()).collect();
-        let mut times = own.by_ref().take(2).map(|b| -> ArrayRef {
-            Arc::new(
-                TimestampMicrosecondArray::new(ScalarBuffer::new(b, 0, rows), None)
-                    .with_timezone("UTC"),
-            )
-        });
-        let (ts, received_at) = (times.next(), times.next());
+        let mut columns: Vec<Option<ArrayRef>> = vec![None; event_schema().fields().len()];
+        for c in [col::TS, col::RECEIVED_AT] {
+            let times = ScalarBuffer::new(own.next().expect("two timestamp buffers"), 0, rows);
+            let array = TimestampMicrosecondArray::new(times, None).with_timezone("UTC");
+            columns[c] = Some(Arc::new(array));
+        }
         data.extend(own);
         let nulls = self.properties_valid.finish();
-        let mut columns: Vec<ArrayRef> = Vec::with_capacity(8);
-        for (c, views) in views.into_iter().enumerate() {
-            let nulls = (STRING_COLUMNS[c] == col::PROPERTIES)
-                .then(|| nulls.clone())
-                .flatten();
+        for (views, c) in views.into_iter().zip(STRING_COLUMNS) {
+            let nulls = (c == col::PROPERTIES).then(|| nulls.clone()).flatten();
             let views = ScalarBuffer::new(views, 0, rows);
             // SAFETY: every view was made by `store` from a whole UTF-8 string, inline or
             // at an offset of `data` that holds all of its bytes.
             let array = unsafe { StringViewArray::new_unchecked(views, data.clone(), nulls) };
-            columns.push(Arc::new(array));
+            columns[c] = Some(Arc::new(array));
         }
-        columns.insert(col::TS, ts.expect("two timestamp columns"));
-        columns.insert(
-            col::RECEIVED_AT,
-            received_at.expect("two timestamp columns"),
-        );
-        RecordBatch::try_new(event_schema(), columns)
+        let columns = columns.into_iter().map(|c| c.expect("every column built"));
+        RecordBatch::try_new(event_schema(), columns.collect())
             .expect("builder columns match the event schema")
     }
 }
@@ -266,7 +259,7 @@ fn data_memory_size(data: &ArrayData, seen: &mut HashSet<NonNull<u8>>) -> usize 
 
 #[cfg(test)]
 mod tests {
-    use arrow::array::{Array, AsArray};
+    use arrow::array::AsArray;
 
     use super::*;
 
