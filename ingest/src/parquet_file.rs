@@ -53,7 +53,7 @@ pub fn writer_properties() -> WriterProperties {
     // ids 4.8 B/row against 6.8 with a dictionary). Event ids stay DELTA_BYTE_ARRAY (as
     // small within 2%): its reader copies the values out, where a plain or length-encoded
     // column is read as views into whole decompressed pages, and the funnel engine keeps
-    // each batch's event ids (counting a page shared by batches once per batch).
+    // each batch's event ids: views would keep the pages of rows no step matched.
     // Properties rarely repeat: plain. Timestamps delta-encode; `received_at` takes one
     // value per request, a dictionary.
     b = b

@@ -4,7 +4,6 @@
 //! reads Parquet strings as `Utf8View` by default: one type per column for every client.
 
 use std::collections::HashSet;
-use std::ptr::NonNull;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::builder::make_view;
@@ -235,26 +234,35 @@ where
 /// Memory held by `batch`, each allocation counted once however many columns or slices
 /// share it (`RecordBatch::get_array_memory_size` counts a shared buffer once per column).
 pub fn batch_memory_size(batch: &RecordBatch) -> usize {
-    let mut seen = HashSet::new();
-    (batch.columns().iter())
-        .map(|c| data_memory_size(&c.to_data(), &mut seen))
-        .sum()
+    let mut counter = MemoryCounter::default();
+    (batch.columns().iter()).map(|c| counter.add(c)).sum()
 }
 
-/// Memory held by `array`, each allocation counted once (see [`batch_memory_size`]).
-pub fn array_memory_size(array: &dyn Array) -> usize {
-    data_memory_size(&array.to_data(), &mut HashSet::new())
+/// Memory held by arrays, each allocation counted once however many arrays, columns or
+/// slices share it: the live buffer's batches share one data buffer among their string
+/// columns, and arrays read from Parquet may be views into one page.
+#[derive(Default)]
+pub struct MemoryCounter {
+    /// Start addresses of the allocations counted.
+    seen: HashSet<usize>,
 }
 
-fn data_memory_size(data: &ArrayData, seen: &mut HashSet<NonNull<u8>>) -> usize {
-    let nulls = data.nulls().map(|n| n.buffer());
-    let own: usize = (data.buffers().iter().chain(nulls))
-        .filter(|b| seen.insert(b.data_ptr()))
-        .map(Buffer::capacity)
-        .sum();
-    own + (data.child_data().iter())
-        .map(|child| data_memory_size(child, seen))
-        .sum::<usize>()
+impl MemoryCounter {
+    /// Bytes of the allocations `array` holds (children included) not counted before.
+    pub fn add(&mut self, array: &dyn Array) -> usize {
+        self.add_data(&array.to_data())
+    }
+
+    fn add_data(&mut self, data: &ArrayData) -> usize {
+        let nulls = data.nulls().map(|n| n.buffer());
+        let own: usize = (data.buffers().iter().chain(nulls))
+            .filter(|b| self.seen.insert(b.data_ptr().as_ptr() as usize))
+            .map(Buffer::capacity)
+            .sum();
+        own + (data.child_data().iter())
+            .map(|child| self.add_data(child))
+            .sum::<usize>()
+    }
 }
 
 #[cfg(test)]

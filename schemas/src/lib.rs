@@ -14,7 +14,7 @@ pub mod time;
 pub mod validate;
 
 pub use arrow::{
-    EventBatchBuilder, array_memory_size, batch_memory_size, event_schema, events_to_batch,
+    EventBatchBuilder, MemoryCounter, batch_memory_size, event_schema, events_to_batch,
 };
 pub use decode::{BodyFormat, DecodedBatch, Rejection, decode_body};
 pub use error::SchemaError;

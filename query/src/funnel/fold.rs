@@ -16,6 +16,7 @@ use arrow::array::builder::make_view;
 use arrow::array::{Array, AsArray, RecordBatch, StringViewArray};
 use arrow::datatypes::TimestampMicrosecondType;
 use datafusion::execution::memory_pool::MemoryReservation;
+use funnelhouse_schemas::MemoryCounter;
 use serde_json::Value;
 use xxhash_rust::xxh3::{Xxh3DefaultBuilder, xxh3_64, xxh3_128};
 
@@ -250,6 +251,8 @@ pub(super) struct RowCollector {
     group_names: Vec<String>,
     /// The rows and event_id columns held, in the query memory pool until the fold ends.
     reservation: MemoryReservation,
+    /// Counts a buffer shared by several batches' event ids (a Parquet page) once.
+    event_id_memory: MemoryCounter,
 }
 
 impl RowCollector {
@@ -268,6 +271,7 @@ impl RowCollector {
             short_groups: Vec::new(),
             group_names: Vec::new(),
             reservation,
+            event_id_memory: MemoryCounter::default(),
         };
         if no_breakdown {
             // Every row is in group 0.
@@ -352,9 +356,9 @@ impl RowCollector {
             });
             kept += 1;
         }
-        self.reservation.try_grow(
-            kept * std::mem::size_of::<Row>() + funnelhouse_schemas::array_memory_size(ids),
-        )?;
+        let ids_bytes = self.event_id_memory.add(ids);
+        self.reservation
+            .try_grow(kept * std::mem::size_of::<Row>() + ids_bytes)?;
         self.event_ids.push(ids.clone());
         Ok(())
     }
