@@ -298,6 +298,17 @@ mod tests {
         }
     }
 
+    /// Two arrays over one allocation (two batches' views into one page) count once.
+    #[test]
+    fn a_counter_counts_an_allocation_shared_by_two_arrays_once() {
+        let events: Vec<Event> = (0..100).map(event).collect();
+        let batch = events_to_batch(&events);
+        let ids = batch.column(col::EVENT_ID);
+        let mut counter = MemoryCounter::default();
+        assert!(counter.add(&ids.slice(0, 50)) >= 100 * 16);
+        assert_eq!(counter.add(&ids.slice(50, 50)), 0);
+    }
+
     /// A list's values are counted, not only its offsets.
     #[test]
     fn memory_size_counts_child_arrays() {
