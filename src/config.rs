@@ -4,9 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use funnelhouse_ingest::config::{ByteSize, de_duration};
-use funnelhouse_ingest::{AuthConfig, HttpConfig, IngestConfig};
+use funnelhouse_ingest::HttpConfig;
 use funnelhouse_query::CampaignConfig;
+use funnelhouse_schemas::AuthConfig;
+use funnelhouse_schemas::units::{ByteSize, de_duration};
+use funnelhouse_storage::IngestConfig;
 use serde::Deserialize;
 
 use crate::error::CliError;

@@ -8,10 +8,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use funnelhouse_ingest::EventStore;
 use funnelhouse_query::CampaignConfig;
 use funnelhouse_schemas::time::{format_micros, now_micros};
 use funnelhouse_schemas::{BodyFormat, DecodeContext, Event, decode_body};
+use funnelhouse_storage::EventStore;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 

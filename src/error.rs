@@ -5,7 +5,7 @@ pub enum CliError {
     #[error("config: {0}")]
     Config(String),
     #[error(transparent)]
-    Ingest(#[from] funnelhouse_ingest::IngestError),
+    Storage(#[from] funnelhouse_storage::StorageError),
     #[error("{0}")]
     Io(String),
     #[error("{0}")]

@@ -120,7 +120,7 @@ fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
             .block_on(query_cli::funnel(args, &cfg))
             .map(|()| ExitCode::SUCCESS),
         Command::Compact => {
-            let outcome = funnelhouse_ingest::compact_data_dir(&cfg.data_dir, &cfg.ingest)?;
+            let outcome = funnelhouse_storage::compact_data_dir(&cfg.data_dir, &cfg.ingest)?;
             println!(
                 "compacted {} partitions: {} files, {} rows in, {} rows out ({} late duplicates dropped)",
                 outcome.partitions,

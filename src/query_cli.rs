@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use clap::Args;
-use funnelhouse_ingest::{Metrics, Snapshot};
 use funnelhouse_query::{FunnelRequest, OutputFormat, QueryEngine, StaticSource};
+use funnelhouse_storage::Snapshot;
 use serde_json::Value;
 
 use crate::config::Config;
@@ -103,7 +103,7 @@ fn offline_engine(cfg: &Config) -> Result<QueryEngine, CliError> {
         Arc::new(StaticSource(snapshot)),
         &cfg.data_dir,
         &opts,
-        Arc::new(Metrics::default()),
+        Arc::default(),
     )
     .map_err(|e| CliError::Query(e.to_string()))
 }

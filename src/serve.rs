@@ -7,8 +7,11 @@ use std::sync::Arc;
 
 use std::sync::OnceLock;
 
-use funnelhouse_ingest::{CollectorState, EventStore, Metrics};
-use funnelhouse_query::{Alerts, QueryEngine, QueryOptions, QueryState, SnapshotSource};
+use funnelhouse_ingest::CollectorState;
+use funnelhouse_query::{
+    Alerts, QueryEngine, QueryMetrics, QueryOptions, QueryState, SnapshotSource,
+};
+use funnelhouse_storage::{EventStore, MetricsSource, StoreMetrics};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -35,8 +38,13 @@ pub async fn serve(
     } else {
         None
     };
-    let metrics = Arc::new(Metrics::default());
-    let state = CollectorState::new(cfg.ingest.clone(), cfg.auth.clone(), Arc::clone(&metrics))
+    let store_metrics = Arc::new(StoreMetrics::default());
+    let query_metrics = Arc::new(QueryMetrics::default());
+    let state = CollectorState::new(cfg.ingest.clone(), cfg.auth.clone())
+        .with_exported_metrics(vec![
+            Arc::clone(&store_metrics) as Arc<dyn MetricsSource>,
+            Arc::clone(&query_metrics) as Arc<dyn MetricsSource>,
+        ])
         .with_http(cfg.http.clone())
         .with_landing_pages(cfg.landing_pages());
     let campaigns = Arc::new(cfg.campaigns.clone());
@@ -71,7 +79,6 @@ pub async fn serve(
 
     let ingest = cfg.ingest.clone();
     let dir = cfg.data_dir.clone();
-    let store_metrics = Arc::clone(&metrics);
     let opened =
         tokio::task::spawn_blocking(move || EventStore::open(&dir, &ingest, store_metrics))
             .await
@@ -97,7 +104,7 @@ pub async fn serve(
         runtime: Some(queries.clone()),
         ..query_options(&cfg)
     };
-    let engine = QueryEngine::new(source, &cfg.data_dir, &opts, metrics)
+    let engine = QueryEngine::new(source, &cfg.data_dir, &opts, query_metrics)
         .map_err(|e| CliError::Query(e.to_string()))?;
     let pg_engine = engine.clone();
     let read_tokens = cfg.auth.read_tokens.clone();

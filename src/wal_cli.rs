@@ -1,8 +1,8 @@
 //! `funnelhouse wal check` / `wal salvage`: what the WAL holds, and a way past damage.
 
 use clap::Subcommand;
-use funnelhouse_ingest::fsutil::DataDirLock;
-use funnelhouse_ingest::wal::{self, SegmentReport};
+use funnelhouse_storage::fsutil::DataDirLock;
+use funnelhouse_storage::wal::{self, SegmentReport};
 
 use crate::config::Config;
 use crate::error::CliError;

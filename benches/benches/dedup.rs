@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use funnelhouse_ingest::dedup::{DedupIndex, id_hash};
+use funnelhouse_storage::dedup::{DedupIndex, id_hash};
 
 fn dedup(c: &mut Criterion) {
     const HELD: usize = 4_000_000;

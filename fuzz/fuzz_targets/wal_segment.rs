@@ -2,7 +2,7 @@
 //! every readable record, tells a tail from damage, and never panics.
 #![no_main]
 
-use funnelhouse_ingest::wal::{decode_events, scan_segment};
+use funnelhouse_storage::wal::{decode_events, scan_segment};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

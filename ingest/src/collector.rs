@@ -14,7 +14,6 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
-use base64::Engine;
 use funnelhouse_schemas::time::now_micros;
 use funnelhouse_schemas::{
     BodyFormat, DecodeContext, DecodedBatch, MessageType, Rejection, decode_body, decode_segment,
@@ -22,17 +21,21 @@ use funnelhouse_schemas::{
 use serde::{Deserialize, Serialize};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::config::{AuthConfig, HttpConfig, IngestConfig};
+use funnelhouse_schemas::auth::{AuthConfig, header_key};
+use funnelhouse_storage::{EventStore, Exposition, IngestConfig, MetricsSource};
+
+use crate::config::HttpConfig;
 use crate::error::{IngestError, Result};
-use crate::metrics::Metrics;
-use crate::store::EventStore;
+use crate::metrics::CollectorMetrics;
 
 /// Shared by all handlers. The store is set once the WAL is replayed; until then the
 /// ingest endpoints and `/readyz` answer 503.
 #[derive(Clone)]
 pub struct CollectorState {
     pub store: Arc<OnceLock<Arc<EventStore>>>,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<CollectorMetrics>,
+    /// The rest of what `/metrics` shows (the store's, the query engine's).
+    pub exported_metrics: Arc<Vec<Arc<dyn MetricsSource>>>,
     pub auth: Arc<AuthConfig>,
     pub ingest: Arc<IngestConfig>,
     pub http: Arc<HttpConfig>,
@@ -41,15 +44,22 @@ pub struct CollectorState {
 }
 
 impl CollectorState {
-    pub fn new(ingest: IngestConfig, auth: AuthConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(ingest: IngestConfig, auth: AuthConfig) -> Self {
         Self {
             store: Arc::new(OnceLock::new()),
-            metrics,
+            metrics: Arc::default(),
+            exported_metrics: Arc::default(),
             auth: Arc::new(auth),
             ingest: Arc::new(ingest),
             http: Arc::new(HttpConfig::default()),
             landing_pages: Arc::new(HashMap::new()),
         }
+    }
+
+    /// Metrics of other parts that `/metrics` shows after the collector's own.
+    pub fn with_exported_metrics(mut self, sources: Vec<Arc<dyn MetricsSource>>) -> Self {
+        self.exported_metrics = Arc::new(sources);
+        self
     }
 
     pub fn with_http(mut self, http: HttpConfig) -> Self {
@@ -284,9 +294,14 @@ async fn readyz(State(state): State<CollectorState>) -> Response {
 }
 
 async fn metrics(State(state): State<CollectorState>) -> Response {
+    let mut out = Exposition::default();
+    state.metrics.render(&mut out);
+    for source in state.exported_metrics.iter() {
+        source.render(&mut out);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        out.into_text(),
     )
         .into_response()
 }
@@ -298,27 +313,6 @@ pub fn check_write_key(auth: &AuthConfig, headers: &HeaderMap) -> Result<()> {
         Ok(())
     } else {
         Err(IngestError::Unauthorized)
-    }
-}
-
-/// The key of an `Authorization: Bearer` or `Basic` header.
-pub fn header_key(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
-    let (scheme, rest) = value.split_once(' ')?;
-    if scheme.eq_ignore_ascii_case("bearer") {
-        Some(rest.trim().to_string())
-    } else if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(rest.trim())
-            .ok()?;
-        let text = String::from_utf8(decoded).ok()?;
-        Some(
-            text.split_once(':')
-                .map_or(text.as_str(), |(user, _)| user)
-                .to_string(),
-        )
-    } else {
-        None
     }
 }
 
@@ -355,7 +349,7 @@ async fn read_admitted(
     headers: &HeaderMap,
     body: Body,
     state: &CollectorState,
-) -> Result<(Bytes, crate::store::Admission)> {
+) -> Result<(Bytes, funnelhouse_storage::store::Admission)> {
     let limit = state.ingest.max_request_bytes.0;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -369,7 +363,7 @@ async fn read_admitted(
             // instead of the 503. Bounded by the wire limit and by request_timeout in all.
             let drain = discard_body(body, wire_limit(limit));
             tokio::spawn(tokio::time::timeout(state.http.request_timeout, drain));
-            return Err(refused);
+            return Err(refused.into());
         }
     };
     let bytes = read_body(headers, body, limit).await?;

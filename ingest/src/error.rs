@@ -1,11 +1,10 @@
-//! The one error type of the ingest crate, and its mapping to HTTP in one place.
-
-use std::path::PathBuf;
+//! The one error type of the collector, and its mapping to HTTP in one place.
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use funnelhouse_schemas::SchemaError;
+use funnelhouse_storage::StorageError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -23,43 +22,17 @@ pub enum IngestError {
         "the request body did not arrive within http.request_timeout; send it faster or in smaller requests"
     )]
     BodyTimeout,
-    #[error(
-        "the live buffer is at max_buffer_bytes while Parquet flushes catch up; retry after {retry_after_secs} s"
-    )]
-    Overloaded { retry_after_secs: u64 },
     #[error("starting up: the WAL is being replayed; retry shortly")]
     NotReady,
-    #[error("shutting down: not accepting writes")]
-    ShuttingDown,
     #[error("not ready: {0}")]
     Unhealthy(String),
-    #[error("WAL write failed, nothing of this request was stored: {0}")]
-    Wal(std::io::Error),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("parquet: {0}")]
-    Parquet(#[from] parquet::errors::ParquetError),
-    #[error("arrow: {0}")]
-    Arrow(#[from] arrow::error::ArrowError),
-    #[error(
-        "data dir in use (pid {pid}): {data_dir} is locked by another funnelhouse process; stop it, or use another --data-dir"
-    )]
-    Locked { data_dir: PathBuf, pid: String },
-    #[error("{path}: corrupt: {reason}")]
-    Corrupt { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 pub type Result<T, E = IngestError> = std::result::Result<T, E>;
 
 impl IngestError {
-    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> IngestError {
-        let path = path.into();
-        move |source| IngestError::Io { path, source }
-    }
-
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadBody(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -67,23 +40,15 @@ impl IngestError {
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::Overloaded { .. }
-            | Self::NotReady
-            | Self::ShuttingDown
-            | Self::Unhealthy(_)
-            | Self::Wal(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Io { .. }
-            | Self::Locked { .. }
-            | Self::Parquet(_)
-            | Self::Arrow(_)
-            | Self::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::NotReady | Self::Unhealthy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Storage(e) => e.status(),
         }
     }
 
     fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::Overloaded { retry_after_secs } => Some(*retry_after_secs),
-            Self::NotReady | Self::ShuttingDown | Self::Unhealthy(_) | Self::Wal(_) => Some(1),
+            Self::NotReady | Self::Unhealthy(_) => Some(1),
+            Self::Storage(e) => e.retry_after(),
             _ => None,
         }
     }

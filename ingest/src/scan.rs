@@ -124,7 +124,7 @@ pub async fn scan_link(
         properties: user_agent_properties(&headers),
     };
     if let Err(e) = store.write(vec![event], received_at).await {
-        return error_page(e);
+        return error_page(e.into());
     }
 
     let cookie = format!(

@@ -175,8 +175,8 @@ impl Alerts {
 
     fn persist(&self, firing: &[FiringAlert]) {
         let bytes = serde_json::to_vec_pretty(firing).expect("alerts serialise");
-        if let Err(e) = funnelhouse_ingest::fsutil::write_atomic(
-            &funnelhouse_ingest::disk::OsDisk,
+        if let Err(e) = funnelhouse_storage::fsutil::write_atomic(
+            &funnelhouse_storage::disk::OsDisk,
             &self.state_file,
             &bytes,
         ) {

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use funnelhouse_ingest::config::de_duration;
 use funnelhouse_schemas::time::{Micros, parse_rfc3339};
+use funnelhouse_schemas::units::de_duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 

@@ -10,7 +10,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use funnelhouse_ingest::collector::header_key;
+use funnelhouse_schemas::auth::header_key;
 
 use crate::error::Result;
 use crate::http::QueryState;

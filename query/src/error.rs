@@ -26,7 +26,9 @@ pub enum QueryError {
     #[error("internal error: {0}")]
     Internal(String),
     #[error(transparent)]
-    Ingest(#[from] funnelhouse_ingest::IngestError),
+    Storage(#[from] funnelhouse_storage::StorageError),
+    #[error("starting up: the WAL is being replayed; retry shortly")]
+    NotReady,
 }
 
 pub type Result<T, E = QueryError> = std::result::Result<T, E>;
@@ -61,7 +63,8 @@ impl QueryError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::Ingest(e) => e.status(),
+            Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Storage(e) => e.status(),
         }
     }
 }

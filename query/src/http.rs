@@ -10,9 +10,7 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use funnelhouse_ingest::IngestError;
-use funnelhouse_ingest::collector::header_key;
-use funnelhouse_ingest::config::contains_secret;
+use funnelhouse_schemas::auth::{contains_secret, header_key};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -48,9 +46,7 @@ impl QueryState {
 
     fn engine(&self, headers: &HeaderMap) -> Result<&QueryEngine> {
         self.authorize(header_key(headers).as_deref())?;
-        self.engine
-            .get()
-            .ok_or(QueryError::Ingest(IngestError::NotReady))
+        self.engine.get().ok_or(QueryError::NotReady)
     }
 
     fn campaign(&self, name: &str) -> Result<&CampaignConfig> {

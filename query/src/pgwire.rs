@@ -37,7 +37,7 @@ use datafusion_postgres::pgwire::messages::startup::Authentication;
 use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use datafusion_postgres::pgwire::tokio::process_socket;
 use datafusion_postgres::{DfSessionService, QueryHook};
-use funnelhouse_ingest::config::contains_secret;
+use funnelhouse_schemas::auth::contains_secret;
 use futures::{Sink, SinkExt};
 use tokio::net::TcpListener;
 

@@ -12,11 +12,13 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::memory_pool::{FairSpillPool, MemoryConsumer, MemoryReservation};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
-use funnelhouse_ingest::{FileMeta, Metrics, Snapshot};
+use funnelhouse_storage::metrics::add_duration;
+use funnelhouse_storage::{FileMeta, Snapshot};
 use futures::StreamExt;
 
 use crate::error::{QueryError, Result};
 use crate::funnel::live::LiveFunnels;
+use crate::metrics::QueryMetrics;
 use crate::output::OutputFormat;
 use crate::table::{EventsTable, SnapshotSource, StaticSource};
 use crate::udaf::WindowFunnel;
@@ -108,7 +110,7 @@ impl CappedResult {
 pub struct QueryEngine {
     ctx: SessionContext,
     timeout: Duration,
-    metrics: Arc<Metrics>,
+    metrics: Arc<QueryMetrics>,
     source: Arc<dyn SnapshotSource>,
     data_dir: PathBuf,
     opts: QueryOptions,
@@ -121,7 +123,7 @@ impl QueryEngine {
         source: Arc<dyn SnapshotSource>,
         data_dir: &Path,
         opts: &QueryOptions,
-        metrics: Arc<Metrics>,
+        metrics: Arc<QueryMetrics>,
     ) -> Result<Self> {
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(FairSpillPool::new(opts.memory_limit)))
@@ -265,8 +267,8 @@ impl QueryEngine {
     async fn timed<T>(&self, work: impl Future<Output = Result<T>>) -> Result<T> {
         let started = Instant::now();
         let result = work.await;
-        Metrics::add_duration(
-            &self.metrics.query_count,
+        add_duration(
+            &self.metrics.queries,
             &self.metrics.query_micros,
             started.elapsed(),
         );
@@ -306,7 +308,7 @@ impl QueryEngine {
         }
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
+    pub fn metrics(&self) -> &Arc<QueryMetrics> {
         &self.metrics
     }
 }

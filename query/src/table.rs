@@ -27,8 +27,8 @@ use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPu
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::union::UnionExec;
-use funnelhouse_ingest::{EventStore, FileMeta, Snapshot};
 use funnelhouse_schemas::event_schema;
+use funnelhouse_storage::{EventStore, FileMeta, Snapshot};
 
 /// Where the table's rows come from: a running store, or a data dir read as it is.
 pub trait SnapshotSource: Send + Sync {

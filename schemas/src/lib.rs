@@ -2,20 +2,25 @@
 //! the validated [`Event`], the field rules of the contract (with errors that name the
 //! field), the decoding of request bodies (JSON array, object, NDJSON, `sent_at`
 //! envelope, and Segment-compatible messages) into events and per-event rejections, and the Arrow schema of the stored
-//! columns with the builder that turns events into `RecordBatch`es.
+//! columns with the builder that turns events into `RecordBatch`es. It also holds the
+//! vocabulary every other crate shares: the units of the config file (`"24h"`, `"8MiB"`)
+//! and how write keys and read tokens are read from a request and compared.
 
 pub mod arrow;
+pub mod auth;
 pub mod decode;
 pub mod error;
 pub mod event;
 mod region;
 pub mod segment;
 pub mod time;
+pub mod units;
 pub mod validate;
 
 pub use arrow::{
     EventBatchBuilder, MemoryCounter, batch_memory_size, event_schema, events_to_batch,
 };
+pub use auth::AuthConfig;
 pub use decode::{BodyFormat, DecodedBatch, Rejection, decode_body};
 pub use error::SchemaError;
 pub use event::Event;

@@ -157,8 +157,8 @@ async fn import_reads_ndjson_csv_and_parquet_and_exits_by_outcome() {
     );
     let batch: RecordBatch = events_to_batch(&sample_events("p", 300));
     let parquet_dir = tempfile::tempdir().unwrap();
-    let meta = funnelhouse_ingest::parquet_file::write_sorted_file(
-        &funnelhouse_ingest::disk::OsDisk,
+    let meta = funnelhouse_storage::parquet_file::write_sorted_file(
+        &funnelhouse_storage::disk::OsDisk,
         parquet_dir.path(),
         &batch,
         "x",
@@ -582,7 +582,7 @@ async fn wal_check_and_salvage_get_past_damage_before_the_tail() {
     assert_eq!(segments.len(), 1);
     let segment = segments.pop().unwrap();
     let mut bytes = std::fs::read(&segment).unwrap();
-    let second = funnelhouse_ingest::wal::scan_segment(&bytes).records[1].0;
+    let second = funnelhouse_storage::wal::scan_segment(&bytes).records[1].0;
     bytes[second + 12] ^= 0xff;
     std::fs::write(&segment, bytes).unwrap();
 

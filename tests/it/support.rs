@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray};
-use funnelhouse_ingest::Manifest;
-use funnelhouse_ingest::parquet_file::read_file;
+use funnelhouse_storage::Manifest;
+use funnelhouse_storage::parquet_file::read_file;
 
 /// The binary under test: this build's, or `$FUNNELHOUSE_BIN` (the long crash loop runs
 /// the release build, whose flushes keep pace with a kill every half second).

@@ -149,12 +149,12 @@ async fn damage_before_the_wal_tail_stops_start_up_until_salvaged() {
     copy_dir(&server.dir, crashed.path());
     let segment = wal_segments(crashed.path()).pop().unwrap();
     let mut bytes = fs::read(&segment).unwrap();
-    let second = funnelhouse_ingest::wal::scan_segment(&bytes).records[1].0;
+    let second = funnelhouse_storage::wal::scan_segment(&bytes).records[1].0;
     bytes[second + 20] ^= 0xff;
     fs::write(&segment, bytes).unwrap();
 
-    let metrics = std::sync::Arc::new(funnelhouse_ingest::Metrics::default());
-    let refused = funnelhouse_ingest::EventStore::open(crashed.path(), &config(), metrics);
+    let refused =
+        funnelhouse_storage::EventStore::open(crashed.path(), &config(), Default::default());
     let message = refused.err().expect("damage refuses start-up").to_string();
     let name = segment.file_name().unwrap().to_str().unwrap();
     assert!(
@@ -164,13 +164,16 @@ async fn damage_before_the_wal_tail_stops_start_up_until_salvaged() {
         "{message}"
     );
     let wal_dir = crashed.path().join("wal");
-    let report = funnelhouse_ingest::wal::check(&wal_dir).unwrap();
+    let report = funnelhouse_storage::wal::check(&wal_dir).unwrap();
     let damaged: Vec<_> = report.iter().filter(|r| r.damage.is_some()).collect();
     assert_eq!(damaged.len(), 1);
     assert_eq!(damaged[0].damage.as_ref().unwrap().records_after, 1);
     assert_eq!((damaged[0].records, damaged[0].events), (2, 10));
 
-    assert_eq!(funnelhouse_ingest::wal::salvage(&wal_dir).unwrap().len(), 1);
+    assert_eq!(
+        funnelhouse_storage::wal::salvage(&wal_dir).unwrap().len(),
+        1
+    );
     let mut kept = segment.clone().into_os_string();
     kept.push(".damaged");
     assert!(Path::new(&kept).exists(), "the original is kept");
@@ -215,7 +218,7 @@ async fn files_of_an_uncommitted_flush_are_removed_and_their_events_replayed() {
     copy_dir(&server.dir, crashed.path());
     // A crash after a flush wrote its Parquet file but before the manifest commit
     // leaves a file no manifest names (here: a copy of a committed one).
-    let committed = funnelhouse_ingest::Manifest::load(crashed.path())
+    let committed = funnelhouse_storage::Manifest::load(crashed.path())
         .unwrap()
         .files[0]
         .path
@@ -239,8 +242,9 @@ async fn files_of_an_uncommitted_flush_are_removed_and_their_events_replayed() {
 
 #[tokio::test]
 async fn a_long_replay_is_flushed_a_segment_at_a_time() {
-    use funnelhouse_ingest::wal::{Wal, encode_events};
-    use funnelhouse_ingest::{ByteSize, IngestConfig, Manifest, OsDisk};
+    use funnelhouse_schemas::units::ByteSize;
+    use funnelhouse_storage::wal::{Wal, encode_events};
+    use funnelhouse_storage::{IngestConfig, Manifest, OsDisk};
     use std::sync::Arc;
     // What a server killed while its flushes lagged leaves: three unflushed WAL segments.
     let dir = tempfile::tempdir().unwrap();

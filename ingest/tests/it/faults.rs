@@ -7,12 +7,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use funnelhouse_ingest::disk::{DiskOp, Errno, Fault, PowerLoss};
-use funnelhouse_ingest::{
-    AuthConfig, ByteSize, EventStore, FaultDisk, IngestConfig, IngestError, Metrics, OsDisk,
-};
+use funnelhouse_schemas::AuthConfig;
 use funnelhouse_schemas::Event;
 use funnelhouse_schemas::time::now_micros;
+use funnelhouse_schemas::units::ByteSize;
+use funnelhouse_storage::disk::{DiskOp, Errno, Fault, PowerLoss};
+use funnelhouse_storage::{EventStore, FaultDisk, IngestConfig, OsDisk, StorageError};
 
 use crate::support::{TestServer, committed_rows, config, event, store_rows};
 
@@ -32,12 +32,12 @@ fn events(prefix: &str, n: usize) -> Vec<Event> {
 }
 
 async fn open(
-    disk: Arc<dyn funnelhouse_ingest::Disk>,
+    disk: Arc<dyn funnelhouse_storage::Disk>,
     dir: &Path,
     cfg: &IngestConfig,
 ) -> Arc<EventStore> {
     let (dir, cfg) = (dir.to_path_buf(), cfg.clone());
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::default();
     let (store, _) =
         tokio::task::spawn_blocking(move || EventStore::open_on(disk, &dir, &cfg, metrics))
             .await
@@ -112,7 +112,7 @@ async fn a_failed_wal_append_is_refused_and_never_replayed() {
                 .write(events(&format!("b{round}"), 5), now_micros())
                 .await
             {
-                Err(IngestError::Wal(_)) => refused += 1,
+                Err(StorageError::Wal(_)) => refused += 1,
                 other => panic!("{case}: a failed append must be refused, got {other:?}"),
             }
             if disk.injected() >= planned {

@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use funnelhouse_ingest::{AuthConfig, ByteSize, CollectorState, IngestConfig, Metrics, router};
+use funnelhouse_ingest::{CollectorState, router};
+use funnelhouse_schemas::AuthConfig;
+use funnelhouse_schemas::units::ByteSize;
+use funnelhouse_storage::IngestConfig;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt;
@@ -370,11 +373,7 @@ async fn oneshot(app: axum::Router, uri: &str) -> (StatusCode, String) {
 
 #[tokio::test]
 async fn health_is_up_at_once_and_ready_only_with_a_store() {
-    let state = CollectorState::new(
-        config(),
-        AuthConfig::default(),
-        Arc::new(Metrics::default()),
-    );
+    let state = CollectorState::new(config(), AuthConfig::default());
     let app = router(state.clone());
     assert_eq!(oneshot(app.clone(), "/healthz").await.0, StatusCode::OK);
     let (status, body) = oneshot(app.clone(), "/readyz").await;
@@ -419,11 +418,7 @@ async fn health_is_up_at_once_and_ready_only_with_a_store() {
 
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_json_errors() {
-    let state = CollectorState::new(
-        config(),
-        AuthConfig::default(),
-        Arc::new(Metrics::default()),
-    );
+    let state = CollectorState::new(config(), AuthConfig::default());
     let app = funnelhouse_ingest::collector::with_json_fallbacks(router(state));
     let (status, body) = oneshot(app.clone(), "/v1/nope").await;
     assert_eq!(status, StatusCode::NOT_FOUND);

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use funnelhouse_ingest::AuthConfig;
+use funnelhouse_schemas::AuthConfig;
 
 use crate::support::{TestServer, config};
 

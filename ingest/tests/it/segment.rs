@@ -1,7 +1,8 @@
 //! Segment-compatible ingest: every route and alias, the field mapping, write keys in
 //! each place SDKs put them, text/plain and gzip bodies, retried batches, and CORS.
 
-use funnelhouse_ingest::{AuthConfig, HttpConfig};
+use funnelhouse_ingest::HttpConfig;
+use funnelhouse_schemas::AuthConfig;
 use funnelhouse_schemas::time::{format_micros, now_micros};
 use serde_json::json;
 

@@ -4,7 +4,8 @@
 use std::fs::File;
 use std::time::Duration;
 
-use funnelhouse_ingest::{ByteSize, IngestConfig, Manifest, Partitioning};
+use funnelhouse_schemas::units::ByteSize;
+use funnelhouse_storage::{IngestConfig, Manifest, Partitioning};
 use parquet::basic::Compression;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use serde_json::{Value, json};
@@ -271,7 +272,7 @@ async fn offline_compaction_merges_every_partition_with_small_files() {
     }
     let dir = server.dir.clone();
     let keep = server.stop().await;
-    let outcome = funnelhouse_ingest::compact_data_dir(&dir, &config()).unwrap();
+    let outcome = funnelhouse_storage::compact_data_dir(&dir, &config()).unwrap();
     assert_eq!(
         (outcome.partitions, outcome.files_in, outcome.rows_out),
         (1, 3, 3)
@@ -289,18 +290,17 @@ async fn offline_compaction_merges_every_partition_with_small_files() {
 async fn a_data_dir_in_use_is_refused_until_its_store_stops() {
     let server = TestServer::start(config()).await;
     let dir = server.dir.clone();
-    let metrics = std::sync::Arc::new(funnelhouse_ingest::Metrics::default());
-    let second = funnelhouse_ingest::EventStore::open(&dir, &config(), metrics);
+    let second = funnelhouse_storage::EventStore::open(&dir, &config(), Default::default());
     let message = second.err().expect("a second store is refused").to_string();
     assert!(
         message.contains(&format!("data dir in use (pid {})", std::process::id()))
             && message.contains("--data-dir"),
         "{message}"
     );
-    let compaction = funnelhouse_ingest::compact_data_dir(&dir, &config());
+    let compaction = funnelhouse_storage::compact_data_dir(&dir, &config());
     assert!(compaction.is_err(), "offline compaction is refused too");
     let keep = server.stop().await;
-    funnelhouse_ingest::compact_data_dir(&dir, &config()).expect("free after shutdown");
+    funnelhouse_storage::compact_data_dir(&dir, &config()).expect("free after shutdown");
     drop(keep);
 }
 

@@ -6,9 +6,11 @@ use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use funnelhouse_ingest::collector::with_json_fallbacks;
-use funnelhouse_ingest::{AuthConfig, parquet_file::read_file};
-use funnelhouse_ingest::{
-    CollectorState, Disk, EventStore, IngestConfig, Manifest, Metrics, OsDisk, router,
+use funnelhouse_ingest::{CollectorState, router};
+use funnelhouse_schemas::AuthConfig;
+use funnelhouse_storage::parquet_file::read_file;
+use funnelhouse_storage::{
+    Disk, EventStore, IngestConfig, Manifest, MetricsSource, OsDisk, StoreMetrics,
 };
 use serde_json::Value;
 use tokio::task::JoinHandle;
@@ -61,8 +63,11 @@ impl TestServer {
         let dir = dir
             .map(Path::to_path_buf)
             .unwrap_or_else(|| tmp.as_ref().unwrap().path().to_path_buf());
-        let metrics = Arc::new(Metrics::default());
-        let state = adjust(CollectorState::new(cfg.clone(), auth, Arc::clone(&metrics)));
+        let metrics = Arc::new(StoreMetrics::default());
+        let state = adjust(
+            CollectorState::new(cfg.clone(), auth)
+                .with_exported_metrics(vec![Arc::clone(&metrics) as Arc<dyn MetricsSource>]),
+        );
         let (store, _) = {
             let dir = dir.clone();
             tokio::task::spawn_blocking(move || EventStore::open_on(disk, &dir, &cfg, metrics))

@@ -240,7 +240,7 @@ async fn ts_offsets_and_epoch_ms_are_stored_as_utc_micros() {
 
 #[tokio::test]
 async fn max_future_rejects_ts_too_far_ahead() {
-    let cfg = funnelhouse_ingest::IngestConfig {
+    let cfg = funnelhouse_storage::IngestConfig {
         max_future: Some(std::time::Duration::from_secs(3600)),
         ..config()
     };

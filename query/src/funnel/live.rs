@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray, PrimitiveArray, RecordBatch, StringViewArray};
 use arrow::datatypes::TimestampMicrosecondType;
-use funnelhouse_ingest::Snapshot;
+use funnelhouse_storage::Snapshot;
 use futures::StreamExt;
 use xxhash_rust::xxh3::xxh3_128;
 

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use funnelhouse_ingest::config::parse_duration;
 use funnelhouse_schemas::time::parse_rfc3339;
+use funnelhouse_schemas::units::parse_duration;
 use serde::Deserialize;
 use serde_json::Value;
 

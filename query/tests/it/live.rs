@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use funnelhouse_ingest::IngestConfig;
 use funnelhouse_query::funnel::{self, FunnelRequest, FunnelSpec};
 use funnelhouse_query::{QueryState, funnel::LiveFunnel};
 use funnelhouse_schemas::time::{format_micros, now_micros};
+use funnelhouse_storage::IngestConfig;
 use serde_json::{Value, json};
 
 use crate::support::TestServer;

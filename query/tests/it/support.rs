@@ -4,9 +4,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use funnelhouse_ingest::{CollectorState, EventStore, IngestConfig, Metrics, Snapshot};
+use funnelhouse_ingest::CollectorState;
 use funnelhouse_query::{QueryEngine, QueryOptions, QueryState, SnapshotSource, StaticSource};
 use funnelhouse_schemas::{Event, events_to_batch};
+use funnelhouse_storage::{EventStore, IngestConfig, Snapshot};
 use serde_json::Value;
 
 pub struct TestServer {
@@ -46,18 +47,17 @@ impl TestServer {
         opts: QueryOptions,
     ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let metrics = Arc::new(Metrics::default());
         let path = dir.path().to_path_buf();
-        let m = Arc::clone(&metrics);
         let c = cfg.clone();
-        let (store, _) = tokio::task::spawn_blocking(move || EventStore::open(&path, &c, m))
-            .await
-            .unwrap()
-            .unwrap();
+        let (store, _) =
+            tokio::task::spawn_blocking(move || EventStore::open(&path, &c, Arc::default()))
+                .await
+                .unwrap()
+                .unwrap();
         let store = Arc::new(store);
         let source: Arc<dyn SnapshotSource> = Arc::clone(&store) as Arc<dyn SnapshotSource>;
-        let engine = QueryEngine::new(source, dir.path(), &opts, Arc::clone(&metrics)).unwrap();
-        let ingest = CollectorState::new(cfg, Default::default(), metrics);
+        let engine = QueryEngine::new(source, dir.path(), &opts, Arc::default()).unwrap();
+        let ingest = CollectorState::new(cfg, Default::default());
         ingest.store.set(Arc::clone(&store)).ok().unwrap();
         query.engine.set(engine.clone()).ok().unwrap();
         let app = funnelhouse_ingest::router(ingest).merge(funnelhouse_query::router(query));
@@ -132,7 +132,7 @@ pub fn engine_over(events: &[Event]) -> QueryEngine {
         Arc::new(StaticSource(snapshot)),
         Path::new("."),
         &opts,
-        Arc::new(Metrics::default()),
+        Arc::default(),
     )
     .unwrap()
 }

@@ -6,11 +6,11 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::disk::Disk;
-use crate::error::{IngestError, Result};
+use crate::error::{Result, StorageError};
 
 /// Make a directory entry change (create, rename, delete) durable.
 pub fn sync_dir(disk: &dyn Disk, dir: &Path) -> Result<()> {
-    disk.sync_dir(dir).map_err(IngestError::io(dir))
+    disk.sync_dir(dir).map_err(StorageError::io(dir))
 }
 
 /// Create `dir` and any missing parents, each fsynced into its parent, so a file made
@@ -28,7 +28,7 @@ pub fn create_dir_durable(disk: &dyn Disk, dir: &Path) -> Result<()> {
         Ok(()) => {}
         // Made meanwhile by another thread: the sync below covers it all the same.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(IngestError::io(dir)(e)),
+        Err(e) => return Err(StorageError::io(dir)(e)),
     }
     sync_dir(disk, parent)
 }
@@ -38,16 +38,16 @@ pub fn write_atomic(disk: &dyn Disk, path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     // Left by a crash, or by an earlier attempt that failed.
     let _ = fs::remove_file(&tmp);
-    let mut f = disk.create(&tmp).map_err(IngestError::io(&tmp))?;
+    let mut f = disk.create(&tmp).map_err(StorageError::io(&tmp))?;
     f.write_all(bytes)
         .and_then(|()| f.sync())
-        .map_err(IngestError::io(&tmp))?;
+        .map_err(StorageError::io(&tmp))?;
     rename_durable(disk, &tmp, path)
 }
 
 /// Rename a file that is already fsynced, and fsync the target directory.
 pub fn rename_durable(disk: &dyn Disk, from: &Path, to: &Path) -> Result<()> {
-    disk.rename(from, to).map_err(IngestError::io(to))?;
+    disk.rename(from, to).map_err(StorageError::io(to))?;
     sync_dir(disk, to.parent().unwrap_or(Path::new(".")))
 }
 
@@ -69,24 +69,24 @@ impl DataDirLock {
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(IngestError::io(&path))?;
+            .map_err(StorageError::io(&path))?;
         match file.try_lock() {
             Ok(()) => {
                 file.set_len(0)
                     .and_then(|()| file.rewind())
                     .and_then(|()| write!(file, "{}", std::process::id()))
-                    .map_err(IngestError::io(&path))?;
+                    .map_err(StorageError::io(&path))?;
                 Ok(DataDirLock { _file: file })
             }
             Err(fs::TryLockError::WouldBlock) => {
                 let mut pid = String::new();
                 let _ = file.read_to_string(&mut pid);
-                Err(IngestError::Locked {
+                Err(StorageError::Locked {
                     data_dir: data_dir.to_path_buf(),
                     pid: pid.trim().to_string(),
                 })
             }
-            Err(fs::TryLockError::Error(e)) => Err(IngestError::io(&path)(e)),
+            Err(fs::TryLockError::Error(e)) => Err(StorageError::io(&path)(e)),
         }
     }
 }

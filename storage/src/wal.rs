@@ -23,7 +23,7 @@ use std::time::Instant;
 use funnelhouse_schemas::Event;
 
 use crate::disk::{Disk, DiskFile};
-use crate::error::{IngestError, Result};
+use crate::error::{Result, StorageError};
 
 const HEADER: usize = 8;
 const SUFFIX: &str = ".wal";
@@ -75,7 +75,7 @@ impl Wal {
         for (seq, path) in segments {
             last = last.max(seq);
             if seq <= flushed_through {
-                fs::remove_file(&path).map_err(IngestError::io(&path))?;
+                fs::remove_file(&path).map_err(StorageError::io(&path))?;
                 continue;
             }
             stats.segments += 1;
@@ -92,7 +92,7 @@ impl Wal {
                 }
             });
             if let Some(damage) = damage.filter(|d| d.records_after > 0) {
-                return Err(IngestError::Corrupt {
+                return Err(StorageError::Corrupt {
                     path: path.clone(),
                     reason: format!(
                         "{damage}; run `funnelhouse wal check` to see it and `funnelhouse wal salvage` to keep every readable record"
@@ -110,10 +110,10 @@ impl Wal {
                 let f = OpenOptions::new()
                     .write(true)
                     .open(&path)
-                    .map_err(IngestError::io(&path))?;
+                    .map_err(StorageError::io(&path))?;
                 f.set_len(valid_prefix as u64)
-                    .map_err(IngestError::io(&path))?;
-                f.sync_all().map_err(IngestError::io(&path))?;
+                    .map_err(StorageError::io(&path))?;
+                f.sync_all().map_err(StorageError::io(&path))?;
                 stats.dropped_bytes += dropped;
             }
         }
@@ -186,7 +186,7 @@ impl Wal {
     pub fn rotate(&mut self) -> Result<u64> {
         if self.failed {
             self.start_after_failure()
-                .map_err(IngestError::io(&self.dir))?;
+                .map_err(StorageError::io(&self.dir))?;
         }
         let next = self.next_segment()?;
         let closed = std::mem::replace(&mut self.current, next);
@@ -216,7 +216,7 @@ impl Wal {
             }
             let data = match read_segment(seq, &path, &cuts) {
                 Ok(d) => d,
-                Err(IngestError::Io { source, .. })
+                Err(StorageError::Io { source, .. })
                     if source.kind() == std::io::ErrorKind::NotFound =>
                 {
                     continue;
@@ -246,7 +246,7 @@ impl Wal {
                 continue;
             }
             if let Err(e) = fs::remove_file(&path) {
-                first_error.get_or_insert(IngestError::io(&path)(e));
+                first_error.get_or_insert(StorageError::io(&path)(e));
             }
         }
         first_error.map_or(Ok(()), Err)
@@ -270,7 +270,7 @@ fn write_record(file: &mut dyn DiskFile, payload: &[u8]) -> std::io::Result<std:
 impl WalSegment {
     fn create(disk: &dyn Disk, dir: &Path, seq: u64) -> Result<Self> {
         let path = dir.join(format!("{seq:020}{SUFFIX}"));
-        let file = disk.create(&path).map_err(IngestError::io(&path))?;
+        let file = disk.create(&path).map_err(StorageError::io(&path))?;
         crate::fsutil::sync_dir(disk, dir)?;
         Ok(WalSegment {
             seq,
@@ -295,9 +295,9 @@ fn cut_marks(segments: &[(u64, PathBuf)]) -> Result<HashMap<u64, u64>> {
             Ok(f) => f
                 .take((HEADER + CUT_MARK_LEN) as u64)
                 .read_to_end(&mut head)
-                .map_err(IngestError::io(path))?,
+                .map_err(StorageError::io(path))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(IngestError::io(path)(e)),
+            Err(e) => return Err(StorageError::io(path)(e)),
         };
         if let Some((seq, len)) = read_record(&head, 0).ok().and_then(|r| r.cut) {
             let at = cuts.entry(seq).or_insert(len);
@@ -309,7 +309,7 @@ fn cut_marks(segments: &[(u64, PathBuf)]) -> Result<HashMap<u64, u64>> {
 
 /// A segment's bytes, up to its cut mark if a later segment has one.
 fn read_segment(seq: u64, path: &Path, cuts: &HashMap<u64, u64>) -> Result<Vec<u8>> {
-    let mut data = fs::read(path).map_err(IngestError::io(path))?;
+    let mut data = fs::read(path).map_err(StorageError::io(path))?;
     if let Some(&len) = cuts.get(&seq) {
         data.truncate(len as usize);
     }
@@ -318,8 +318,8 @@ fn read_segment(seq: u64, path: &Path, cuts: &HashMap<u64, u64>) -> Result<Vec<u
 
 fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
-    for entry in fs::read_dir(dir).map_err(IngestError::io(dir))? {
-        let path = entry.map_err(IngestError::io(dir))?.path();
+    for entry in fs::read_dir(dir).map_err(StorageError::io(dir))? {
+        let path = entry.map_err(StorageError::io(dir))?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if let Some(seq) = name
             .strip_suffix(SUFFIX)
@@ -507,7 +507,7 @@ pub fn salvage(wal_dir: &Path) -> Result<Vec<SegmentReport>> {
             continue;
         }
         let path = &report.path;
-        let data = fs::read(path).map_err(IngestError::io(path))?;
+        let data = fs::read(path).map_err(StorageError::io(path))?;
         let mut clean = Vec::with_capacity(data.len());
         for (at, _) in scan_segment(&data).records {
             let len = read_record(&data, at).map_or(0, |r| r.len);
@@ -515,7 +515,7 @@ pub fn salvage(wal_dir: &Path) -> Result<Vec<SegmentReport>> {
         }
         let mut keep = path.clone().into_os_string();
         keep.push(".damaged");
-        fs::copy(path, &keep).map_err(IngestError::io(PathBuf::from(&keep)))?;
+        fs::copy(path, &keep).map_err(StorageError::io(PathBuf::from(&keep)))?;
         crate::fsutil::write_atomic(&crate::disk::OsDisk, path, &clean)?;
         out.push(report);
     }

@@ -19,7 +19,7 @@ use parquet::schema::types::ColumnPath;
 
 use crate::config::Partitioning;
 use crate::disk::{Disk, DiskFile};
-use crate::error::{IngestError, Result};
+use crate::error::{Result, StorageError};
 use crate::fsutil::rename_durable;
 use crate::manifest::{EVENTS_DIR, FileMeta};
 
@@ -251,7 +251,7 @@ impl<'a> SortedFileWriter<'a> {
         let name = format!("{name_prefix}-{}.parquet", uuid::Uuid::now_v7().simple());
         let final_path = dir.join(&name);
         let tmp = final_path.with_extension("tmp");
-        let file = disk.create(&tmp).map_err(IngestError::io(&tmp))?;
+        let file = disk.create(&tmp).map_err(StorageError::io(&tmp))?;
         let writer = ArrowWriter::try_new(file, event_schema(), Some(writer_properties()))?;
         Ok(Self {
             disk,
@@ -280,9 +280,9 @@ impl<'a> SortedFileWriter<'a> {
 
     pub fn finish(mut self) -> Result<FileMeta> {
         let mut file = self.writer.into_inner()?;
-        file.sync().map_err(IngestError::io(&self.tmp))?;
+        file.sync().map_err(StorageError::io(&self.tmp))?;
         self.meta.bytes = std::fs::metadata(&self.tmp)
-            .map_err(IngestError::io(&self.tmp))?
+            .map_err(StorageError::io(&self.tmp))?
             .len();
         rename_durable(self.disk, &self.tmp, &self.final_path)?;
         if self.meta.rows == 0 {
@@ -313,7 +313,7 @@ pub fn read_batches_of(
 ) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
     use parquet::arrow::ProjectionMask;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let file = File::open(path).map_err(IngestError::io(path))?;
+    let file = File::open(path).map_err(StorageError::io(path))?;
     let mut builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
     if let Some(cols) = columns {
         let mask = ProjectionMask::roots(builder.parquet_schema(), cols.iter().copied());

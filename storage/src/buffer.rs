@@ -9,7 +9,7 @@ use std::time::Instant;
 use arrow::array::RecordBatch;
 
 use crate::manifest::FileMeta;
-use crate::metrics::Metrics;
+use crate::metrics::StoreMetrics;
 
 /// What a query reads: committed files plus the batches not yet in any of them.
 #[derive(Debug, Clone)]
@@ -86,11 +86,11 @@ impl BufferState {
 
 pub struct LiveBuffer {
     state: RwLock<BufferState>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<StoreMetrics>,
 }
 
 impl LiveBuffer {
-    pub fn new(files: Vec<FileMeta>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(files: Vec<FileMeta>, metrics: Arc<StoreMetrics>) -> Self {
         let state = BufferState {
             files: Arc::new(files),
             ..Default::default()

@@ -31,10 +31,10 @@ use crate::compact::{CompactOptions, compact};
 use crate::config::IngestConfig;
 use crate::dedup::{DedupIndex, IdsFile, id_hash};
 use crate::disk::{Disk, OsDisk};
-use crate::error::{IngestError, Result};
+use crate::error::{Result, StorageError};
 use crate::fsutil::DataDirLock;
 use crate::manifest::Manifest;
-use crate::metrics::Metrics;
+use crate::metrics::{StoreMetrics, add_duration};
 use crate::parquet_file::write_partitioned;
 use crate::wal::{Wal, encode_events};
 
@@ -93,7 +93,7 @@ pub struct EventStore {
     data_dir: PathBuf,
     tx: Mutex<Option<Sender<Command>>>,
     buffer: Arc<LiveBuffer>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<StoreMetrics>,
     inflight: Arc<AtomicUsize>,
     max_buffer_bytes: usize,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -109,7 +109,7 @@ impl EventStore {
     pub fn open(
         data_dir: &Path,
         cfg: &IngestConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<StoreMetrics>,
     ) -> Result<(EventStore, OpenReport)> {
         Self::open_on(Arc::new(OsDisk), data_dir, cfg, metrics)
     }
@@ -119,7 +119,7 @@ impl EventStore {
         disk: Arc<dyn Disk>,
         data_dir: &Path,
         cfg: &IngestConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<StoreMetrics>,
     ) -> Result<(EventStore, OpenReport)> {
         crate::fsutil::create_dir_durable(&*disk, data_dir)?;
         let lock = DataDirLock::acquire(data_dir)?;
@@ -141,7 +141,7 @@ impl EventStore {
         );
         for (seq, path) in ids_files {
             if seq > manifest.wal_flushed_through {
-                std::fs::remove_file(&path).map_err(IngestError::io(&path))?;
+                std::fs::remove_file(&path).map_err(StorageError::io(&path))?;
                 continue;
             }
             let pairs = IdsFile::read(&path)?;
@@ -248,7 +248,7 @@ impl EventStore {
         ]
         .into_iter()
         .collect::<std::io::Result<Vec<_>>>()
-        .map_err(IngestError::io(data_dir))?;
+        .map_err(StorageError::io(data_dir))?;
         let store = EventStore {
             data_dir: data_dir.to_path_buf(),
             tx: Mutex::new(Some(tx)),
@@ -267,7 +267,7 @@ impl EventStore {
         &self.data_dir
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
+    pub fn metrics(&self) -> &Arc<StoreMetrics> {
         &self.metrics
     }
 
@@ -303,7 +303,7 @@ impl EventStore {
         admission.bytes = cost;
         if before + extra + self.buffer.bytes() > self.max_buffer_bytes {
             self.metrics.requests_overloaded.fetch_add(1, Relaxed);
-            return Err(IngestError::Overloaded {
+            return Err(StorageError::Overloaded {
                 retry_after_secs: 1,
             });
         }
@@ -313,9 +313,9 @@ impl EventStore {
     fn send(&self, cmd: Command) -> Result<()> {
         let tx = self.tx.lock().expect("store lock");
         tx.as_ref()
-            .ok_or(IngestError::ShuttingDown)?
+            .ok_or(StorageError::ShuttingDown)?
             .send(cmd)
-            .map_err(|_| IngestError::ShuttingDown)
+            .map_err(|_| StorageError::ShuttingDown)
     }
 
     /// Store `events` durably; returns once they are fsynced in the WAL and visible.
@@ -329,14 +329,14 @@ impl EventStore {
             received_at,
             reply,
         }))?;
-        rx.await.map_err(|_| IngestError::ShuttingDown)?
+        rx.await.map_err(|_| StorageError::ShuttingDown)?
     }
 
     /// Flush everything acknowledged so far to Parquet and wait for the commit.
     pub async fn flush(&self) -> Result<()> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Flush(reply))?;
-        rx.await.map_err(|_| IngestError::ShuttingDown)?
+        rx.await.map_err(|_| StorageError::ShuttingDown)?
     }
 
     /// Why the store cannot serve writes now, if it cannot: its WAL writer or flusher
@@ -364,7 +364,7 @@ impl EventStore {
         let sent = self.send(Command::Shutdown(reply));
         self.tx.lock().expect("store lock").take();
         let result = match sent {
-            Ok(()) => rx.await.unwrap_or(Err(IngestError::ShuttingDown)),
+            Ok(()) => rx.await.unwrap_or(Err(StorageError::ShuttingDown)),
             Err(_) => Ok(()),
         };
         let threads = std::mem::take(&mut *self.threads.lock().expect("store lock"));
@@ -382,7 +382,7 @@ struct Writer {
     wal: Wal,
     dedup: DedupIndex,
     buffer: Arc<LiveBuffer>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<StoreMetrics>,
     flush_tx: Sender<FlushJob>,
     flush_bytes: usize,
     flush_interval: Duration,
@@ -494,7 +494,7 @@ impl Writer {
         encode_events(fresh.iter().copied(), payload);
         match self.wal.append(payload) {
             Ok(fsync) => {
-                Metrics::add_duration(
+                add_duration(
                     &self.metrics.wal_fsyncs,
                     &self.metrics.wal_fsync_micros,
                     fsync,
@@ -519,7 +519,7 @@ impl Writer {
                 tracing::error!(error = %e, segment = self.wal.current_seq(), "WAL append failed");
                 self.dedup.remove_pending();
                 for w in writes {
-                    let _ = w.reply.send(Err(IngestError::Wal(std::io::Error::new(
+                    let _ = w.reply.send(Err(StorageError::Wal(std::io::Error::new(
                         e.kind(),
                         e.to_string(),
                     ))));
@@ -568,7 +568,7 @@ struct Flusher {
     /// Shared with the compactor; whoever commits holds it from commit to buffer swap.
     manifest: Arc<Mutex<Manifest>>,
     buffer: Arc<LiveBuffer>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<StoreMetrics>,
     cfg: IngestConfig,
     /// Partitions a flush touched, for the compactor.
     compact_tx: Sender<HashSet<String>>,
@@ -638,7 +638,7 @@ impl Flusher {
             *manifest = next;
             self.buffer.finish_flush(seq, manifest.files.clone());
         }
-        Metrics::add_duration(
+        add_duration(
             &self.metrics.flushes,
             &self.metrics.flush_micros,
             start.elapsed(),
@@ -666,7 +666,7 @@ impl Flusher {
                 .ok()
                 .and_then(|t| SystemTime::now().duration_since(t).ok());
             if age.is_some_and(|a| a > self.cfg.dedup_window) {
-                std::fs::remove_file(&path).map_err(IngestError::io(&path))?;
+                std::fs::remove_file(&path).map_err(StorageError::io(&path))?;
             }
         }
         Ok(())
@@ -680,7 +680,7 @@ struct Compactor {
     data_dir: PathBuf,
     manifest: Arc<Mutex<Manifest>>,
     buffer: Arc<LiveBuffer>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<StoreMetrics>,
     opts: CompactOptions,
     stopping: Arc<AtomicBool>,
     /// Files replaced by compaction, deleted after a grace period for running queries.
@@ -730,7 +730,7 @@ impl Compactor {
                         .iter()
                         .map(|p| (now, self.data_dir.join(p))),
                 );
-                Metrics::add_duration(
+                add_duration(
                     &self.metrics.compactions,
                     &self.metrics.compaction_micros,
                     start.elapsed(),
@@ -791,7 +791,7 @@ pub fn compact_data_dir(
     }
     for p in &outcome.replaced {
         let path = data_dir.join(p);
-        std::fs::remove_file(&path).map_err(IngestError::io(&path))?;
+        std::fs::remove_file(&path).map_err(StorageError::io(&path))?;
     }
     Ok(outcome)
 }

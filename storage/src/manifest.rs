@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::disk::Disk;
-use crate::error::{IngestError, Result};
+use crate::error::{Result, StorageError};
 use crate::fsutil::write_atomic;
 
 pub const MANIFEST: &str = "manifest.json";
@@ -41,12 +41,12 @@ impl Manifest {
     pub fn load(data_dir: &Path) -> Result<Manifest> {
         let path = data_dir.join(MANIFEST);
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| IngestError::Corrupt {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
                 path,
                 reason: e.to_string(),
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest::default()),
-            Err(e) => Err(IngestError::io(path)(e)),
+            Err(e) => Err(StorageError::io(path)(e)),
         }
     }
 
@@ -70,7 +70,7 @@ impl Manifest {
                 continue;
             };
             for entry in entries {
-                let path = entry.map_err(IngestError::io(&dir))?.path();
+                let path = entry.map_err(StorageError::io(&dir))?.path();
                 if path.is_dir() {
                     stack.push(path);
                     continue;
@@ -78,7 +78,7 @@ impl Manifest {
                 let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
                 if (ext == "tmp" || ext == "parquet") && !known.contains(&path) {
                     tracing::info!(file = %path.display(), "removing a file no committed manifest names");
-                    fs::remove_file(&path).map_err(IngestError::io(&path))?;
+                    fs::remove_file(&path).map_err(StorageError::io(&path))?;
                     removed += 1;
                 }
             }

@@ -20,7 +20,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::disk::Disk;
-use crate::error::{IngestError, Result};
+use crate::error::{Result, StorageError};
 use crate::fsutil::write_atomic;
 
 pub fn id_hash(event_id: &str) -> u128 {
@@ -450,8 +450,8 @@ impl IdsFile {
     }
 
     pub fn read(path: &Path) -> Result<Vec<(i64, u128)>> {
-        let buf = fs::read(path).map_err(IngestError::io(path))?;
-        let corrupt = |reason: &str| IngestError::Corrupt {
+        let buf = fs::read(path).map_err(StorageError::io(path))?;
+        let corrupt = |reason: &str| StorageError::Corrupt {
             path: path.to_path_buf(),
             reason: reason.into(),
         };
@@ -482,7 +482,7 @@ impl IdsFile {
             return Ok(out);
         };
         for entry in entries {
-            let path = entry.map_err(IngestError::io(dir))?.path();
+            let path = entry.map_err(StorageError::io(dir))?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if let Some(seq) = name
                 .strip_suffix(".ids")
