@@ -8,7 +8,7 @@ use funnelhouse_ingest::HttpConfig;
 use funnelhouse_query::CampaignConfig;
 use funnelhouse_schemas::AuthConfig;
 use funnelhouse_schemas::units::{ByteSize, de_duration};
-use funnelhouse_storage::IngestConfig;
+use funnelhouse_storage::{IngestConfig, StorageConfig};
 use serde::Deserialize;
 
 use crate::error::CliError;
@@ -27,6 +27,9 @@ pub struct Config {
     pub http: HttpConfig,
     pub ingest: IngestConfig,
     pub query: QueryConfig,
+    /// Parquet on S3-compatible object storage shared by several collectors. Default:
+    /// absent, Parquet stays in `<data_dir>/events`.
+    pub storage: StorageConfig,
     /// Named campaign funnels, targets and alerts. Default none.
     pub campaigns: Vec<CampaignConfig>,
 }
@@ -41,6 +44,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             ingest: IngestConfig::default(),
             query: QueryConfig::default(),
+            storage: StorageConfig::default(),
             campaigns: Vec::new(),
         }
     }
@@ -114,6 +118,7 @@ impl Config {
         }
         self.ingest.validate()?;
         self.http.validate()?;
+        self.storage.validate()?;
         if self.query.max_result_rows == 0 {
             return Err("query.max_result_rows: must be at least 1".into());
         }

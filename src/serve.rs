@@ -11,7 +11,7 @@ use funnelhouse_ingest::CollectorState;
 use funnelhouse_query::{
     Alerts, QueryEngine, QueryMetrics, QueryOptions, QueryState, SnapshotSource,
 };
-use funnelhouse_storage::{EventStore, MetricsSource, StoreMetrics};
+use funnelhouse_storage::{EventStore, MetricsSource, OsDisk, StoreMetrics};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -78,11 +78,18 @@ pub async fn serve(
     });
 
     let ingest = cfg.ingest.clone();
+    let storage = cfg.storage.clone();
     let dir = cfg.data_dir.clone();
-    let opened =
-        tokio::task::spawn_blocking(move || EventStore::open(&dir, &ingest, store_metrics))
-            .await
-            .map_err(|e| CliError::Io(format!("store start-up panicked: {e}")))?;
+    if let Some(url) = &storage.url {
+        tracing::info!(
+            "Parquet also on {url} (shared object storage; WAL and dedup stay in the data dir)"
+        );
+    }
+    let opened = tokio::task::spawn_blocking(move || {
+        EventStore::open_with(Arc::new(OsDisk), &dir, &ingest, &storage, store_metrics)
+    })
+    .await
+    .map_err(|e| CliError::Io(format!("store start-up panicked: {e}")))?;
     let (store, report) = match opened {
         Ok(x) => x,
         Err(e) => {
@@ -96,12 +103,15 @@ pub async fn serve(
         replayed_events = report.replayed_events,
         wal_dropped_bytes = report.wal_dropped_bytes,
         dedup_ids = report.dedup_ids,
+        shared_files = report.shared_files,
+        node = store.node().unwrap_or("-"),
         "ready: WAL replayed"
     );
     let store = Arc::new(store);
     let source: Arc<dyn SnapshotSource> = Arc::clone(&store) as Arc<dyn SnapshotSource>;
     let opts = QueryOptions {
         runtime: Some(queries.clone()),
+        shared: store.shared_reader(),
         ..query_options(&cfg)
     };
     let engine = QueryEngine::new(source, &cfg.data_dir, &opts, query_metrics)

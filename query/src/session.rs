@@ -10,10 +10,11 @@ use arrow::datatypes::SchemaRef;
 use bytes::Bytes;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::memory_pool::{FairSpillPool, MemoryConsumer, MemoryReservation};
+use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
 use funnelhouse_storage::metrics::add_duration;
-use funnelhouse_storage::{FileMeta, Snapshot};
+use funnelhouse_storage::{FileMeta, SharedReader, Snapshot};
 use futures::StreamExt;
 
 use crate::error::{QueryError, Result};
@@ -37,6 +38,8 @@ pub struct QueryOptions {
     /// Where query work runs. `serve` gives queries their own runtime so that ingest
     /// acknowledgements never wait behind them; None: the caller's.
     pub runtime: Option<tokio::runtime::Handle>,
+    /// The shared object store other nodes' files are read from (`[storage] url`).
+    pub shared: Option<SharedReader>,
 }
 
 impl Default for QueryOptions {
@@ -47,6 +50,7 @@ impl Default for QueryOptions {
             target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_result_rows: 1_000_000,
             runtime: None,
+            shared: None,
         }
     }
 }
@@ -135,10 +139,15 @@ impl QueryEngine {
         // Late materialisation: decode the filter columns first, the rest only for matches.
         config.options_mut().execution.parquet.pushdown_filters = true;
         config.options_mut().execution.parquet.reorder_filters = true;
+        if let Some(shared) = &opts.shared {
+            let url = ObjectStoreUrl::parse(&shared.url)?;
+            runtime.register_object_store(url.as_ref(), Arc::clone(&shared.store));
+        }
         let ctx = SessionContext::new_with_config_rt(config, runtime);
+        let shared_url = opts.shared.as_ref().map(|s| s.url.clone());
         ctx.register_table(
             "events",
-            Arc::new(EventsTable::new(Arc::clone(&source), data_dir)),
+            Arc::new(EventsTable::new(Arc::clone(&source), data_dir, shared_url)),
         )?;
         ctx.register_udaf(WindowFunnel::udaf());
         Ok(Self {
@@ -162,9 +171,7 @@ impl QueryEngine {
     pub fn over_files(&self, files: Arc<Vec<FileMeta>>) -> Result<QueryEngine> {
         let snapshot = Snapshot {
             files,
-            batches: Vec::new(),
-            batches_pushed: 0,
-            retired: Default::default(),
+            ..Default::default()
         };
         QueryEngine::new(
             Arc::new(StaticSource(snapshot)),

@@ -14,7 +14,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::{DFSchema, Result, ScalarValue};
+use datafusion::common::{DFSchema, DataFusionError, Result, ScalarValue};
 use datafusion::datasource::TableType;
 use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
@@ -54,6 +54,9 @@ pub struct EventsTable {
     source: Arc<dyn SnapshotSource>,
     /// Absolute, so file paths resolve in the local object store.
     data_dir: PathBuf,
+    /// The URL the shared object store is registered under (`s3://bucket`), with
+    /// `[storage] url`.
+    shared_url: Option<String>,
 }
 
 impl fmt::Debug for EventsTable {
@@ -65,9 +68,17 @@ impl fmt::Debug for EventsTable {
 }
 
 impl EventsTable {
-    pub fn new(source: Arc<dyn SnapshotSource>, data_dir: &Path) -> Self {
+    pub fn new(
+        source: Arc<dyn SnapshotSource>,
+        data_dir: &Path,
+        shared_url: Option<String>,
+    ) -> Self {
         let data_dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
-        Self { source, data_dir }
+        Self {
+            source,
+            data_dir,
+            shared_url,
+        }
     }
 }
 
@@ -101,24 +112,41 @@ impl TableProvider for EventsTable {
         let range = TsRange::from_filters(filters);
         let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
 
-        let files: Vec<&FileMeta> = snapshot
+        // This data dir's files, and other nodes' on the shared object store.
+        let (local, shared): (Vec<&FileMeta>, Vec<&FileMeta>) = snapshot
             .files
             .iter()
             .filter(|f| range.overlaps(f.min_ts, f.max_ts))
-            .collect();
-        if !files.is_empty() {
+            .partition(|f| f.node.is_none());
+        if !shared.is_empty() && self.shared_url.is_none() {
+            return Err(DataFusionError::Internal(
+                "other nodes' files without a shared object store".into(),
+            ));
+        }
+        let shared_url = self
+            .shared_url
+            .as_deref()
+            .map(ObjectStoreUrl::parse)
+            .transpose()?;
+        for (files, url) in [
+            (local, Some(ObjectStoreUrl::local_filesystem())),
+            (shared, shared_url),
+        ] {
+            let Some(url) = url.filter(|_| !files.is_empty()) else {
+                continue;
+            };
+            let local = url == ObjectStoreUrl::local_filesystem();
             let mut source = ParquetSource::new(Arc::clone(&schema))
                 .with_table_parquet_options(state.table_options().parquet.clone());
             if let Some(predicate) = conjunction(filters.iter().cloned()) {
                 let df_schema = DFSchema::try_from(Arc::clone(&schema))?;
                 source = source.with_predicate(state.create_physical_expr(predicate, &df_schema)?);
             }
-            let config =
-                FileScanConfigBuilder::new(ObjectStoreUrl::local_filesystem(), Arc::new(source))
-                    .with_file_groups(self.file_groups(&files, partitions))
-                    .with_projection_indices(projection.cloned())?
-                    .with_limit(limit)
-                    .build();
+            let config = FileScanConfigBuilder::new(url, Arc::new(source))
+                .with_file_groups(self.file_groups(&files, partitions, local))
+                .with_projection_indices(projection.cloned())?
+                .with_limit(limit)
+                .build();
             let format =
                 ParquetFormat::default().with_options(state.table_options().parquet.clone());
             inputs.push(format.create_physical_plan(state, config).await?);
@@ -152,8 +180,9 @@ impl TableProvider for EventsTable {
 }
 
 impl EventsTable {
-    /// Spread files over `n` groups of about equal bytes (largest first).
-    fn file_groups(&self, files: &[&FileMeta], n: usize) -> Vec<FileGroup> {
+    /// Spread files over `n` groups of about equal bytes (largest first). Local paths are
+    /// relative to the data dir; shared ones are object keys already.
+    fn file_groups(&self, files: &[&FileMeta], n: usize, local: bool) -> Vec<FileGroup> {
         let mut sorted: Vec<&&FileMeta> = files.iter().collect();
         sorted.sort_by_key(|f| std::cmp::Reverse(f.bytes));
         let mut groups: Vec<(u64, Vec<PartitionedFile>)> =
@@ -164,11 +193,12 @@ impl EventsTable {
                 .min_by_key(|g| g.0)
                 .expect("at least one group");
             g.0 += f.bytes;
-            let path = self.data_dir.join(&f.path);
-            g.1.push(PartitionedFile::new(
-                path.to_string_lossy().into_owned(),
-                f.bytes,
-            ));
+            let path = if local {
+                self.data_dir.join(&f.path).to_string_lossy().into_owned()
+            } else {
+                f.path.clone()
+            };
+            g.1.push(PartitionedFile::new(path, f.bytes));
         }
         groups
             .into_iter()

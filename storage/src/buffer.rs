@@ -12,9 +12,13 @@ use crate::manifest::FileMeta;
 use crate::metrics::StoreMetrics;
 
 /// What a query reads: committed files plus the batches not yet in any of them.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Snapshot {
+    /// This node's committed files, then other nodes' on the shared object store.
     pub files: Arc<Vec<FileMeta>>,
+    /// Changes whenever the other nodes' files change (a reader that follows new
+    /// batches must then read the files again).
+    pub shared_version: u64,
     pub batches: Vec<RecordBatch>,
     /// Batches the live buffer has taken since the store opened; `batches` are the last
     /// `batches.len()` of them, in push order (one flusher commits flushes in seal
@@ -41,7 +45,7 @@ impl Snapshot {
             files: Arc::new(manifest.files),
             batches_pushed: batches.len() as u64,
             batches,
-            retired: Arc::default(),
+            ..Default::default()
         })
     }
 
@@ -63,6 +67,12 @@ struct BufferState {
     active_since: Option<Instant>,
     /// Sealed batches being written out, by the WAL segment their flush covers.
     flushing: Vec<(u64, Vec<RecordBatch>, usize)>,
+    /// This node's committed files.
+    own: Arc<Vec<FileMeta>>,
+    /// Other nodes' committed files on the shared object store.
+    shared: Arc<Vec<FileMeta>>,
+    shared_version: u64,
+    /// `own` then `shared`, what snapshots hand out.
     files: Arc<Vec<FileMeta>>,
     pushed: u64,
     /// The batches of the last committed flush (see `Snapshot::retired`).
@@ -73,6 +83,19 @@ impl BufferState {
     fn bytes(&self) -> usize {
         self.active_bytes + self.flushing.iter().map(|(_, _, b)| b).sum::<usize>()
     }
+    fn set_files(&mut self, own: Vec<FileMeta>) {
+        self.own = Arc::new(own);
+        self.combine();
+    }
+
+    fn combine(&mut self) {
+        self.files = if self.shared.is_empty() {
+            Arc::clone(&self.own)
+        } else {
+            Arc::new(self.own.iter().chain(self.shared.iter()).cloned().collect())
+        };
+    }
+
     fn rows(&self) -> usize {
         self.active_rows
             + self
@@ -91,10 +114,8 @@ pub struct LiveBuffer {
 
 impl LiveBuffer {
     pub fn new(files: Vec<FileMeta>, metrics: Arc<StoreMetrics>) -> Self {
-        let state = BufferState {
-            files: Arc::new(files),
-            ..Default::default()
-        };
+        let mut state = BufferState::default();
+        state.set_files(files);
         Self {
             state: RwLock::new(state),
             metrics,
@@ -112,6 +133,7 @@ impl LiveBuffer {
             .collect();
         Snapshot {
             files: Arc::clone(&s.files),
+            shared_version: s.shared_version,
             batches,
             batches_pushed: s.pushed,
             retired: Arc::clone(&s.retired),
@@ -159,13 +181,24 @@ impl LiveBuffer {
         if let Some(at) = s.flushing.iter().position(|(q, _, _)| *q == seq) {
             s.retired = Arc::new(s.flushing.remove(at).1);
         }
-        s.files = Arc::new(files);
+        s.set_files(files);
         self.publish(&s);
     }
 
     /// A compaction committed: the same rows, in other files.
     pub fn set_files(&self, files: Vec<FileMeta>) {
-        self.state.write().expect("buffer lock").files = Arc::new(files);
+        self.state.write().expect("buffer lock").set_files(files);
+    }
+
+    /// The other nodes' committed files as last read from the shared store.
+    pub fn set_shared(&self, shared: Vec<FileMeta>) {
+        let mut s = self.state.write().expect("buffer lock");
+        if *s.shared == shared {
+            return;
+        }
+        s.shared = Arc::new(shared);
+        s.shared_version += 1;
+        s.combine();
     }
 
     fn publish(&self, s: &BufferState) {

@@ -92,6 +92,63 @@ impl IngestConfig {
     }
 }
 
+/// `[storage]`: Parquet on S3-compatible object storage shared by several collectors.
+/// Credentials come from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`),
+/// never from the file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `"s3://bucket/prefix"`. Default: absent, files stay in `<data_dir>/events` only.
+    pub url: Option<String>,
+    /// The S3 endpoint, e.g. `"http://127.0.0.1:9000"`. Default: AWS.
+    pub endpoint: Option<String>,
+    /// Default `"us-east-1"`.
+    pub region: Option<String>,
+    /// Allow plain-HTTP endpoints (on-premises, tests). Default false.
+    pub allow_http: bool,
+}
+
+impl StorageConfig {
+    /// Start-up checks; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.url.is_some() {
+            self.bucket_and_prefix().map_err(|e| e.to_string())?;
+        }
+        if let Some(endpoint) = &self.endpoint {
+            let plain = endpoint.starts_with("http://");
+            if !plain && !endpoint.starts_with("https://") {
+                return Err(format!(
+                    "storage.endpoint: {endpoint:?} is not an http:// or https:// URL"
+                ));
+            }
+            if plain && !self.allow_http {
+                return Err(format!(
+                    "storage.endpoint: {endpoint:?} is plain HTTP; set storage.allow_http = true to use it"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The bucket and the key prefix (without slashes at its ends) of `url`.
+    pub fn bucket_and_prefix(&self) -> crate::error::Result<(&str, &str)> {
+        let url = self.url.as_deref().unwrap_or_default();
+        let bad = |why: &str| {
+            crate::error::StorageError::Config(format!(
+                "storage.url: {url:?} {why} (write it as \"s3://bucket/prefix\")"
+            ))
+        };
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| bad("is not an s3:// URL"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(bad("names no bucket"));
+        }
+        Ok((bucket, prefix.trim_matches('/')))
+    }
+}
+
 /// How Parquet files are partitioned by event ts (UTC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -106,6 +163,42 @@ pub enum Partitioning {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_storage_url_is_a_bucket_and_a_prefix() {
+        let cfg = |url: &str| StorageConfig {
+            url: Some(url.into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            cfg("s3://events/funnelhouse/prod/")
+                .bucket_and_prefix()
+                .unwrap(),
+            ("events", "funnelhouse/prod")
+        );
+        assert_eq!(
+            cfg("s3://events").bucket_and_prefix().unwrap(),
+            ("events", "")
+        );
+        let err = cfg("gs://events").validate().unwrap_err();
+        assert!(
+            err.starts_with("storage.url: \"gs://events\" is not an s3:// URL"),
+            "{err}"
+        );
+        let plain = StorageConfig {
+            endpoint: Some("http://127.0.0.1:9000".into()),
+            ..cfg("s3://b")
+        };
+        assert!(plain.validate().unwrap_err().contains("storage.allow_http"));
+        assert_eq!(
+            StorageConfig {
+                allow_http: true,
+                ..plain
+            }
+            .validate(),
+            Ok(())
+        );
+    }
 
     #[test]
     fn more_ids_than_the_index_addresses_are_refused_by_name() {

@@ -29,6 +29,10 @@ pub enum StorageError {
         "data dir in use (pid {pid}): {data_dir} is locked by another funnelhouse process; stop it, or use another --data-dir"
     )]
     Locked { data_dir: PathBuf, pid: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("object storage: {0}")]
+    Remote(String),
     #[error("{path}: corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
 }
@@ -48,6 +52,8 @@ impl StorageError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Io { .. }
+            | Self::Remote(_)
+            | Self::Config(_)
             | Self::Locked { .. }
             | Self::Parquet(_)
             | Self::Arrow(_)

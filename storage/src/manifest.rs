@@ -28,6 +28,10 @@ pub struct FileMeta {
     /// Smallest and largest event ts in the file (UTC µs), for pruning.
     pub min_ts: i64,
     pub max_ts: i64,
+    /// Set for another node's file on the shared object store (`[storage] url`): `path`
+    /// is then its object key. None for a file of this data dir.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

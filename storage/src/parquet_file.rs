@@ -265,6 +265,7 @@ impl<'a> SortedFileWriter<'a> {
                 bytes: 0,
                 min_ts: i64::MAX,
                 max_ts: i64::MIN,
+                node: None,
             },
         })
     }

@@ -9,6 +9,8 @@
 //!   the flushed WAL segments.
 //! - The compactor thread merges the files of the partitions a flush touched, on its own
 //!   thread so that a long compaction never holds up flushes (and through them, acks).
+//! - With `[storage] url`, a publisher thread puts each committed manifest's files on the
+//!   shared object store and a syncer thread reads the other nodes' (see [`crate::shared`]).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -28,7 +30,7 @@ use tokio::sync::oneshot;
 
 use crate::buffer::{LiveBuffer, Snapshot};
 use crate::compact::{CompactOptions, compact};
-use crate::config::IngestConfig;
+use crate::config::{IngestConfig, StorageConfig};
 use crate::dedup::{DedupIndex, IdsFile, id_hash};
 use crate::disk::{Disk, OsDisk};
 use crate::error::{Result, StorageError};
@@ -36,6 +38,7 @@ use crate::fsutil::DataDirLock;
 use crate::manifest::Manifest;
 use crate::metrics::{StoreMetrics, add_duration};
 use crate::parquet_file::write_partitioned;
+use crate::shared::{SharedReader, SharedStore};
 use crate::wal::{Wal, encode_events};
 
 /// How one write request ended.
@@ -87,6 +90,8 @@ pub struct OpenReport {
     pub wal_dropped_bytes: u64,
     pub dedup_ids: usize,
     pub orphans_removed: usize,
+    /// Other nodes' files on the shared object store.
+    pub shared_files: usize,
 }
 
 pub struct EventStore {
@@ -100,6 +105,7 @@ pub struct EventStore {
     stopping: Arc<AtomicBool>,
     /// Released at shutdown (or by the kernel when the process dies).
     lock: Mutex<Option<DataDirLock>>,
+    shared: Option<Arc<SharedStore>>,
 }
 
 impl EventStore {
@@ -121,6 +127,19 @@ impl EventStore {
         cfg: &IngestConfig,
         metrics: Arc<StoreMetrics>,
     ) -> Result<(EventStore, OpenReport)> {
+        Self::open_with(disk, data_dir, cfg, &StorageConfig::default(), metrics)
+    }
+
+    /// [`Self::open`], publishing to and reading from the shared object store when
+    /// `storage.url` is set: before this returns, this node's committed files are
+    /// published and the other nodes' are listed.
+    pub fn open_with(
+        disk: Arc<dyn Disk>,
+        data_dir: &Path,
+        cfg: &IngestConfig,
+        storage: &StorageConfig,
+        metrics: Arc<StoreMetrics>,
+    ) -> Result<(EventStore, OpenReport)> {
         crate::fsutil::create_dir_durable(&*disk, data_dir)?;
         let lock = DataDirLock::acquire(data_dir)?;
         let manifest = Manifest::load(data_dir)?;
@@ -129,6 +148,14 @@ impl EventStore {
             stored_rows: manifest.total_rows(),
             orphans_removed: manifest.remove_orphans(data_dir)?,
             ..Default::default()
+        };
+        let shared = match &storage.url {
+            Some(_) => {
+                let shared = SharedStore::connect(storage, &crate::shared::node_id(data_dir)?)?;
+                shared.recover(&manifest, data_dir)?;
+                Some(Arc::new(shared))
+            }
+            None => None,
         };
         let dedup_dir = data_dir.join("dedup");
         let mut dedup = DedupIndex::new(cfg.dedup_window, cfg.dedup_max_ids);
@@ -155,6 +182,11 @@ impl EventStore {
             manifest.files.clone(),
             Arc::clone(&metrics),
         ));
+        if let Some(shared) = &shared {
+            let others = shared.other_nodes_files()?;
+            report.shared_files = others.len();
+            buffer.set_shared(others);
+        }
         // Replay flushes as it goes, at the end of each segment once a flush's worth is
         // held (segment N ends where every event of segments <= N is held), so that a
         // long replay becomes several flushes of the usual size: one flush of all of it
@@ -208,6 +240,8 @@ impl EventStore {
         let stopping = Arc::new(AtomicBool::new(false));
         let manifest = Arc::new(Mutex::new(manifest));
         let (compact_tx, compact_rx) = mpsc::channel();
+        let (publish_tx, publish_rx) = mpsc::channel();
+        let publish_tx = shared.as_ref().map(|_| publish_tx);
         let compactor = Compactor {
             disk: Arc::clone(&disk),
             data_dir: data_dir.to_path_buf(),
@@ -217,19 +251,21 @@ impl EventStore {
             opts: CompactOptions::from_config(cfg, cfg.compact_min_files),
             stopping: Arc::clone(&stopping),
             pending_deletes: Vec::new(),
+            publish_tx: publish_tx.clone(),
         };
         let flusher = Flusher {
             disk,
             stopping: Arc::clone(&stopping),
             failures_while_stopping: 0,
             data_dir: data_dir.to_path_buf(),
-            manifest,
+            manifest: Arc::clone(&manifest),
             buffer: Arc::clone(&buffer),
             metrics: Arc::clone(&metrics),
             cfg: cfg.clone(),
             compact_tx,
+            publish_tx,
         };
-        let threads = vec![
+        let mut threads = vec![
             std::thread::Builder::new()
                 .name("fh-wal-writer".into())
                 .spawn(move || writer.run(rx)),
@@ -249,6 +285,29 @@ impl EventStore {
         .into_iter()
         .collect::<std::io::Result<Vec<_>>>()
         .map_err(StorageError::io(data_dir))?;
+        if let Some(shared) = &shared {
+            let publisher = Publisher {
+                shared: Arc::clone(shared),
+                manifest,
+                data_dir: data_dir.to_path_buf(),
+            };
+            let syncer = Syncer {
+                shared: Arc::clone(shared),
+                buffer: Arc::clone(&buffer),
+                stopping: Arc::clone(&stopping),
+            };
+            let spawned = [
+                std::thread::Builder::new()
+                    .name("fh-publisher".into())
+                    .spawn(move || publisher.run(publish_rx)),
+                std::thread::Builder::new()
+                    .name("fh-syncer".into())
+                    .spawn(move || syncer.run()),
+            ];
+            for t in spawned {
+                threads.push(t.map_err(StorageError::io(data_dir))?);
+            }
+        }
         let store = EventStore {
             data_dir: data_dir.to_path_buf(),
             tx: Mutex::new(Some(tx)),
@@ -259,6 +318,7 @@ impl EventStore {
             threads: Mutex::new(threads),
             stopping,
             lock: Mutex::new(Some(lock)),
+            shared,
         };
         Ok((store, report))
     }
@@ -269,6 +329,16 @@ impl EventStore {
 
     pub fn metrics(&self) -> &Arc<StoreMetrics> {
         &self.metrics
+    }
+
+    /// Where queries read the other nodes' files, with `[storage] url`.
+    pub fn shared_reader(&self) -> Option<SharedReader> {
+        self.shared.as_ref().map(|s| s.reader())
+    }
+
+    /// This node's id on the shared object store, with `[storage] url`.
+    pub fn node(&self) -> Option<&str> {
+        self.shared.as_ref().map(|s| s.node())
     }
 
     /// Files and live batches, consistent with each other.
@@ -572,6 +642,8 @@ struct Flusher {
     cfg: IngestConfig,
     /// Partitions a flush touched, for the compactor.
     compact_tx: Sender<HashSet<String>>,
+    /// Tells the publisher a manifest committed (with `[storage] url`).
+    publish_tx: Option<Sender<()>>,
 }
 
 impl Flusher {
@@ -654,6 +726,9 @@ impl Flusher {
             tracing::warn!(seq, error = %e, "cleanup after a committed flush failed; retried after the next flush");
         }
         let _ = self.compact_tx.send(touched);
+        if let Some(tx) = &self.publish_tx {
+            let _ = tx.send(());
+        }
         Ok(())
     }
 
@@ -685,6 +760,8 @@ struct Compactor {
     stopping: Arc<AtomicBool>,
     /// Files replaced by compaction, deleted after a grace period for running queries.
     pending_deletes: Vec<(Instant, PathBuf)>,
+    /// Tells the publisher a manifest committed (with `[storage] url`).
+    publish_tx: Option<Sender<()>>,
 }
 
 /// How long replaced files stay on disk for queries that planned over them.
@@ -735,6 +812,9 @@ impl Compactor {
                     &self.metrics.compaction_micros,
                     start.elapsed(),
                 );
+                if let Some(tx) = &self.publish_tx {
+                    let _ = tx.send(());
+                }
                 outcome.more
             }
             Ok(_) => false,
@@ -754,6 +834,102 @@ impl Compactor {
                 true
             }
         });
+    }
+}
+
+// ---- with `[storage] url`: the publisher and the syncer threads ----
+
+/// Publishes the committed manifest after each commit, retrying until it succeeds.
+struct Publisher {
+    shared: Arc<SharedStore>,
+    manifest: Arc<Mutex<Manifest>>,
+    data_dir: PathBuf,
+}
+
+impl Publisher {
+    /// Until the flusher and the compactor are gone, then once more: the last flush of a
+    /// shutdown is published before the store stops.
+    fn run(self, rx: Receiver<()>) {
+        let mut due = false;
+        let mut retry = Duration::from_secs(1);
+        loop {
+            let wait = if due {
+                retry
+            } else if self.shared.deletes_pending() {
+                Duration::from_secs(30)
+            } else {
+                Duration::from_secs(3600)
+            };
+            match rx.recv_timeout(wait) {
+                Ok(()) => due = true,
+                Err(RecvTimeoutError::Timeout) => due = due || self.shared.deletes_pending(),
+                Err(RecvTimeoutError::Disconnected) => {
+                    for _ in 0..3 {
+                        if self.publish().is_ok() {
+                            break;
+                        }
+                    }
+                    return;
+                }
+            }
+            if due {
+                match self.publish() {
+                    Ok(()) => (due, retry) = (false, Duration::from_secs(1)),
+                    Err(_) => retry = (retry * 2).min(Duration::from_secs(30)),
+                }
+            }
+        }
+    }
+
+    fn publish(&self) -> Result<()> {
+        let manifest = self.manifest.lock().expect("manifest lock").clone();
+        let started = Instant::now();
+        let result = self.shared.publish(&manifest, &self.data_dir);
+        match &result {
+            Ok(()) => {
+                tracing::debug!(files = manifest.files.len(), took = ?started.elapsed(), "published committed files to the shared object store")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "publishing committed files to the shared object store failed; retrying (the files are safe on local disk)")
+            }
+        }
+        result
+    }
+}
+
+/// How often the other nodes' file lists are read.
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Reads the other nodes' committed files every [`SYNC_INTERVAL`].
+struct Syncer {
+    shared: Arc<SharedStore>,
+    buffer: Arc<LiveBuffer>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Syncer {
+    fn run(self) {
+        let mut failing = false;
+        loop {
+            let next = Instant::now() + SYNC_INTERVAL;
+            while Instant::now() < next {
+                if self.stopping.load(Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            match self.shared.other_nodes_files() {
+                Ok(files) => {
+                    failing = false;
+                    self.buffer.set_shared(files);
+                }
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "reading the other nodes' file lists failed; queries see their files as last read");
+                }
+                Err(_) => {}
+            }
+        }
     }
 }
 

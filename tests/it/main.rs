@@ -4,4 +4,5 @@
 mod cli;
 mod crash;
 mod http_limits;
+mod shared;
 mod support;

@@ -172,10 +172,15 @@ impl LiveFunnel {
         let Some(state) = guard.as_mut() else {
             return Ok(false);
         };
+        let shared_changed = state.shared_version != snapshot.shared_version;
         match state.apply_snapshot(self, snapshot) {
             Ok(true) => Ok(true),
             Ok(false) => {
-                tracing::warn!(campaign = %self.spec.campaign, "live funnel fell behind the live buffer; rebuilding");
+                if shared_changed {
+                    tracing::debug!(campaign = %self.spec.campaign, "other nodes committed files; rebuilding the live funnel");
+                } else {
+                    tracing::warn!(campaign = %self.spec.campaign, "live funnel fell behind the live buffer; rebuilding");
+                }
                 *guard = None;
                 Ok(false)
             }
@@ -240,6 +245,9 @@ type KeyBuild = BuildHasherDefault<KeyHasher>;
 struct LiveState {
     /// How many live-buffer batches (`Snapshot::batches_pushed`) are taken in.
     consumed: u64,
+    /// `Snapshot::shared_version` of the build: other nodes' files are read by a scan,
+    /// so when they change the state is built again.
+    shared_version: u64,
     users: HashMap<u128, UserEvents, KeyBuild>,
     counters: Counters,
     evaluator: Evaluator,
@@ -323,6 +331,7 @@ impl LiveState {
     fn new(f: &LiveFunnel) -> Self {
         Self {
             consumed: 0,
+            shared_version: 0,
             users: HashMap::default(),
             counters: Counters::new(f.params.steps, f.params.window),
             evaluator: Evaluator::default(),
@@ -357,6 +366,7 @@ impl LiveState {
         let everyone: Vec<u128> = state.users.keys().copied().collect();
         state.settle(f, everyone);
         state.consumed = snapshot.batches_pushed - snapshot.batches.len() as u64;
+        state.shared_version = snapshot.shared_version;
         if !state.apply_snapshot(f, &snapshot)? {
             return Err(QueryError::Internal(
                 "live funnel build missed a batch".into(),
@@ -368,6 +378,9 @@ impl LiveState {
     /// Take in the snapshot's batches not seen yet (the last flush's included); false if
     /// some were missed.
     fn apply_snapshot(&mut self, f: &LiveFunnel, snapshot: &Snapshot) -> Result<bool> {
+        if snapshot.shared_version != self.shared_version {
+            return Ok(false);
+        }
         if snapshot.batches_pushed <= self.consumed {
             return Ok(true);
         }

@@ -294,12 +294,7 @@ async fn a_flush_racing_queries_never_drops_or_doubles_a_row() {
 async fn a_query_past_the_timeout_is_a_504_naming_the_limit() {
     let engine = funnelhouse_query::QueryEngine::new(
         std::sync::Arc::new(funnelhouse_query::StaticSource(
-            funnelhouse_storage::Snapshot {
-                files: std::sync::Arc::new(Vec::new()),
-                batches: Vec::new(),
-                batches_pushed: 0,
-                retired: Default::default(),
-            },
+            funnelhouse_storage::Snapshot::default(),
         )),
         std::path::Path::new("."),
         &funnelhouse_query::QueryOptions {

@@ -122,7 +122,7 @@ pub fn engine_over(events: &[Event]) -> QueryEngine {
         files: Arc::new(Vec::new()),
         batches: vec![events_to_batch(events)],
         batches_pushed: 1,
-        retired: Default::default(),
+        ..Default::default()
     };
     let opts = QueryOptions {
         target_partitions: 2,

@@ -1,0 +1,371 @@
+//! Parquet on S3-compatible object storage shared by several collectors (`[storage] url`).
+//!
+//! Each node writes and commits its files locally as without `[storage]` (the WAL, the
+//! dedup index and the local manifest stay the commit point of flushes and compactions),
+//! then publishes them: it uploads each committed file it has not uploaded yet as
+//! `<prefix>/events/<partition>/<node>-<file>`, and then puts `<prefix>/nodes/<node>.json`,
+//! the list of its committed objects. That one object is the node's commit on the shared
+//! store: a reader sees a node's file only once a node list names it, so it never reads
+//! half an upload. Objects a node no longer lists (compacted away) are deleted by that
+//! node only, after a grace period for queries planned over them elsewhere.
+//!
+//! Readers list `<prefix>/nodes/` and fetch the node lists whose ETag changed; the other
+//! nodes' files join the local ones in every [`Snapshot`](crate::Snapshot).
+//!
+//! A crash between a local commit and its publication loses nothing: the local manifest
+//! still names the files, and start-up publishes them (and deletes the node's objects that
+//! no list names: uploads cut short, deletes not yet done).
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+
+use crate::config::StorageConfig;
+use crate::error::{Result, StorageError};
+use crate::manifest::{FileMeta, Manifest};
+
+/// The file that keeps a data dir's node id.
+pub const NODE_ID_FILE: &str = "node_id";
+
+/// How long an object a node no longer lists stays for queries planned over it.
+const DELETE_GRACE: Duration = Duration::from_secs(120);
+
+/// Where readers find the shared files: a URL to register the store under in DataFusion
+/// (`s3://bucket`) and the store itself.
+#[derive(Clone, Debug)]
+pub struct SharedReader {
+    pub url: String,
+    pub store: Arc<dyn ObjectStore>,
+}
+
+/// A node's list of committed objects, `<prefix>/nodes/<node>.json`.
+#[derive(Debug, Serialize, Deserialize)]
+struct NodeList {
+    node: String,
+    files: Vec<FileMeta>,
+}
+
+/// What this node has put on the shared store.
+#[derive(Default)]
+struct Published {
+    /// Object keys of this node's files that are uploaded.
+    uploaded: HashSet<String>,
+    /// Uploaded objects no longer listed, and since when.
+    unlisted: HashMap<String, Instant>,
+}
+
+/// The other nodes' lists as last read.
+#[derive(Default)]
+struct Seen {
+    /// Node-list key -> (ETag, its files).
+    lists: HashMap<String, (Option<String>, Vec<FileMeta>)>,
+}
+
+pub struct SharedStore {
+    store: Arc<dyn ObjectStore>,
+    reader: SharedReader,
+    /// Object keys start with this (no trailing slash; empty for the bucket's root).
+    prefix: String,
+    node: String,
+    /// Object store calls are async; the store's threads are not.
+    runtime: tokio::runtime::Runtime,
+    published: Mutex<Published>,
+    seen: Mutex<Seen>,
+}
+
+impl std::fmt::Debug for SharedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedStore")
+            .field("url", &self.reader.url)
+            .field("prefix", &self.prefix)
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+fn remote_err(what: &str) -> impl FnOnce(object_store::Error) -> StorageError + '_ {
+    move |e| StorageError::Remote(format!("{what}: {e}"))
+}
+
+impl SharedStore {
+    /// Connect to `[storage]` as `node`. Credentials come from the environment
+    /// (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...), never the config file.
+    pub fn connect(cfg: &StorageConfig, node: &str) -> Result<SharedStore> {
+        let (bucket, prefix) = cfg.bucket_and_prefix()?;
+        let build = || {
+            let mut b = AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .with_region(cfg.region.as_deref().unwrap_or("us-east-1"))
+                .with_allow_http(cfg.allow_http);
+            if let Some(endpoint) = &cfg.endpoint {
+                b = b.with_endpoint(endpoint);
+            }
+            b.build().map_err(remote_err("storage.url"))
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("fh-object-store")
+            .enable_all()
+            .build()
+            .map_err(StorageError::io("object store runtime"))?;
+        Ok(SharedStore {
+            store: Arc::new(build()?),
+            // Queries run on their own runtime: their client is their own too, so no
+            // connection is tied to a runtime that is not polling it.
+            reader: SharedReader {
+                url: format!("s3://{bucket}"),
+                store: Arc::new(build()?),
+            },
+            prefix: prefix.to_string(),
+            node: node.to_string(),
+            runtime,
+            published: Mutex::default(),
+            seen: Mutex::default(),
+        })
+    }
+
+    pub fn reader(&self) -> SharedReader {
+        self.reader.clone()
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn key(&self, rest: &str) -> String {
+        if self.prefix.is_empty() {
+            rest.to_string()
+        } else {
+            format!("{}/{rest}", self.prefix)
+        }
+    }
+
+    fn node_list_key(&self, node: &str) -> String {
+        self.key(&format!("nodes/{node}.json"))
+    }
+
+    /// The object key of one of this node's files (`path` is relative to the data dir,
+    /// `events/<partition>/<file>`).
+    fn object_key(&self, file: &FileMeta) -> String {
+        let name = file.path.rsplit('/').next().unwrap_or(&file.path);
+        self.key(&format!("events/{}/{}-{name}", file.partition, self.node))
+    }
+
+    /// Is this object key one of this node's files?
+    fn is_own_object(&self, key: &str) -> bool {
+        key.rsplit('/')
+            .next()
+            .is_some_and(|name| name.starts_with(&format!("{}-", self.node)))
+    }
+
+    /// At start-up: learn which of this node's objects exist, delete those the local
+    /// manifest does not name (nothing else can have listed them after a restart: the
+    /// node list is put from the manifest), then publish the manifest.
+    pub fn recover(&self, manifest: &Manifest, data_dir: &Path) -> Result<()> {
+        let events = ObjectPath::from(self.key("events"));
+        let keys: Vec<String> = self.runtime.block_on(async {
+            self.store
+                .list(Some(&events))
+                .map_ok(|m| m.location.to_string())
+                .try_collect()
+                .await
+                .map_err(remote_err("listing the shared events"))
+        })?;
+        let listed: HashSet<String> = manifest.files.iter().map(|f| self.object_key(f)).collect();
+        let mut published = self.published.lock().expect("shared lock");
+        for key in keys.into_iter().filter(|k| self.is_own_object(k)) {
+            if listed.contains(&key) {
+                published.uploaded.insert(key);
+            } else {
+                // An upload cut short, or a file compacted away whose delete did not
+                // happen: an older list of this node's may still name it, and another
+                // node may be reading it, so it waits its grace period like any other.
+                published.unlisted.insert(key.clone(), Instant::now());
+                published.uploaded.insert(key);
+            }
+        }
+        drop(published);
+        self.publish(manifest, data_dir)
+    }
+
+    /// Upload the manifest's files not uploaded yet, put this node's list, and delete the
+    /// objects unlisted for longer than the grace period.
+    pub fn publish(&self, manifest: &Manifest, data_dir: &Path) -> Result<()> {
+        let files: Vec<(String, &FileMeta)> = manifest
+            .files
+            .iter()
+            .map(|f| (self.object_key(f), f))
+            .collect();
+        let missing: Vec<&(String, &FileMeta)> = {
+            let published = self.published.lock().expect("shared lock");
+            files
+                .iter()
+                .filter(|(key, _)| !published.uploaded.contains(key))
+                .collect()
+        };
+        for (key, file) in missing {
+            self.runtime
+                .block_on(self.upload(&data_dir.join(&file.path), key))?;
+            self.published
+                .lock()
+                .expect("shared lock")
+                .uploaded
+                .insert(key.clone());
+        }
+        let list = NodeList {
+            node: self.node.clone(),
+            files: files
+                .iter()
+                .map(|(key, f)| FileMeta {
+                    path: key.clone(),
+                    node: Some(self.node.clone()),
+                    ..(*f).clone()
+                })
+                .collect(),
+        };
+        let body = serde_json::to_vec(&list).expect("node list serialises");
+        let list_key = ObjectPath::from(self.node_list_key(&self.node));
+        self.runtime.block_on(async {
+            self.store
+                .put(&list_key, PutPayload::from(body))
+                .await
+                .map_err(remote_err("putting this node's file list"))
+        })?;
+
+        let now_listed: HashSet<&str> = files.iter().map(|(k, _)| k.as_str()).collect();
+        let due: Vec<String> = {
+            let mut published = self.published.lock().expect("shared lock");
+            let Published { uploaded, unlisted } = &mut *published;
+            for key in uploaded.iter() {
+                if !now_listed.contains(key.as_str()) {
+                    unlisted.entry(key.clone()).or_insert_with(Instant::now);
+                }
+            }
+            unlisted.retain(|k, _| !now_listed.contains(k.as_str()));
+            unlisted
+                .iter()
+                .filter(|(_, since)| since.elapsed() >= DELETE_GRACE)
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        for key in due {
+            let result = self
+                .runtime
+                .block_on(self.store.delete(&ObjectPath::from(key.as_str())));
+            match result {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                    let mut published = self.published.lock().expect("shared lock");
+                    published.unlisted.remove(&key);
+                    published.uploaded.remove(&key);
+                }
+                Err(e) => {
+                    tracing::warn!(object = %key, error = %e, "deleting a replaced object failed; retried at the next publication")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// True while objects wait for their grace period to be deleted.
+    pub fn deletes_pending(&self) -> bool {
+        !self
+            .published
+            .lock()
+            .expect("shared lock")
+            .unlisted
+            .is_empty()
+    }
+
+    async fn upload(&self, local: &Path, key: &str) -> Result<()> {
+        let mut file = tokio::fs::File::open(local)
+            .await
+            .map_err(StorageError::io(local))?;
+        let mut writer =
+            object_store::buffered::BufWriter::new(Arc::clone(&self.store), ObjectPath::from(key));
+        let copied = tokio::io::copy(&mut file, &mut writer).await;
+        if let Err(e) = copied {
+            writer.abort().await.ok();
+            return Err(StorageError::Remote(format!("uploading {key}: {e}")));
+        }
+        writer
+            .shutdown()
+            .await
+            .map_err(|e| StorageError::Remote(format!("uploading {key}: {e}")))
+    }
+
+    /// The committed files of every other node: list the node lists, fetch those whose
+    /// ETag changed since the last call.
+    pub fn other_nodes_files(&self) -> Result<Vec<FileMeta>> {
+        let nodes = ObjectPath::from(self.key("nodes"));
+        let own = self.node_list_key(&self.node);
+        let metas: Vec<object_store::ObjectMeta> = self.runtime.block_on(async {
+            self.store
+                .list(Some(&nodes))
+                .try_collect()
+                .await
+                .map_err(remote_err("listing the node lists"))
+        })?;
+        let mut seen = self.seen.lock().expect("shared lock");
+        let present: HashSet<String> = metas.iter().map(|m| m.location.to_string()).collect();
+        seen.lists.retain(|k, _| present.contains(k));
+        for meta in metas {
+            let key = meta.location.to_string();
+            if key == own || !key.ends_with(".json") {
+                continue;
+            }
+            if seen
+                .lists
+                .get(&key)
+                .is_some_and(|(etag, _)| etag.is_some() && *etag == meta.e_tag)
+            {
+                continue;
+            }
+            let bytes = self
+                .runtime
+                .block_on(async { self.store.get(&meta.location).await?.bytes().await });
+            let bytes = match bytes {
+                Ok(b) => b,
+                // Gone between the list and the get: the node's files went with it.
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(remote_err("reading a node list")(e)),
+            };
+            let list: NodeList =
+                serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
+                    path: key.clone().into(),
+                    reason: e.to_string(),
+                })?;
+            seen.lists.insert(key, (meta.e_tag, list.files));
+        }
+        let mut files: Vec<FileMeta> = seen
+            .lists
+            .values()
+            .flat_map(|(_, files)| files.iter().cloned())
+            .collect();
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(files)
+    }
+}
+
+/// This data dir's node id: generated at the first start and kept in `node_id`.
+pub fn node_id(data_dir: &Path) -> Result<String> {
+    let path = data_dir.join(NODE_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(StorageError::io(&path)(e)),
+    }
+    // The random tail of a UUIDv7: 48 bits.
+    let uuid = uuid::Uuid::now_v7().simple().to_string();
+    let id = format!("n{}", &uuid[20..]);
+    crate::fsutil::write_atomic(&crate::disk::OsDisk, &path, id.as_bytes())?;
+    Ok(id)
+}

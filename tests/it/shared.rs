@@ -1,0 +1,281 @@
+//! `[storage] url`: two collectors on one bucket and prefix of a real S3-compatible server
+//! (s3s-fs over HTTP on 127.0.0.1, started by the test), each writing its own objects and
+//! each querying both nodes' committed files.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{Server, funnelhouse, write_file};
+
+const ACCESS_KEY: &str = "fh-test-access";
+const SECRET_KEY: &str = "fh-test-secret";
+const BUCKET: &str = "fh-events";
+
+/// s3s-fs on 127.0.0.1:0 serving `root` (each folder a bucket); stopped with the test.
+struct S3Server {
+    endpoint: String,
+    root: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl S3Server {
+    async fn start() -> S3Server {
+        use hyper_util::rt::TokioIo;
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join(BUCKET)).unwrap();
+        let fs = s3s_fs::FileSystem::new(root.path()).unwrap();
+        let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+        builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        let service = builder.build();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let service = service.clone();
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(socket), service)
+                        .await;
+                });
+            }
+        });
+        S3Server {
+            endpoint,
+            root,
+            task,
+        }
+    }
+
+    /// Keys of the objects under the bucket, e.g. `test/events/date=.../n…-f….parquet`.
+    fn objects(&self) -> Vec<String> {
+        let bucket = self.root.path().join(BUCKET);
+        let mut out = Vec::new();
+        let mut stack = vec![bucket.clone()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else {
+                    let key = path.strip_prefix(&bucket).unwrap().to_string_lossy();
+                    // s3s-fs keeps its own bookkeeping next to the objects.
+                    if !key.contains(".upload") && !key.ends_with(".metadata.json") {
+                        out.push(key.into_owned());
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A collector on the shared bucket, flushing every second.
+async fn node(s3: &S3Server, dir: &Path, config_dir: &Path, name: &str) -> Server {
+    let config = write_file(
+        config_dir,
+        &format!("{name}.toml"),
+        &format!(
+            "[ingest]\nflush_interval = \"1s\"\ncompact_min_files = 3\n\n\
+             [storage]\nurl = \"s3://{BUCKET}/test\"\nendpoint = \"{}\"\nallow_http = true\n",
+            s3.endpoint
+        ),
+    );
+    let mut cmd = funnelhouse();
+    cmd.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--pg-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir);
+    Server::spawn(cmd).await
+}
+
+async fn post(server: &Server, events: &[Value]) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/events", server.url))
+        .json(&events)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+}
+
+fn events(prefix: &str, n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            json!({"event_id": format!("{prefix}-{i}"), "event": "scan", "user_id": format!("u-{prefix}-{}", i % 7),
+                   "campaign": "parcel-lottery", "channel": "jd", "ts": "2026-11-20T10:00:00Z"})
+        })
+        .collect()
+}
+
+/// `count(*)` and `count(DISTINCT event_id)` of the node's `events` table.
+async fn counts(server: &Server) -> (i64, i64) {
+    let resp: Value = reqwest::Client::new()
+        .post(format!("{}/v1/sql", server.url))
+        .json(&json!({"sql": "SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM events"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let row = &resp["rows"][0];
+    (row[0].as_i64().unwrap(), row[1].as_i64().unwrap())
+}
+
+/// Poll until the node counts `want`, or fail after `within`; how long it took.
+async fn wait_for_counts(server: &Server, want: (i64, i64), within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let got = counts(server).await;
+        if got == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "counts {got:?}, want {want:?} within {within:?}; log:\n{}",
+            server.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn node_id(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("node_id")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_collectors_on_one_bucket_see_each_others_committed_files() {
+    let s3 = S3Server::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b): (PathBuf, PathBuf) = (tmp.path().join("a"), tmp.path().join("b"));
+    let a = node(&s3, &dir_a, tmp.path(), "a").await;
+    let b = node(&s3, &dir_b, tmp.path(), "b").await;
+    let (id_a, id_b) = (node_id(&dir_a), node_id(&dir_b));
+    assert_ne!(id_a, id_b);
+
+    // Three flushes on each node (so A compacts), and one event_id sent to both.
+    for round in 0..3 {
+        post(&a, &events(&format!("a{round}"), 40)).await;
+        post(&b, &events(&format!("b{round}"), 25)).await;
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+    }
+    post(&a, &events("both", 1)).await;
+    post(&b, &events("both", 1)).await;
+    let want = (3 * 40 + 3 * 25 + 2, 3 * 40 + 3 * 25 + 1);
+    // Each node sees its own events at once and the other's committed files once they
+    // are flushed (1 s), published and read (every 5 s): well within 10 s of the flush.
+    let took_a = wait_for_counts(&a, want, Duration::from_secs(12)).await;
+    let took_b = wait_for_counts(&b, want, Duration::from_secs(12)).await;
+    eprintln!("other node's events visible after {took_a:?} (A) and {took_b:?} (B)");
+
+    // Each node's objects carry its id; each has its list of committed files.
+    let objects = s3.objects();
+    let parquet: Vec<&String> = objects.iter().filter(|k| k.ends_with(".parquet")).collect();
+    assert!(
+        parquet
+            .iter()
+            .all(|k| k.starts_with("test/events/date=2026-11-20/")),
+        "{objects:?}"
+    );
+    for id in [&id_a, &id_b] {
+        assert!(
+            parquet.iter().any(|k| k.contains(&format!("/{id}-"))),
+            "{id}: {objects:?}"
+        );
+        assert!(
+            objects.contains(&format!("test/nodes/{id}.json")),
+            "{objects:?}"
+        );
+    }
+    assert!(
+        parquet
+            .iter()
+            .all(|k| k.contains(&format!("/{id_a}-")) || k.contains(&format!("/{id_b}-")))
+    );
+
+    // A's three flushed files are compacted into one, whose object replaces theirs in
+    // A's list; B keeps counting the same rows.
+    let list_a = s3
+        .root
+        .path()
+        .join(BUCKET)
+        .join(format!("test/nodes/{id_a}.json"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !std::fs::read_to_string(&list_a)
+        .unwrap()
+        .contains(&format!("/{id_a}-c"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no compacted file in A's list:\n{}",
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_for_counts(&b, want, Duration::from_secs(12)).await;
+
+    // A restarted node lists the shared files before it is ready: no waiting.
+    a.terminate();
+    let a = node(&s3, &dir_a, tmp.path(), "a").await;
+    assert_eq!(counts(&a).await, want, "right after /readyz");
+    assert_eq!(node_id(&dir_a), id_a, "the node id is kept in the data dir");
+
+    // A node stopped gracefully has published its last flush; the other still reads it.
+    post(&b, &events("last", 3)).await;
+    b.terminate();
+    let want = (want.0 + 3, want.1 + 3);
+    wait_for_counts(&a, want, Duration::from_secs(12)).await;
+}
+
+#[tokio::test]
+async fn a_storage_url_that_is_not_s3_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_file(
+        tmp.path(),
+        "bad.toml",
+        "[storage]\nurl = \"gs://bucket/prefix\"\n",
+    );
+    let out = funnelhouse()
+        .args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--pg-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("storage.url: \"gs://bucket/prefix\" is not an s3:// URL"),
+        "{stderr}"
+    );
+}
