@@ -103,7 +103,6 @@ pub async fn serve(
         replayed_events = report.replayed_events,
         wal_dropped_bytes = report.wal_dropped_bytes,
         dedup_ids = report.dedup_ids,
-        shared_files = report.shared_files,
         node = store.node().unwrap_or("-"),
         "ready: WAL replayed"
     );

@@ -145,7 +145,20 @@ impl StorageConfig {
         if bucket.is_empty() {
             return Err(bad("names no bucket"));
         }
-        Ok((bucket, prefix.trim_matches('/')))
+        let prefix = prefix.trim_matches('/');
+        // Object keys are compared as written: a segment that object storage paths would
+        // drop (empty) or escape would make a node miss its own objects.
+        let plain = |c: char| c.is_ascii_alphanumeric() || "._=-".contains(c);
+        if !prefix.is_empty()
+            && prefix
+                .split('/')
+                .any(|s| s.is_empty() || !s.chars().all(plain))
+        {
+            return Err(bad(
+                "has a prefix with an empty segment or characters other than letters, digits and ._=-",
+            ));
+        }
+        Ok((bucket, prefix))
     }
 }
 
@@ -180,6 +193,10 @@ mod tests {
             cfg("s3://events").bucket_and_prefix().unwrap(),
             ("events", "")
         );
+        for odd in ["s3://events/a//b", "s3://events/~t", "s3://events/a b"] {
+            let err = cfg(odd).validate().unwrap_err();
+            assert!(err.contains("has a prefix with an empty segment"), "{err}");
+        }
         let err = cfg("gs://events").validate().unwrap_err();
         assert!(
             err.starts_with("storage.url: \"gs://events\" is not an s3:// URL"),

@@ -60,6 +60,8 @@ struct Published {
     uploaded: HashSet<String>,
     /// Uploaded objects no longer listed, and since when.
     unlisted: HashMap<String, Instant>,
+    /// The node list last put, so an unchanged one is not put again.
+    list: Vec<u8>,
 }
 
 /// The other nodes' lists as last read.
@@ -75,11 +77,26 @@ pub struct SharedStore {
     /// Object keys start with this (no trailing slash; empty for the bucket's root).
     prefix: String,
     node: String,
-    /// Object store calls are async; the store's threads are not.
-    runtime: tokio::runtime::Runtime,
+    /// Object store calls are async; the store's threads are not. Taken at drop, which
+    /// may happen inside another runtime, where dropping a runtime would panic.
+    runtime: Option<tokio::runtime::Runtime>,
     published: Mutex<Published>,
     seen: Mutex<Seen>,
+    /// When the other nodes' lists were last read in full (None: not yet since start).
+    synced_at: Mutex<Option<Instant>>,
 }
+
+impl Drop for SharedStore {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The other nodes' files are reported stale (`/readyz` 503) once their lists have not
+/// been read for this long: well before their owners delete replaced objects.
+const STALE_AFTER: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for SharedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,14 +118,31 @@ impl SharedStore {
     pub fn connect(cfg: &StorageConfig, node: &str) -> Result<SharedStore> {
         let (bucket, prefix) = cfg.bucket_and_prefix()?;
         let build = || {
+            // Bounded retries: a store that is down shows as failing publications and
+            // syncs (and a 503 on /readyz) within a minute, and a shutdown never waits
+            // minutes for it.
+            let retry = object_store::RetryConfig {
+                max_retries: 3,
+                retry_timeout: Duration::from_secs(30),
+                ..Default::default()
+            };
+            // Client options first: they replace any set before (allow_http is one).
             let mut b = AmazonS3Builder::from_env()
+                .with_client_options(
+                    object_store::ClientOptions::new().with_timeout(Duration::from_secs(60)),
+                )
                 .with_bucket_name(bucket)
                 .with_region(cfg.region.as_deref().unwrap_or("us-east-1"))
-                .with_allow_http(cfg.allow_http);
+                .with_allow_http(cfg.allow_http)
+                .with_retry(retry);
             if let Some(endpoint) = &cfg.endpoint {
                 b = b.with_endpoint(endpoint);
             }
-            b.build().map_err(remote_err("storage.url"))
+            b.build().map_err(|e| {
+                StorageError::Config(format!(
+                    "[storage] (url, endpoint, region, AWS_* environment): {e}"
+                ))
+            })
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -126,10 +160,36 @@ impl SharedStore {
             },
             prefix: prefix.to_string(),
             node: node.to_string(),
-            runtime,
+            runtime: Some(runtime),
             published: Mutex::default(),
             seen: Mutex::default(),
+            synced_at: Mutex::default(),
         })
+    }
+
+    fn block_on<F: Future>(&self, work: F) -> F::Output {
+        self.runtime
+            .as_ref()
+            .expect("the runtime lives until drop")
+            .block_on(work)
+    }
+
+    /// The other nodes' files as last read are in the snapshots now.
+    pub fn mark_synced(&self) {
+        *self.synced_at.lock().expect("shared lock") = Some(Instant::now());
+    }
+
+    /// Err while the other nodes' files have not been read since start, or not for
+    /// [`STALE_AFTER`].
+    pub fn health(&self) -> std::result::Result<(), String> {
+        match *self.synced_at.lock().expect("shared lock") {
+            None => Err("listing the other nodes' files on the shared object store".into()),
+            Some(at) if at.elapsed() > STALE_AFTER => Err(format!(
+                "the other nodes' file lists could not be read for {} s (see the log)",
+                at.elapsed().as_secs()
+            )),
+            Some(_) => Ok(()),
+        }
     }
 
     pub fn reader(&self) -> SharedReader {
@@ -171,7 +231,7 @@ impl SharedStore {
     /// node list is put from the manifest), then publish the manifest.
     pub fn recover(&self, manifest: &Manifest, data_dir: &Path) -> Result<()> {
         let events = ObjectPath::from(self.key("events"));
-        let keys: Vec<String> = self.runtime.block_on(async {
+        let keys: Vec<String> = self.block_on(async {
             self.store
                 .list(Some(&events))
                 .map_ok(|m| m.location.to_string())
@@ -212,8 +272,7 @@ impl SharedStore {
                 .collect()
         };
         for (key, file) in missing {
-            self.runtime
-                .block_on(self.upload(&data_dir.join(&file.path), key))?;
+            self.block_on(self.upload(&data_dir.join(&file.path), key))?;
             self.published
                 .lock()
                 .expect("shared lock")
@@ -232,18 +291,23 @@ impl SharedStore {
                 .collect(),
         };
         let body = serde_json::to_vec(&list).expect("node list serialises");
-        let list_key = ObjectPath::from(self.node_list_key(&self.node));
-        self.runtime.block_on(async {
-            self.store
-                .put(&list_key, PutPayload::from(body))
-                .await
-                .map_err(remote_err("putting this node's file list"))
-        })?;
+        if self.published.lock().expect("shared lock").list != body {
+            let list_key = ObjectPath::from(self.node_list_key(&self.node));
+            self.block_on(async {
+                self.store
+                    .put(&list_key, PutPayload::from(body.clone()))
+                    .await
+                    .map_err(remote_err("putting this node's file list"))
+            })?;
+            self.published.lock().expect("shared lock").list = body;
+        }
 
         let now_listed: HashSet<&str> = files.iter().map(|(k, _)| k.as_str()).collect();
         let due: Vec<String> = {
             let mut published = self.published.lock().expect("shared lock");
-            let Published { uploaded, unlisted } = &mut *published;
+            let Published {
+                uploaded, unlisted, ..
+            } = &mut *published;
             for key in uploaded.iter() {
                 if !now_listed.contains(key.as_str()) {
                     unlisted.entry(key.clone()).or_insert_with(Instant::now);
@@ -257,9 +321,7 @@ impl SharedStore {
                 .collect()
         };
         for key in due {
-            let result = self
-                .runtime
-                .block_on(self.store.delete(&ObjectPath::from(key.as_str())));
+            let result = self.block_on(self.store.delete(&ObjectPath::from(key.as_str())));
             match result {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {
                     let mut published = self.published.lock().expect("shared lock");
@@ -306,7 +368,7 @@ impl SharedStore {
     pub fn other_nodes_files(&self) -> Result<Vec<FileMeta>> {
         let nodes = ObjectPath::from(self.key("nodes"));
         let own = self.node_list_key(&self.node);
-        let metas: Vec<object_store::ObjectMeta> = self.runtime.block_on(async {
+        let metas: Vec<object_store::ObjectMeta> = self.block_on(async {
             self.store
                 .list(Some(&nodes))
                 .try_collect()
@@ -328,20 +390,25 @@ impl SharedStore {
             {
                 continue;
             }
-            let bytes = self
-                .runtime
-                .block_on(async { self.store.get(&meta.location).await?.bytes().await });
+            let bytes =
+                self.block_on(async { self.store.get(&meta.location).await?.bytes().await });
             let bytes = match bytes {
                 Ok(b) => b,
                 // Gone between the list and the get: the node's files went with it.
                 Err(object_store::Error::NotFound { .. }) => continue,
                 Err(e) => return Err(remote_err("reading a node list")(e)),
             };
-            let list: NodeList =
-                serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
-                    path: key.clone().into(),
-                    reason: e.to_string(),
-                })?;
+            let mut list: NodeList = match serde_json::from_slice(&bytes) {
+                Ok(list) => list,
+                Err(e) => {
+                    tracing::warn!(object = %key, error = %e, "skipping a node list that is not one; its node's files are not read");
+                    continue;
+                }
+            };
+            // Whatever the entries say, they are that node's objects.
+            for f in &mut list.files {
+                f.node = Some(list.node.clone());
+            }
             seen.lists.insert(key, (meta.e_tag, list.files));
         }
         let mut files: Vec<FileMeta> = seen
@@ -357,9 +424,20 @@ impl SharedStore {
 /// This data dir's node id: generated at the first start and kept in `node_id`.
 pub fn node_id(data_dir: &Path) -> Result<String> {
     let path = data_dir.join(NODE_ID_FILE);
+    let valid = |id: &str| {
+        id.len() == 13 && id.starts_with('n') && id[1..].chars().all(|c| c.is_ascii_hexdigit())
+    };
     match std::fs::read_to_string(&path) {
-        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
-        Ok(_) => {}
+        Ok(id) if valid(id.trim()) => return Ok(id.trim().to_string()),
+        Ok(id) => {
+            return Err(StorageError::Corrupt {
+                path,
+                reason: format!(
+                    "{:?} is not a node id (n + 12 hex digits); delete the file to get a new one",
+                    id.trim()
+                ),
+            });
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(StorageError::io(&path)(e)),
     }

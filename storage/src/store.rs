@@ -90,8 +90,6 @@ pub struct OpenReport {
     pub wal_dropped_bytes: u64,
     pub dedup_ids: usize,
     pub orphans_removed: usize,
-    /// Other nodes' files on the shared object store.
-    pub shared_files: usize,
 }
 
 pub struct EventStore {
@@ -149,11 +147,12 @@ impl EventStore {
             orphans_removed: manifest.remove_orphans(data_dir)?,
             ..Default::default()
         };
+        // Connecting makes no request: publication and the first listing run on their
+        // threads, so a store that is down holds up /readyz, never acknowledgements.
         let shared = match &storage.url {
             Some(_) => {
-                let shared = SharedStore::connect(storage, &crate::shared::node_id(data_dir)?)?;
-                shared.recover(&manifest, data_dir)?;
-                Some(Arc::new(shared))
+                let node = crate::shared::node_id(data_dir)?;
+                Some(Arc::new(SharedStore::connect(storage, &node)?))
             }
             None => None,
         };
@@ -182,11 +181,7 @@ impl EventStore {
             manifest.files.clone(),
             Arc::clone(&metrics),
         ));
-        if let Some(shared) = &shared {
-            let others = shared.other_nodes_files()?;
-            report.shared_files = others.len();
-            buffer.set_shared(others);
-        }
+
         // Replay flushes as it goes, at the end of each segment once a flush's worth is
         // held (segment N ends where every event of segments <= N is held), so that a
         // long replay becomes several flushes of the usual size: one flush of all of it
@@ -290,6 +285,7 @@ impl EventStore {
                 shared: Arc::clone(shared),
                 manifest,
                 data_dir: data_dir.to_path_buf(),
+                recovered: false,
             };
             let syncer = Syncer {
                 shared: Arc::clone(shared),
@@ -424,7 +420,7 @@ impl EventStore {
                 "flushes to Parquet are failing (see the log); events stay in the WAL".into(),
             );
         }
-        Ok(())
+        self.shared.as_ref().map_or(Ok(()), |s| s.health())
     }
 
     /// Refuse new writes, flush the live buffer and stop the threads.
@@ -844,15 +840,24 @@ struct Publisher {
     shared: Arc<SharedStore>,
     manifest: Arc<Mutex<Manifest>>,
     data_dir: PathBuf,
+    /// The start-up clean-up of this node's objects is done.
+    recovered: bool,
 }
 
 impl Publisher {
-    /// Until the flusher and the compactor are gone, then once more: the last flush of a
-    /// shutdown is published before the store stops.
-    fn run(self, rx: Receiver<()>) {
-        let mut due = false;
+    /// At once (the start-up recovery), after each commit, until the flusher and the
+    /// compactor are gone; then once more, so the last flush of a shutdown is published
+    /// before the store stops (for at most a minute when the object store is down).
+    fn run(mut self, rx: Receiver<()>) {
+        let mut due = true;
         let mut retry = Duration::from_secs(1);
         loop {
+            if due {
+                match self.publish() {
+                    Ok(()) => (due, retry) = (false, Duration::from_secs(1)),
+                    Err(_) => retry = (retry * 2).min(Duration::from_secs(30)),
+                }
+            }
             let wait = if due {
                 retry
             } else if self.shared.deletes_pending() {
@@ -864,30 +869,28 @@ impl Publisher {
                 Ok(()) => due = true,
                 Err(RecvTimeoutError::Timeout) => due = due || self.shared.deletes_pending(),
                 Err(RecvTimeoutError::Disconnected) => {
-                    for _ in 0..3 {
-                        if self.publish().is_ok() {
-                            break;
-                        }
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while self.publish().is_err() && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_secs(1));
                     }
                     return;
-                }
-            }
-            if due {
-                match self.publish() {
-                    Ok(()) => (due, retry) = (false, Duration::from_secs(1)),
-                    Err(_) => retry = (retry * 2).min(Duration::from_secs(30)),
                 }
             }
         }
     }
 
-    fn publish(&self) -> Result<()> {
+    fn publish(&mut self) -> Result<()> {
         let manifest = self.manifest.lock().expect("manifest lock").clone();
         let started = Instant::now();
-        let result = self.shared.publish(&manifest, &self.data_dir);
+        let result = if self.recovered {
+            self.shared.publish(&manifest, &self.data_dir)
+        } else {
+            self.shared.recover(&manifest, &self.data_dir)
+        };
         match &result {
             Ok(()) => {
-                tracing::debug!(files = manifest.files.len(), took = ?started.elapsed(), "published committed files to the shared object store")
+                self.recovered = true;
+                tracing::debug!(files = manifest.files.len(), took = ?started.elapsed(), "published committed files to the shared object store");
             }
             Err(e) => {
                 tracing::warn!(error = %e, "publishing committed files to the shared object store failed; retrying (the files are safe on local disk)")
@@ -908,26 +911,36 @@ struct Syncer {
 }
 
 impl Syncer {
+    /// At once (`/readyz` waits for it), then every [`SYNC_INTERVAL`].
     fn run(self) {
         let mut failing = false;
+        let mut first = true;
         loop {
+            match self.shared.other_nodes_files() {
+                Ok(files) => {
+                    if first {
+                        tracing::info!(
+                            files = files.len(),
+                            "listed the other nodes' files on the shared object store"
+                        );
+                        first = false;
+                    }
+                    failing = false;
+                    self.buffer.set_shared(files);
+                    self.shared.mark_synced();
+                }
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "reading the other nodes' file lists failed; retrying (queries see their files as last read)");
+                }
+                Err(_) => {}
+            }
             let next = Instant::now() + SYNC_INTERVAL;
             while Instant::now() < next {
                 if self.stopping.load(Relaxed) {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(100));
-            }
-            match self.shared.other_nodes_files() {
-                Ok(files) => {
-                    failing = false;
-                    self.buffer.set_shared(files);
-                }
-                Err(e) if !failing => {
-                    failing = true;
-                    tracing::warn!(error = %e, "reading the other nodes' file lists failed; queries see their files as last read");
-                }
-                Err(_) => {}
             }
         }
     }

@@ -2,7 +2,9 @@
 //! (s3s-fs over HTTP on 127.0.0.1, started by the test), each writing its own objects and
 //! each querying both nodes' committed files.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -18,6 +20,8 @@ struct S3Server {
     endpoint: String,
     root: tempfile::TempDir,
     task: tokio::task::JoinHandle<()>,
+    /// Requests served, by kind (LIST, GET, PUT, POST, DELETE, HEAD).
+    requests: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
 impl S3Server {
@@ -31,15 +35,30 @@ impl S3Server {
         let service = builder.build();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let requests = Arc::new(Mutex::new(BTreeMap::new()));
+        let counts = Arc::clone(&requests);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((socket, _)) = listener.accept().await else {
                     return;
                 };
                 let service = service.clone();
+                let counts = Arc::clone(&counts);
+                let counted = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let listing = req.uri().query().is_some_and(|q| q.contains("list-type"));
+                        let kind = if listing {
+                            "LIST"
+                        } else {
+                            req.method().as_str()
+                        };
+                        *counts.lock().unwrap().entry(kind.to_string()).or_insert(0) += 1;
+                        hyper::service::Service::call(&service, req)
+                    },
+                );
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(socket), service)
+                        .serve_connection(TokioIo::new(socket), counted)
                         .await;
                 });
             }
@@ -48,7 +67,12 @@ impl S3Server {
             endpoint,
             root,
             task,
+            requests,
         }
+    }
+
+    fn requests(&self) -> BTreeMap<String, u64> {
+        self.requests.lock().unwrap().clone()
     }
 
     /// Keys of the objects under the bucket, e.g. `test/events/date=.../n…-f….parquet`.
@@ -235,19 +259,38 @@ async fn two_collectors_on_one_bucket_see_each_others_committed_files() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    wait_for_counts(&b, want, Duration::from_secs(12)).await;
+    // Once B has read A's new list (every 5 s), it counts each row once still.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(counts(&b).await, want, "after A's compaction");
+    eprintln!("requests so far: {:?}", s3.requests());
+
+    // Idle, each of the two nodes lists the node lists every 5 s.
+    let before = s3.requests();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle: BTreeMap<String, u64> = s3
+        .requests()
+        .into_iter()
+        .map(|(k, n)| {
+            let d = n - before.get(&k).copied().unwrap_or(0);
+            (k, d)
+        })
+        .filter(|(_, d)| *d > 0)
+        .collect();
+    eprintln!("requests in 10 s idle with two nodes: {idle:?}");
+    assert!(idle.get("LIST").copied().unwrap_or(0) <= 6, "{idle:?}");
 
     // A restarted node lists the shared files before it is ready: no waiting.
-    a.terminate();
+    assert!(a.terminate().success());
     let a = node(&s3, &dir_a, tmp.path(), "a").await;
     assert_eq!(counts(&a).await, want, "right after /readyz");
     assert_eq!(node_id(&dir_a), id_a, "the node id is kept in the data dir");
 
     // A node stopped gracefully has published its last flush; the other still reads it.
     post(&b, &events("last", 3)).await;
-    b.terminate();
+    assert!(b.terminate().success());
     let want = (want.0 + 3, want.1 + 3);
     wait_for_counts(&a, want, Duration::from_secs(12)).await;
+    assert!(a.terminate().success());
 }
 
 #[tokio::test]
