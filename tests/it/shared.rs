@@ -116,23 +116,29 @@ async fn node(s3: &S3Server, dir: &Path, config_dir: &Path, name: &str) -> Serve
             s3.endpoint
         ),
     );
-    let mut cmd = funnelhouse();
+    let mut cmd = serve(&config, dir);
     cmd.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
         .env_remove("AWS_SESSION_TOKEN")
-        .env_remove("AWS_PROFILE")
-        .args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--pg-addr",
-            "127.0.0.1:0",
-        ])
-        .arg("--config")
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(dir);
+        .env_remove("AWS_PROFILE");
     Server::spawn(cmd).await
+}
+
+/// `funnelhouse serve` on free ports with `config` over `dir`.
+fn serve(config: &Path, dir: &Path) -> std::process::Command {
+    let mut cmd = funnelhouse();
+    cmd.args([
+        "serve",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--pg-addr",
+        "127.0.0.1:0",
+    ])
+    .arg("--config")
+    .arg(config)
+    .arg("--data-dir")
+    .arg(dir);
+    cmd
 }
 
 async fn post(server: &Server, events: &[Value]) {
@@ -301,20 +307,7 @@ async fn a_storage_url_that_is_not_s3_is_refused_by_name() {
         "bad.toml",
         "[storage]\nurl = \"gs://bucket/prefix\"\n",
     );
-    let out = funnelhouse()
-        .args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--pg-addr",
-            "127.0.0.1:0",
-        ])
-        .arg("--config")
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(tmp.path().join("data"))
-        .output()
-        .unwrap();
+    let out = serve(&config, &tmp.path().join("data")).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
