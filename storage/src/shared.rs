@@ -226,9 +226,9 @@ impl SharedStore {
             .is_some_and(|name| name.starts_with(&format!("{}-", self.node)))
     }
 
-    /// At start-up: learn which of this node's objects exist, delete those the local
-    /// manifest does not name (nothing else can have listed them after a restart: the
-    /// node list is put from the manifest), then publish the manifest.
+    /// At start-up: learn which of this node's objects exist, mark those the local
+    /// manifest does not name for deletion after the grace period, then publish the
+    /// manifest (uploading what a crash kept from being uploaded).
     pub fn recover(&self, manifest: &Manifest, data_dir: &Path) -> Result<()> {
         let events = ObjectPath::from(self.key("events"));
         let keys: Vec<String> = self.block_on(async {
