@@ -184,6 +184,11 @@ timeout = "60s"
 memory_limit = "8GiB"
 [http]
 cors_origins = ["*"]
+[storage]
+url = "s3://bucket/prefix"
+endpoint = "http://127.0.0.1:9000"
+region = "us-east-1"
+allow_http = true
 [[campaigns]]
 name = "parcel-lottery"
 landing_url = "https://shop.example/lottery"
@@ -204,6 +209,11 @@ webhook = "http://127.0.0.1:9000/hook"
 "#;
         let cfg: Config = toml::from_str(text).unwrap();
         assert_eq!(cfg.ingest.max_request_bytes.0, 8 << 20);
+        assert_eq!(cfg.storage.validate(), Ok(()));
+        assert_eq!(
+            cfg.storage.bucket_and_prefix().unwrap(),
+            ("bucket", "prefix")
+        );
         assert_eq!(cfg.campaigns[0].funnel.as_ref().unwrap().steps.len(), 4);
         cfg.validate().unwrap();
     }

@@ -26,6 +26,10 @@ struct S3Server {
 
 impl S3Server {
     async fn start() -> S3Server {
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    async fn start_on(addr: &str) -> S3Server {
         use hyper_util::rt::TokioIo;
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join(BUCKET)).unwrap();
@@ -33,7 +37,7 @@ impl S3Server {
         let mut builder = s3s::service::S3ServiceBuilder::new(fs);
         builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
         let service = builder.build();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(BTreeMap::new()));
         let counts = Arc::clone(&requests);
@@ -107,13 +111,21 @@ impl Drop for S3Server {
 
 /// A collector on the shared bucket, flushing every second.
 async fn node(s3: &S3Server, dir: &Path, config_dir: &Path, name: &str) -> Server {
+    Server::spawn(node_command(&s3.endpoint, dir, config_dir, name)).await
+}
+
+fn node_command(
+    endpoint: &str,
+    dir: &Path,
+    config_dir: &Path,
+    name: &str,
+) -> std::process::Command {
     let config = write_file(
         config_dir,
         &format!("{name}.toml"),
         &format!(
             "[ingest]\nflush_interval = \"1s\"\ncompact_min_files = 3\n\n\
-             [storage]\nurl = \"s3://{BUCKET}/test\"\nendpoint = \"{}\"\nallow_http = true\n",
-            s3.endpoint
+             [storage]\nurl = \"s3://{BUCKET}/test\"\nendpoint = \"{endpoint}\"\nallow_http = true\n",
         ),
     );
     let mut cmd = serve(&config, dir);
@@ -121,7 +133,7 @@ async fn node(s3: &S3Server, dir: &Path, config_dir: &Path, name: &str) -> Serve
         .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
         .env_remove("AWS_SESSION_TOKEN")
         .env_remove("AWS_PROFILE");
-    Server::spawn(cmd).await
+    cmd
 }
 
 /// `funnelhouse serve` on free ports with `config` over `dir`.
@@ -296,6 +308,64 @@ async fn two_collectors_on_one_bucket_see_each_others_committed_files() {
     assert!(b.terminate().success());
     let want = (want.0 + 3, want.1 + 3);
     wait_for_counts(&a, want, Duration::from_secs(12)).await;
+    assert!(a.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_acknowledged_while_object_storage_is_down_and_published_once_it_is_back() {
+    // A port nothing listens on yet.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let a = Server::spawn_unready(node_command(
+        &format!("http://{addr}"),
+        &dir,
+        tmp.path(),
+        "a",
+    ))
+    .await;
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let resp = http
+            .post(format!("{}/v1/events", a.url))
+            .json(&events("down", 5))
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not accepting while the store is down: {}",
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready = http.get(format!("{}/readyz", a.url)).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body = ready.text().await.unwrap();
+    assert!(body.contains("listing the other nodes' files"), "{body}");
+    assert_eq!(counts(&a).await, (5, 5), "its own events are queryable");
+
+    // The store comes up: the node becomes ready and publishes what it flushed meanwhile.
+    let s3 = S3Server::start_on(&addr.to_string()).await;
+    a.wait_ready().await;
+    // Its publisher backs off to 30 s between attempts while the store is down.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let list = s3
+        .root
+        .path()
+        .join(BUCKET)
+        .join(format!("test/nodes/{}.json", node_id(&dir)));
+    while !std::fs::read_to_string(&list).is_ok_and(|l| l.matches("\"rows\":5").count() == 1) {
+        assert!(Instant::now() < deadline, "not published: {}", a.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(a.terminate().success());
 }
 

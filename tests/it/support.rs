@@ -51,7 +51,15 @@ impl Server {
         Self::spawn(cmd).await
     }
 
-    pub async fn spawn(mut cmd: Command) -> Server {
+    /// [`Self::spawn_unready`], then wait until /readyz answers 200.
+    pub async fn spawn(cmd: Command) -> Server {
+        let server = Self::spawn_unready(cmd).await;
+        server.wait_ready().await;
+        server
+    }
+
+    /// Start it and wait only for the address it listens on.
+    pub async fn spawn_unready(mut cmd: Command) -> Server {
         let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -72,23 +80,25 @@ impl Server {
         let url = rx
             .recv_timeout(Duration::from_secs(30))
             .unwrap_or_else(|_| panic!("no 'listening on' line; log: {:?}", log.lock().unwrap()));
-        let server = Server { child, url, log };
+        Server { child, url, log }
+    }
+
+    pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         let http = reqwest::Client::new();
         loop {
-            if let Ok(r) = http.get(format!("{}/readyz", server.url)).send().await
+            if let Ok(r) = http.get(format!("{}/readyz", self.url)).send().await
                 && r.status() == 200
             {
-                break;
+                return;
             }
             assert!(
                 Instant::now() < deadline,
                 "not ready: {:?}",
-                server.log.lock().unwrap()
+                self.log.lock().unwrap()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        server
     }
 
     pub fn kill9(mut self) {
