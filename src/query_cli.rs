@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use clap::Args;
-use funnelhouse_query::{FunnelRequest, OutputFormat, QueryEngine, StaticSource};
-use funnelhouse_storage::Snapshot;
+use funnelhouse_query::{FunnelRequest, OutputFormat, QueryEngine, QueryOptions, StaticSource};
 use serde_json::Value;
 
 use crate::config::Config;
@@ -96,9 +95,19 @@ impl ServerArgs {
     }
 }
 
-fn offline_engine(cfg: &Config) -> Result<QueryEngine, CliError> {
-    let snapshot = Snapshot::read(&cfg.data_dir)?;
-    let opts = crate::serve::query_options(cfg);
+/// The data dir as it is on disk, with the other nodes' committed files when `[storage]`
+/// is set.
+async fn offline_engine(cfg: &Config) -> Result<QueryEngine, CliError> {
+    let (dir, storage) = (cfg.data_dir.clone(), cfg.storage.clone());
+    let (snapshot, shared) = tokio::task::spawn_blocking(move || {
+        funnelhouse_storage::shared::read_snapshot(&dir, &storage)
+    })
+    .await
+    .map_err(|e| CliError::Io(format!("reading the data dir panicked: {e}")))??;
+    let opts = QueryOptions {
+        shared,
+        ..crate::serve::query_options(cfg)
+    };
     QueryEngine::new(
         Arc::new(StaticSource(snapshot)),
         &cfg.data_dir,
@@ -116,7 +125,7 @@ pub async fn sql(args: SqlArgs, cfg: &Config) -> Result<(), CliError> {
     let json = match answer {
         Some(json) => json,
         None => {
-            let engine = offline_engine(cfg)?;
+            let engine = offline_engine(cfg).await?;
             let result = engine
                 .sql_rendered(&args.sql, OutputFormat::Json)
                 .await
@@ -170,7 +179,7 @@ pub async fn funnel(args: FunnelArgs, cfg: &Config) -> Result<(), CliError> {
     let report = match args.server.post("/v1/funnel", req.clone()).await? {
         Some(report) => report,
         None => {
-            let engine = offline_engine(cfg)?;
+            let engine = offline_engine(cfg).await?;
             let spec = serde_json::from_value::<FunnelRequest>(req)
                 .map_err(|e| CliError::Query(e.to_string()))?
                 .into_spec()

@@ -421,6 +421,30 @@ impl SharedStore {
     }
 }
 
+/// What is committed now for a reader without a running server: the data dir's
+/// [`Snapshot::read`](crate::Snapshot::read) plus, with `storage.url`, every other node's
+/// committed files, and where to read those. Blocking.
+pub fn read_snapshot(
+    data_dir: &Path,
+    storage: &StorageConfig,
+) -> Result<(crate::Snapshot, Option<SharedReader>)> {
+    let mut snapshot = crate::Snapshot::read(data_dir)?;
+    if storage.url.is_none() {
+        return Ok((snapshot, None));
+    }
+    // A data dir that never ran with `[storage]` has no objects: every list is another's.
+    let node = if data_dir.join(NODE_ID_FILE).exists() {
+        node_id(data_dir)?
+    } else {
+        String::new()
+    };
+    let shared = SharedStore::connect(storage, &node)?;
+    let mut files = snapshot.files.to_vec();
+    files.extend(shared.other_nodes_files()?);
+    snapshot.files = Arc::new(files);
+    Ok((snapshot, Some(shared.reader())))
+}
+
 /// This data dir's node id: generated at the first start and kept in `node_id`.
 pub fn node_id(data_dir: &Path) -> Result<String> {
     let path = data_dir.join(NODE_ID_FILE);

@@ -308,6 +308,33 @@ async fn two_collectors_on_one_bucket_see_each_others_committed_files() {
     assert!(b.terminate().success());
     let want = (want.0 + 3, want.1 + 3);
     wait_for_counts(&a, want, Duration::from_secs(12)).await;
+
+    // Offline, B's data dir with its config reads A's committed files from the bucket too.
+    let out = funnelhouse()
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .args([
+            "sql",
+            "SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM events",
+        ])
+        .arg("--config")
+        .arg(tmp.path().join("b.toml"))
+        .arg("--data-dir")
+        .arg(&dir_b)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = text
+        .lines()
+        .find(|l| l.contains('|') && !l.contains('n'))
+        .unwrap_or_default();
+    let numbers: Vec<i64> = row.split('|').map(|v| v.trim().parse().unwrap()).collect();
+    assert_eq!(numbers, [want.0, want.1], "{text}");
     assert!(a.terminate().success());
 }
 
