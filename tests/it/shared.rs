@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Server, funnelhouse, write_file};
+use crate::support::{Server, funnelhouse, serve_command, write_file};
 
 const ACCESS_KEY: &str = "fh-test-access";
 const SECRET_KEY: &str = "fh-test-secret";
@@ -138,18 +138,8 @@ fn node_command(
 
 /// `funnelhouse serve` on free ports with `config` over `dir`.
 fn serve(config: &Path, dir: &Path) -> std::process::Command {
-    let mut cmd = funnelhouse();
-    cmd.args([
-        "serve",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--pg-addr",
-        "127.0.0.1:0",
-    ])
-    .arg("--config")
-    .arg(config)
-    .arg("--data-dir")
-    .arg(dir);
+    let mut cmd = serve_command(dir);
+    cmd.arg("--config").arg(config);
     cmd
 }
 

@@ -28,6 +28,21 @@ pub fn funnelhouse() -> Command {
     cmd
 }
 
+/// `funnelhouse serve` on 127.0.0.1, ports picked free, over `dir`.
+pub fn serve_command(dir: &Path) -> Command {
+    let mut cmd = funnelhouse();
+    cmd.args([
+        "serve",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--pg-addr",
+        "127.0.0.1:0",
+    ])
+    .arg("--data-dir")
+    .arg(dir);
+    cmd
+}
+
 pub struct Server {
     child: Child,
     pub url: String,
@@ -37,17 +52,8 @@ pub struct Server {
 impl Server {
     /// `funnelhouse serve` on 127.0.0.1:0 over `dir`, waiting until /readyz answers 200.
     pub async fn start(dir: &Path, extra: &[&str]) -> Server {
-        let mut cmd = funnelhouse();
-        cmd.args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--pg-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .args(extra);
+        let mut cmd = serve_command(dir);
+        cmd.args(extra);
         Self::spawn(cmd).await
     }
 
