@@ -139,12 +139,15 @@ impl QueryEngine {
         // Late materialisation: decode the filter columns first, the rest only for matches.
         config.options_mut().execution.parquet.pushdown_filters = true;
         config.options_mut().execution.parquet.reorder_filters = true;
-        if let Some(shared) = &opts.shared {
-            let url = ObjectStoreUrl::parse(&shared.url)?;
-            runtime.register_object_store(url.as_ref(), Arc::clone(&shared.store));
-        }
+        let shared_url = match &opts.shared {
+            Some(shared) => {
+                let url = ObjectStoreUrl::parse(&shared.url)?;
+                runtime.register_object_store(url.as_ref(), Arc::clone(&shared.store));
+                Some(url)
+            }
+            None => None,
+        };
         let ctx = SessionContext::new_with_config_rt(config, runtime);
-        let shared_url = opts.shared.as_ref().map(|s| s.url.clone());
         ctx.register_table(
             "events",
             Arc::new(EventsTable::new(Arc::clone(&source), data_dir, shared_url)),

@@ -54,9 +54,8 @@ pub struct EventsTable {
     source: Arc<dyn SnapshotSource>,
     /// Absolute, so file paths resolve in the local object store.
     data_dir: PathBuf,
-    /// The URL the shared object store is registered under (`s3://bucket`), with
-    /// `[storage] url`.
-    shared_url: Option<String>,
+    /// Where the shared object store is registered (`s3://bucket`), with `[storage] url`.
+    shared_url: Option<ObjectStoreUrl>,
 }
 
 impl fmt::Debug for EventsTable {
@@ -71,7 +70,7 @@ impl EventsTable {
     pub fn new(
         source: Arc<dyn SnapshotSource>,
         data_dir: &Path,
-        shared_url: Option<String>,
+        shared_url: Option<ObjectStoreUrl>,
     ) -> Self {
         let data_dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
         Self {
@@ -118,32 +117,31 @@ impl TableProvider for EventsTable {
             .iter()
             .filter(|f| range.overlaps(f.min_ts, f.max_ts))
             .partition(|f| f.node.is_none());
-        if !shared.is_empty() && self.shared_url.is_none() {
-            return Err(DataFusionError::Internal(
-                "other nodes' files without a shared object store".into(),
-            ));
-        }
-        let shared_url = self
-            .shared_url
-            .as_deref()
-            .map(ObjectStoreUrl::parse)
-            .transpose()?;
-        for (files, url) in [
-            (local, Some(ObjectStoreUrl::local_filesystem())),
-            (shared, shared_url),
-        ] {
-            let Some(url) = url.filter(|_| !files.is_empty()) else {
+        let predicate = match conjunction(filters.iter().cloned()) {
+            Some(expr) => {
+                let df_schema = DFSchema::try_from(Arc::clone(&schema))?;
+                Some(state.create_physical_expr(expr, &df_schema)?)
+            }
+            None => None,
+        };
+        let scans = [
+            (local, Some(ObjectStoreUrl::local_filesystem()), true),
+            (shared, self.shared_url.clone(), false),
+        ];
+        for (files, url, in_data_dir) in scans {
+            if files.is_empty() {
                 continue;
-            };
-            let local = url == ObjectStoreUrl::local_filesystem();
+            }
+            let url = url.ok_or_else(|| {
+                DataFusionError::Internal("other nodes' files without a shared object store".into())
+            })?;
             let mut source = ParquetSource::new(Arc::clone(&schema))
                 .with_table_parquet_options(state.table_options().parquet.clone());
-            if let Some(predicate) = conjunction(filters.iter().cloned()) {
-                let df_schema = DFSchema::try_from(Arc::clone(&schema))?;
-                source = source.with_predicate(state.create_physical_expr(predicate, &df_schema)?);
+            if let Some(predicate) = &predicate {
+                source = source.with_predicate(Arc::clone(predicate));
             }
             let config = FileScanConfigBuilder::new(url, Arc::new(source))
-                .with_file_groups(self.file_groups(&files, partitions, local))
+                .with_file_groups(self.file_groups(&files, partitions, in_data_dir))
                 .with_projection_indices(projection.cloned())?
                 .with_limit(limit)
                 .build();
@@ -180,9 +178,9 @@ impl TableProvider for EventsTable {
 }
 
 impl EventsTable {
-    /// Spread files over `n` groups of about equal bytes (largest first). Local paths are
-    /// relative to the data dir; shared ones are object keys already.
-    fn file_groups(&self, files: &[&FileMeta], n: usize, local: bool) -> Vec<FileGroup> {
+    /// Spread files over `n` groups of about equal bytes (largest first). Paths of files
+    /// `in_data_dir` are relative to it; shared ones are object keys already.
+    fn file_groups(&self, files: &[&FileMeta], n: usize, in_data_dir: bool) -> Vec<FileGroup> {
         let mut sorted: Vec<&&FileMeta> = files.iter().collect();
         sorted.sort_by_key(|f| std::cmp::Reverse(f.bytes));
         let mut groups: Vec<(u64, Vec<PartitionedFile>)> =
@@ -193,7 +191,7 @@ impl EventsTable {
                 .min_by_key(|g| g.0)
                 .expect("at least one group");
             g.0 += f.bytes;
-            let path = if local {
+            let path = if in_data_dir {
                 self.data_dir.join(&f.path).to_string_lossy().into_owned()
             } else {
                 f.path.clone()

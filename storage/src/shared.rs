@@ -53,9 +53,9 @@ struct NodeList {
     files: Vec<FileMeta>,
 }
 
-/// What this node has put on the shared store.
+/// What this node has put on the shared store; kept by the one thread that publishes.
 #[derive(Default)]
-struct Published {
+pub struct Published {
     /// Object keys of this node's files that are uploaded.
     uploaded: HashSet<String>,
     /// Uploaded objects no longer listed, and since when.
@@ -64,9 +64,9 @@ struct Published {
     list: Vec<u8>,
 }
 
-/// The other nodes' lists as last read.
+/// The other nodes' lists as last read; kept by the one thread that reads them.
 #[derive(Default)]
-struct Seen {
+pub struct SeenLists {
     /// Node-list key -> (ETag, its files).
     lists: HashMap<String, (Option<String>, Vec<FileMeta>)>,
 }
@@ -80,10 +80,15 @@ pub struct SharedStore {
     /// Object store calls are async; the store's threads are not. Taken at drop, which
     /// may happen inside another runtime, where dropping a runtime would panic.
     runtime: Option<tokio::runtime::Runtime>,
-    published: Mutex<Published>,
-    seen: Mutex<Seen>,
     /// When the other nodes' lists were last read in full (None: not yet since start).
     synced_at: Mutex<Option<Instant>>,
+}
+
+impl Published {
+    /// True while objects wait for their grace period to be deleted.
+    pub fn deletes_pending(&self) -> bool {
+        !self.unlisted.is_empty()
+    }
 }
 
 impl Drop for SharedStore {
@@ -161,8 +166,6 @@ impl SharedStore {
             prefix: prefix.to_string(),
             node: node.to_string(),
             runtime: Some(runtime),
-            published: Mutex::default(),
-            seen: Mutex::default(),
             synced_at: Mutex::default(),
         })
     }
@@ -229,7 +232,12 @@ impl SharedStore {
     /// At start-up: learn which of this node's objects exist, mark those the local
     /// manifest does not name for deletion after the grace period, then publish the
     /// manifest (uploading what a crash kept from being uploaded).
-    pub fn recover(&self, manifest: &Manifest, data_dir: &Path) -> Result<()> {
+    pub fn recover(
+        &self,
+        published: &mut Published,
+        manifest: &Manifest,
+        data_dir: &Path,
+    ) -> Result<()> {
         let events = ObjectPath::from(self.key("events"));
         let keys: Vec<String> = self.block_on(async {
             self.store
@@ -240,7 +248,6 @@ impl SharedStore {
                 .map_err(remote_err("listing the shared events"))
         })?;
         let listed: HashSet<String> = manifest.files.iter().map(|f| self.object_key(f)).collect();
-        let mut published = self.published.lock().expect("shared lock");
         for key in keys.into_iter().filter(|k| self.is_own_object(k)) {
             if listed.contains(&key) {
                 published.uploaded.insert(key);
@@ -252,32 +259,27 @@ impl SharedStore {
                 published.uploaded.insert(key);
             }
         }
-        drop(published);
-        self.publish(manifest, data_dir)
+        self.publish(published, manifest, data_dir)
     }
 
     /// Upload the manifest's files not uploaded yet, put this node's list, and delete the
     /// objects unlisted for longer than the grace period.
-    pub fn publish(&self, manifest: &Manifest, data_dir: &Path) -> Result<()> {
+    pub fn publish(
+        &self,
+        published: &mut Published,
+        manifest: &Manifest,
+        data_dir: &Path,
+    ) -> Result<()> {
         let files: Vec<(String, &FileMeta)> = manifest
             .files
             .iter()
             .map(|f| (self.object_key(f), f))
             .collect();
-        let missing: Vec<&(String, &FileMeta)> = {
-            let published = self.published.lock().expect("shared lock");
-            files
-                .iter()
-                .filter(|(key, _)| !published.uploaded.contains(key))
-                .collect()
-        };
-        for (key, file) in missing {
-            self.block_on(self.upload(&data_dir.join(&file.path), key))?;
-            self.published
-                .lock()
-                .expect("shared lock")
-                .uploaded
-                .insert(key.clone());
+        for (key, file) in &files {
+            if !published.uploaded.contains(key) {
+                self.block_on(self.upload(&data_dir.join(&file.path), key))?;
+                published.uploaded.insert(key.clone());
+            }
         }
         let list = NodeList {
             node: self.node.clone(),
@@ -291,7 +293,7 @@ impl SharedStore {
                 .collect(),
         };
         let body = serde_json::to_vec(&list).expect("node list serialises");
-        if self.published.lock().expect("shared lock").list != body {
+        if published.list != body {
             let list_key = ObjectPath::from(self.node_list_key(&self.node));
             self.block_on(async {
                 self.store
@@ -299,32 +301,29 @@ impl SharedStore {
                     .await
                     .map_err(remote_err("putting this node's file list"))
             })?;
-            self.published.lock().expect("shared lock").list = body;
+            published.list = body;
         }
 
         let now_listed: HashSet<&str> = files.iter().map(|(k, _)| k.as_str()).collect();
-        let due: Vec<String> = {
-            let mut published = self.published.lock().expect("shared lock");
-            let Published {
-                uploaded, unlisted, ..
-            } = &mut *published;
-            for key in uploaded.iter() {
-                if !now_listed.contains(key.as_str()) {
-                    unlisted.entry(key.clone()).or_insert_with(Instant::now);
-                }
+        for key in &published.uploaded {
+            if !now_listed.contains(key.as_str()) {
+                published
+                    .unlisted
+                    .entry(key.clone())
+                    .or_insert_with(Instant::now);
             }
-            unlisted.retain(|k, _| !now_listed.contains(k.as_str()));
-            unlisted
-                .iter()
-                .filter(|(_, since)| since.elapsed() >= DELETE_GRACE)
-                .map(|(k, _)| k.clone())
-                .collect()
-        };
+        }
+        published
+            .unlisted
+            .retain(|k, _| !now_listed.contains(k.as_str()));
+        let due: Vec<String> = (published.unlisted.iter())
+            .filter(|(_, since)| since.elapsed() >= DELETE_GRACE)
+            .map(|(k, _)| k.clone())
+            .collect();
         for key in due {
             let result = self.block_on(self.store.delete(&ObjectPath::from(key.as_str())));
             match result {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {
-                    let mut published = self.published.lock().expect("shared lock");
                     published.unlisted.remove(&key);
                     published.uploaded.remove(&key);
                 }
@@ -334,16 +333,6 @@ impl SharedStore {
             }
         }
         Ok(())
-    }
-
-    /// True while objects wait for their grace period to be deleted.
-    pub fn deletes_pending(&self) -> bool {
-        !self
-            .published
-            .lock()
-            .expect("shared lock")
-            .unlisted
-            .is_empty()
     }
 
     async fn upload(&self, local: &Path, key: &str) -> Result<()> {
@@ -365,7 +354,7 @@ impl SharedStore {
 
     /// The committed files of every other node: list the node lists, fetch those whose
     /// ETag changed since the last call.
-    pub fn other_nodes_files(&self) -> Result<Vec<FileMeta>> {
+    pub fn other_nodes_files(&self, seen: &mut SeenLists) -> Result<Vec<FileMeta>> {
         let nodes = ObjectPath::from(self.key("nodes"));
         let own = self.node_list_key(&self.node);
         let metas: Vec<object_store::ObjectMeta> = self.block_on(async {
@@ -375,7 +364,6 @@ impl SharedStore {
                 .await
                 .map_err(remote_err("listing the node lists"))
         })?;
-        let mut seen = self.seen.lock().expect("shared lock");
         let present: HashSet<String> = metas.iter().map(|m| m.location.to_string()).collect();
         seen.lists.retain(|k, _| present.contains(k));
         for meta in metas {
@@ -440,7 +428,7 @@ pub fn read_snapshot(
     };
     let shared = SharedStore::connect(storage, &node)?;
     let mut files = snapshot.files.to_vec();
-    files.extend(shared.other_nodes_files()?);
+    files.extend(shared.other_nodes_files(&mut SeenLists::default())?);
     snapshot.files = Arc::new(files);
     Ok((snapshot, Some(shared.reader())))
 }

@@ -38,7 +38,7 @@ use crate::fsutil::DataDirLock;
 use crate::manifest::Manifest;
 use crate::metrics::{StoreMetrics, add_duration};
 use crate::parquet_file::write_partitioned;
-use crate::shared::{SharedReader, SharedStore};
+use crate::shared::{Published, SeenLists, SharedReader, SharedStore};
 use crate::wal::{Wal, encode_events};
 
 /// How one write request ended.
@@ -285,12 +285,14 @@ impl EventStore {
                 shared: Arc::clone(shared),
                 manifest,
                 data_dir: data_dir.to_path_buf(),
+                published: Published::default(),
                 recovered: false,
             };
             let syncer = Syncer {
                 shared: Arc::clone(shared),
                 buffer: Arc::clone(&buffer),
                 stopping: Arc::clone(&stopping),
+                seen: SeenLists::default(),
             };
             let spawned = [
                 std::thread::Builder::new()
@@ -840,6 +842,7 @@ struct Publisher {
     shared: Arc<SharedStore>,
     manifest: Arc<Mutex<Manifest>>,
     data_dir: PathBuf,
+    published: Published,
     /// The start-up clean-up of this node's objects is done.
     recovered: bool,
 }
@@ -860,14 +863,14 @@ impl Publisher {
             }
             let wait = if due {
                 retry
-            } else if self.shared.deletes_pending() {
+            } else if self.published.deletes_pending() {
                 Duration::from_secs(30)
             } else {
                 Duration::from_secs(3600)
             };
             match rx.recv_timeout(wait) {
                 Ok(()) => due = true,
-                Err(RecvTimeoutError::Timeout) => due = due || self.shared.deletes_pending(),
+                Err(RecvTimeoutError::Timeout) => due = due || self.published.deletes_pending(),
                 Err(RecvTimeoutError::Disconnected) => {
                     let deadline = Instant::now() + Duration::from_secs(60);
                     while self.publish().is_err() && Instant::now() < deadline {
@@ -883,9 +886,9 @@ impl Publisher {
         let manifest = self.manifest.lock().expect("manifest lock").clone();
         let started = Instant::now();
         let result = if self.recovered {
-            self.shared.publish(&manifest, &self.data_dir)
+            (self.shared).publish(&mut self.published, &manifest, &self.data_dir)
         } else {
-            self.shared.recover(&manifest, &self.data_dir)
+            (self.shared).recover(&mut self.published, &manifest, &self.data_dir)
         };
         match &result {
             Ok(()) => {
@@ -901,22 +904,23 @@ impl Publisher {
 }
 
 /// How often the other nodes' file lists are read.
-pub const SYNC_INTERVAL: Duration = Duration::from_secs(5);
+const SYNC_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Reads the other nodes' committed files every [`SYNC_INTERVAL`].
 struct Syncer {
     shared: Arc<SharedStore>,
     buffer: Arc<LiveBuffer>,
     stopping: Arc<AtomicBool>,
+    seen: SeenLists,
 }
 
 impl Syncer {
     /// At once (`/readyz` waits for it), then every [`SYNC_INTERVAL`].
-    fn run(self) {
+    fn run(mut self) {
         let mut failing = false;
         let mut first = true;
         loop {
-            match self.shared.other_nodes_files() {
+            match self.shared.other_nodes_files(&mut self.seen) {
                 Ok(files) => {
                     if first {
                         tracing::info!(
