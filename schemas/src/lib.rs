@@ -17,9 +17,7 @@ pub mod time;
 pub mod units;
 pub mod validate;
 
-pub use arrow::{
-    EventBatchBuilder, MemoryCounter, batch_memory_size, event_schema, events_to_batch,
-};
+pub use arrow::{MemoryCounter, batch_memory_size, event_schema, events_to_batch};
 pub use auth::AuthConfig;
 pub use decode::{BodyFormat, DecodedBatch, Rejection, decode_body};
 pub use error::SchemaError;

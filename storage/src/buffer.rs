@@ -144,8 +144,10 @@ impl LiveBuffer {
         if batch.num_rows() == 0 {
             return;
         }
+        // Counted before the lock: snapshots wait on it.
+        let bytes = funnelhouse_schemas::batch_memory_size(&batch);
         let mut s = self.state.write().expect("buffer lock");
-        s.active_bytes += funnelhouse_schemas::batch_memory_size(&batch);
+        s.active_bytes += bytes;
         s.active_rows += batch.num_rows();
         s.active_since.get_or_insert_with(Instant::now);
         s.active.push(batch);
@@ -192,10 +194,11 @@ impl LiveBuffer {
 
     /// The other nodes' committed files as last read from the shared store.
     pub fn set_shared(&self, shared: Vec<FileMeta>) {
-        let mut s = self.state.write().expect("buffer lock");
-        if *s.shared == shared {
+        // Mostly unchanged: compare under the read lock, which snapshots share.
+        if *self.state.read().expect("buffer lock").shared == shared {
             return;
         }
+        let mut s = self.state.write().expect("buffer lock");
         s.shared = Arc::new(shared);
         s.shared_version += 1;
         s.combine();

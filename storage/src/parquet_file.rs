@@ -114,11 +114,19 @@ fn sort_batch(batch: &RecordBatch, leading: Option<&[i64]>) -> Result<RecordBatc
         user_len: u32,
         row: u32,
     }
+    // Rows come in runs of one campaign: look its rank up once per run.
+    let mut run: Option<(&str, u32)> = None;
     let mut keys: Vec<Key> = (0..n)
         .map(|r| {
-            let rank = campaigns
-                .binary_search(&campaign.value(r))
-                .unwrap_or_default() as u32;
+            let c = campaign.value(r);
+            let rank = match run {
+                Some((value, rank)) if value == c => rank,
+                _ => {
+                    let rank = campaigns.binary_search(&c).unwrap_or_default() as u32;
+                    run = Some((c, rank));
+                    rank
+                }
+            };
             let u = user.value(r).as_bytes();
             let mut prefix = [0u8; 16];
             let len = u.len().min(16);
