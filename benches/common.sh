@@ -16,11 +16,11 @@ if [ -z "${NO_ANCHORS:-}" ]; then
 fi
 
 # start_server DATA_DIR -> sets SERVER_PID and URL (a fresh data dir unless KEEP=1,
-# log in DATA_DIR.log)
+# log in DATA_DIR.log, config file $CONFIG if set)
 start_server() {
   [ -n "${KEEP:-}" ] || rm -rf "$1"
-  FUNNELHOUSE_LOG=info "$BIN/funnelhouse" serve --data-dir "$1" --http-addr 127.0.0.1:0 --pg-addr 127.0.0.1:0 \
-    2> "$1.log" &
+  FUNNELHOUSE_LOG=info "$BIN/funnelhouse" ${CONFIG:+--config "$CONFIG"} serve --data-dir "$1" \
+    --http-addr 127.0.0.1:0 --pg-addr 127.0.0.1:0 2> "$1.log" &
   SERVER_PID=$!
   for _ in $(seq 1 300); do
     URL=$(grep -o 'listening on http://[0-9.:]*' "$1.log" 2>/dev/null | head -1 | sed 's/listening on //') || true

@@ -45,6 +45,10 @@ pub struct FunnelArgs {
     server: ServerArgs,
     #[arg(long)]
     json: bool,
+    /// Print the funnel's physical plan with each node's metrics after running it on the
+    /// data dir (as EXPLAIN ANALYZE does), instead of the report.
+    #[arg(long, conflicts_with = "server")]
+    explain: bool,
 }
 
 /// Where to send a query instead of reading the data dir, and the read token it needs.
@@ -176,15 +180,25 @@ pub async fn funnel(args: FunnelArgs, cfg: &Config) -> Result<(), CliError> {
             req[k] = Value::String(v.clone());
         }
     }
+    let offline_spec = |req| {
+        serde_json::from_value::<FunnelRequest>(req)
+            .map_err(|e| CliError::Query(e.to_string()))?
+            .into_spec()
+            .map_err(|e| CliError::Query(e.to_string()))
+    };
+    if args.explain {
+        let engine = offline_engine(cfg).await?;
+        let plan = funnelhouse_query::funnel::explain_analyze(&engine, &offline_spec(req)?)
+            .await
+            .map_err(|e| CliError::Query(e.to_string()))?;
+        print!("{plan}");
+        return Ok(());
+    }
     let report = match args.server.post("/v1/funnel", req.clone()).await? {
         Some(report) => report,
         None => {
             let engine = offline_engine(cfg).await?;
-            let spec = serde_json::from_value::<FunnelRequest>(req)
-                .map_err(|e| CliError::Query(e.to_string()))?
-                .into_spec()
-                .map_err(|e| CliError::Query(e.to_string()))?;
-            let report = funnelhouse_query::funnel::funnel(&engine, &spec)
+            let report = funnelhouse_query::funnel::funnel(&engine, &offline_spec(req)?)
                 .await
                 .map_err(|e| CliError::Query(e.to_string()))?;
             serde_json::to_value(report).expect("report serialises")

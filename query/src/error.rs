@@ -33,6 +33,24 @@ pub enum QueryError {
 
 pub type Result<T, E = QueryError> = std::result::Result<T, E>;
 
+/// Arrow errors (IPC spill files, batch building) are reported like DataFusion's own.
+impl From<arrow::error::ArrowError> for QueryError {
+    fn from(e: arrow::error::ArrowError) -> Self {
+        QueryError::DataFusion(e.into())
+    }
+}
+
+/// Back into DataFusion inside a plan node: its own errors unwrapped, so a memory
+/// limit stays `ResourcesExhausted` on the way out.
+impl From<QueryError> for DataFusionError {
+    fn from(e: QueryError) -> Self {
+        match e {
+            QueryError::DataFusion(e) => e,
+            other => DataFusionError::External(Box::new(other)),
+        }
+    }
+}
+
 impl QueryError {
     /// SQLOptions refusals (DDL, DML, COPY, statements) become read-only errors.
     pub fn from_planning(e: DataFusionError) -> Self {
@@ -53,9 +71,7 @@ impl QueryError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::DataFusion(DataFusionError::ResourcesExhausted(_)) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::DataFusion(e) if e.is_memory_limit() => StatusCode::SERVICE_UNAVAILABLE,
             Self::DataFusion(_) | Self::ReadOnly(_) | Self::BadRequest(_) => {
                 StatusCode::BAD_REQUEST
             }
@@ -69,11 +85,22 @@ impl QueryError {
     }
 }
 
+/// The pool ran out, also when the error was shared by several partitions' streams.
+trait MemoryLimit {
+    fn is_memory_limit(&self) -> bool;
+}
+
+impl MemoryLimit for DataFusionError {
+    fn is_memory_limit(&self) -> bool {
+        matches!(self.find_root(), DataFusionError::ResourcesExhausted(_))
+    }
+}
+
 /// Every error body is `{"error": "..."}`.
 impl IntoResponse for QueryError {
     fn into_response(self) -> Response {
         let message = match &self {
-            Self::DataFusion(e @ DataFusionError::ResourcesExhausted(_)) => format!(
+            Self::DataFusion(e) if e.is_memory_limit() => format!(
                 "the query needs more memory than query.memory_limit allows; narrow it or raise the limit ({})",
                 e.strip_backtrace()
             ),

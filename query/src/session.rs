@@ -139,6 +139,14 @@ impl QueryEngine {
         // Late materialisation: decode the filter columns first, the rest only for matches.
         config.options_mut().execution.parquet.pushdown_filters = true;
         config.options_mut().execution.parquet.reorder_filters = true;
+        // The reader also caches decoded filter columns, outside the memory pool (100 MB
+        // per scan partition by default): keep that within an eighth of memory_limit.
+        let cache = opts.memory_limit / 8 / opts.target_partitions.max(1);
+        config
+            .options_mut()
+            .execution
+            .parquet
+            .max_predicate_cache_size = Some(cache.min(100 << 20));
         let shared_url = match &opts.shared {
             Some(shared) => {
                 let url = ObjectStoreUrl::parse(&shared.url)?;

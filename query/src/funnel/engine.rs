@@ -1,23 +1,28 @@
 //! The funnel engine behind `/v1/funnel` and `/v1/funnel/trend`.
 //!
 //! DataFusion scans only the campaign's step events (pruned by campaign, event and ts,
-//! projected to the few columns needed); each scan partition collects compact rows,
-//! and [`fold`] folds them per user into per-group counters, from which this module
-//! derives the reports. A question a [`super::live`] funnel keeps up to date is
+//! projected to the few columns needed); the plan nodes of [`super::plan`] fold them
+//! per user into per-group counters, from which this module derives the reports. A question a [`super::live`] funnel keeps up to date is
 //! answered from it instead, without a scan.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use datafusion::dataframe::DataFrame;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::logical_expr::{col, lit};
+use datafusion::physical_expr::expressions::col as physical_col;
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::display::DisplayableExecutionPlan;
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::{ExecutionPlan, Partitioning, collect};
 use datafusion::scalar::ScalarValue;
 use funnelhouse_schemas::time::{format_micros, now_micros};
-use futures::StreamExt;
 use serde::Serialize;
 
 use super::chain::ChainParams;
-use super::fold::{self, Partial, RowCollector, StepMatcher};
+use super::fold::{Partial, StepMatcher};
+use super::plan::{FunnelFoldExec, FunnelMergeExec, FunnelQuery, partial_from_batches};
 use super::spec::{Breakdown, FunnelSpec};
 use crate::error::{QueryError, Result};
 use crate::session::QueryEngine;
@@ -124,13 +129,13 @@ pub struct TrendReport {
 }
 
 /// The scan of a funnel: the campaign's step events (pruned by campaign, event and ts),
-/// one stream per partition of columns user_id, event_id, ts, event, [breakdown as
-/// `breakdown`], [properties]: the layout [`RowCollector`] reads.
-pub(super) async fn scan(
+/// columns user_id, event_id, ts, event, [breakdown as `breakdown`], [properties]: the
+/// layout [`super::fold::RowCollector`] reads.
+pub(super) async fn scan_frame(
     engine: &QueryEngine,
     spec: &FunnelSpec,
     matcher: &StepMatcher,
-) -> Result<Vec<SendableRecordBatchStream>> {
+) -> Result<DataFrame> {
     let window = spec.window_secs.saturating_mul(MICROS);
     let names: Vec<_> = {
         let mut n: Vec<&str> = spec.steps.iter().map(|s| s.event.as_str()).collect();
@@ -161,65 +166,108 @@ pub(super) async fn scan(
     if matcher.needs_properties() {
         columns.push(col("properties"));
     }
-    let df = engine
+    Ok(engine
         .context()
         .table("events")
         .await?
         .filter(filter)?
-        .select(columns)?;
-    engine.partitioned_streams(df).await
+        .select(columns)?)
 }
 
-/// Scan, collect rows per scan partition, fold.
+/// [`scan_frame`] as one stream per scan partition.
+pub(super) async fn scan(
+    engine: &QueryEngine,
+    spec: &FunnelSpec,
+    matcher: &StepMatcher,
+) -> Result<Vec<SendableRecordBatchStream>> {
+    engine
+        .partitioned_streams(scan_frame(engine, spec, matcher).await?)
+        .await
+}
+
+/// The physical plan of a funnel (or trend, with `interval` in µs) as of `as_of`: the
+/// scan, folded in `target_partitions` partitions of users, merged (see
+/// [`super::plan`]).
+pub async fn funnel_plan(
+    engine: &QueryEngine,
+    spec: &FunnelSpec,
+    as_of: i64,
+    interval: Option<i64>,
+    exchange: FoldExchange,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let query = Arc::new(FunnelQuery {
+        spec: spec.clone(),
+        params: ChainParams {
+            steps: spec.steps.len(),
+            window: spec.window_secs.saturating_mul(MICROS),
+            from: spec.from,
+            to: spec.to,
+            as_of: Some(as_of),
+        },
+        interval,
+    });
+    let scan = scan_frame(engine, spec, &StepMatcher::new(spec))
+        .await?
+        .create_physical_plan()
+        .await?;
+    let partitions = engine.context().state().config().target_partitions().max(1);
+    let fold = match exchange {
+        FoldExchange::Broadcast => FunnelFoldExec::broadcast(scan, Arc::clone(&query), partitions),
+        FoldExchange::Repartition => {
+            let user = physical_col("user_id", &scan.schema())?;
+            let by_user =
+                RepartitionExec::try_new(scan, Partitioning::Hash(vec![user], partitions))?;
+            FunnelFoldExec::by_user(Arc::new(by_user), Arc::clone(&query))
+        }
+    };
+    let coalesced = CoalescePartitionsExec::new(Arc::new(fold));
+    Ok(Arc::new(FunnelMergeExec::new(Arc::new(coalesced), query)))
+}
+
+/// How a funnel plan brings each user's rows to one fold partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FoldExchange {
+    /// In one process, without copying rows: what the engine runs.
+    Broadcast,
+    /// Through a `RepartitionExec` by user_id: the shape a distributed engine cuts into
+    /// stages (it copies every row: slower in one process).
+    Repartition,
+}
+
+/// Run the funnel plan.
 async fn compute(
     engine: &QueryEngine,
     spec: &FunnelSpec,
     as_of: i64,
     interval: Option<i64>,
 ) -> Result<Partial> {
-    let matcher = Arc::new(StepMatcher::new(spec));
-    let tasks = engine.context().state().config().target_partitions().max(1);
     let started = std::time::Instant::now();
-    let streams = scan(engine, spec, &matcher).await?;
-    let params = ChainParams {
-        steps: spec.steps.len(),
-        window: spec.window_secs.saturating_mul(MICROS),
-        from: spec.from,
-        to: spec.to,
-        as_of: Some(as_of),
-    };
-    // A JoinSet aborts its tasks when dropped: a funnel past the timeout, or whose
-    // client went away, stops scanning instead of running on detached.
-    let mut collecting = tokio::task::JoinSet::new();
-    for (part, mut stream) in streams.into_iter().enumerate() {
-        let mut collector = RowCollector::new(
-            Arc::clone(&matcher),
-            part,
-            engine.reservation("funnel rows"),
-        );
-        collecting.spawn(async move {
-            while let Some(batch) = stream.next().await {
-                collector.add_batch(&batch?)?;
-            }
-            Ok::<_, QueryError>((part, collector))
-        });
-    }
-    let mut collectors = Vec::with_capacity(collecting.len());
-    while let Some(done) = collecting.join_next().await {
-        collectors.push(done.map_err(fold::task_failed)??);
-    }
-    // The fold addresses rows by partition number.
-    collectors.sort_by_key(|(part, _)| *part);
-    let collectors = collectors.into_iter().map(|(_, c)| c).collect();
-    let scanned = started.elapsed();
-    let partial = fold::fold_all(&matcher, collectors, params, interval, tasks).await?;
+    let plan = funnel_plan(engine, spec, as_of, interval, FoldExchange::Broadcast).await?;
+    let batches = collect(plan, engine.context().task_ctx()).await?;
     tracing::debug!(
         campaign = %spec.campaign,
-        scan_ms = scanned.as_millis() as u64,
-        fold_ms = (started.elapsed() - scanned).as_millis() as u64,
+        ms = started.elapsed().as_millis() as u64,
         "funnel computed"
     );
-    Ok(partial)
+    Ok(partial_from_batches(&batches, spec))
+}
+
+/// The funnel's plan as `EXPLAIN ANALYZE` shows one: run, with each node's metrics
+/// (rows, spills, time).
+pub async fn explain_analyze(engine: &QueryEngine, spec: &FunnelSpec) -> Result<String> {
+    let interval = spec.interval_secs.map(|s| s.saturating_mul(MICROS));
+    let plan = funnel_plan(
+        engine,
+        spec,
+        now_micros(),
+        interval,
+        FoldExchange::Broadcast,
+    )
+    .await?;
+    collect(Arc::clone(&plan), engine.context().task_ctx()).await?;
+    Ok(DisplayableExecutionPlan::with_metrics(plan.as_ref())
+        .indent(true)
+        .to_string())
 }
 
 /// The numbers at `as_of`: from a live funnel of the same question when one is ready

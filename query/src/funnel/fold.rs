@@ -1,22 +1,32 @@
-//! The per-user fold of the funnel engine, in two phases.
+//! The per-user fold of the funnel engine, run by [`super::plan::FunnelFoldExec`] on one
+//! partition of users (the scan is hash-repartitioned by user_id).
 //!
-//! Collect: each scan partition turns its batches into compact [`Row`]s (user key, ts,
-//! step mask, group id, where its event_id is) and files them into buckets by the top
-//! bits of the user key, so all rows of a user land in the same bucket number of every
-//! partition. Fold: tasks take disjoint ranges of bucket numbers; a bucket's rows from
-//! all partitions are grouped by user ([`UserIndex`]), each user's rows are sorted by
-//! (ts, event_id), repeated event_ids are dropped, the user is evaluated with
-//! [`Evaluator`] and the outcome is added to the counters of the user's group. Nothing
-//! is allocated per user.
+//! Collect: the partition's batches become compact [`Row`]s (user key, ts, step mask,
+//! group id, where its event_id is in an arena of ids) filed into buckets by the top
+//! bits of the user key;
+//! past the partition's share of the memory pool they are spilled to disk in slices of
+//! buckets. Fold: a bucket's rows are grouped by user ([`UserIndex`]), each user's rows
+//! are sorted by (ts, event_id), repeated event_ids are dropped, the user is evaluated
+//! with [`Evaluator`] and the outcome is added to the counters of the user's group.
+//! Nothing is allocated per user.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
-use arrow::array::builder::make_view;
-use arrow::array::{Array, AsArray, RecordBatch, StringViewArray};
-use arrow::datatypes::TimestampMicrosecondType;
+use arrow::array::builder::{BinaryBuilder, make_view};
+use arrow::array::{
+    Array, ArrayRef, AsArray, Int64Array, RecordBatch, StringViewArray, UInt32Array, UInt64Array,
+};
+use arrow::datatypes::{
+    DataType, Field, Int64Type, Schema, SchemaRef, TimestampMicrosecondType, UInt32Type, UInt64Type,
+};
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::StreamWriter;
+use datafusion::error::DataFusionError;
+use datafusion::execution::disk_manager::DiskManager;
 use datafusion::execution::memory_pool::MemoryReservation;
-use funnelhouse_schemas::MemoryCounter;
+use datafusion::execution::{SpillFile, SpillWriter};
+use datafusion::physical_plan::metrics::Count;
 use serde_json::Value;
 use xxhash_rust::xxh3::{Xxh3DefaultBuilder, xxh3_64, xxh3_128};
 
@@ -42,26 +52,27 @@ struct Row {
     steps: u64,
     /// Compared before the bytes, which are a cache miss away.
     eid_hash: u64,
-    /// Where the event_id is: partition, batch of that partition, row of that batch.
-    part: u32,
-    batch: u32,
-    row: u32,
-    /// The partition's group id (see `FoldContext::group_remap`).
+    /// The event_id: `eid_len` bytes at `eid_at` in the collector's (or read-back
+    /// slice's) id arena.
+    eid_at: u32,
+    eid_len: u32,
+    /// The collector's group id.
     group: u32,
 }
 
 /// Counters of one group, before rates are derived.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Tally {
-    counts: Vec<u64>,
-    pending: Vec<u64>,
-    /// Per step, the µs from step 1 to it for each user who reached it.
-    durations: Vec<Vec<i64>>,
+    pub counts: Vec<u64>,
+    pub pending: Vec<u64>,
+    /// Per step, the µs from step 1 to it for each user who reached it (empty when
+    /// medians are not wanted).
+    pub durations: Vec<Vec<i64>>,
 }
 
 impl Tally {
     /// Counters for `k` steps; `durations` are kept only when medians are wanted.
-    fn new(k: usize, durations: bool) -> Self {
+    pub(super) fn new(k: usize, durations: bool) -> Self {
         Self {
             counts: vec![0; k],
             pending: vec![0; k],
@@ -85,29 +96,11 @@ impl Tally {
         }
     }
 
-    fn merge(&mut self, other: Tally) {
-        for (i, (n, p)) in other.counts.into_iter().zip(other.pending).enumerate() {
-            self.counts[i] += n;
-            self.pending[i] += p;
-        }
-        for (mine, theirs) in self.durations.iter_mut().zip(other.durations) {
-            mine.extend(theirs);
-        }
+    pub(super) fn sort_durations(&mut self) {
+        self.durations.iter_mut().for_each(|d| d.sort_unstable());
     }
 
-    /// Merge the tallies of one group and derive its numbers.
-    fn merged_stats(mut tallies: Vec<Tally>) -> StepStats {
-        // Extend the largest: merging copies durations.
-        tallies.sort_by_key(|t| std::cmp::Reverse(t.counts.first().copied()));
-        let mut it = tallies.into_iter();
-        let mut acc = it.next().unwrap_or_default();
-        for t in it {
-            acc.merge(t);
-        }
-        acc.stats()
-    }
-
-    fn stats(mut self) -> StepStats {
+    pub(super) fn stats(mut self) -> StepStats {
         let mut durations = std::mem::take(&mut self.durations);
         durations.resize_with(self.counts.len(), Vec::new);
         let median_seconds = durations
@@ -238,40 +231,85 @@ fn inline_key_of(s: &str) -> Option<u128> {
     inline_key(make_view(s.as_bytes(), 0, 0))
 }
 
-/// The rows of one scan partition, bucketed by user key.
+/// How many slices the buckets are spilled in: a spilled fold reads back one slice
+/// (1/128 of the partition's rows, 16 MB of 50M events in two partitions) at a time.
+const SPILL_SLICES: usize = 128;
+const BUCKETS_PER_SLICE: usize = ROW_BUCKETS / SPILL_SLICES;
+
+/// Which users a collector keeps: those whose bucket falls in part `part` of `of`
+/// equal ranges of buckets.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Share {
+    pub part: usize,
+    pub of: usize,
+}
+
+impl Share {
+    pub const ALL: Share = Share { part: 0, of: 1 };
+
+    fn keeps(self, bucket: usize) -> bool {
+        bucket * self.of / ROW_BUCKETS == self.part
+    }
+}
+
+/// What a collector reports to its plan node's metrics.
+#[derive(Clone, Default)]
+pub(super) struct CollectMetrics {
+    pub rows: Count,
+    pub spills: Count,
+    pub spilled_rows: Count,
+    pub spilled_bytes: Count,
+}
+
+/// The rows of one partition of users, bucketed by user key. Past its share of the
+/// memory pool it writes all rows it holds to spill files, one per slice of buckets,
+/// and starts over; the fold then reads one slice back at a time.
 pub(super) struct RowCollector {
     matcher: Arc<StepMatcher>,
-    part: u32,
+    share: Share,
     buckets: Vec<Vec<Row>>,
-    /// The event_id column of each batch, read only to break ties and confirm repeats.
-    event_ids: Vec<StringViewArray>,
+    /// The event_ids of the rows, read only to break ties and confirm repeats. Copied
+    /// out of the scanned batches: their buffers also hold the ids of rows the fold
+    /// does not keep, and in one process every fold partition sees every batch.
+    ids: Vec<u8>,
     groups: HashMap<String, u32, Xxh3DefaultBuilder>,
     /// Groups of short values by their inline view, found without hashing.
     short_groups: Vec<(u128, u32)>,
     group_names: Vec<String>,
-    /// The rows and event_id columns held, in the query memory pool until the fold ends.
+    /// The rows and ids held, in the query memory pool (spillable).
     reservation: MemoryReservation,
-    /// Counts a buffer shared by several batches' event ids (a Parquet page) once.
-    event_id_memory: MemoryCounter,
+    disk: Arc<DiskManager>,
+    spill: Vec<Option<SpillRun>>,
+    metrics: CollectMetrics,
+}
+
+/// The spill file of one slice, being written.
+struct SpillRun {
+    file: Arc<dyn SpillFile>,
+    writer: StreamWriter<Box<dyn SpillWriter>>,
 }
 
 impl RowCollector {
     pub(super) fn new(
         matcher: Arc<StepMatcher>,
-        part: usize,
+        share: Share,
         reservation: MemoryReservation,
+        disk: Arc<DiskManager>,
+        metrics: CollectMetrics,
     ) -> Self {
         let no_breakdown = matcher.breakdown.is_none();
         let mut collector = Self {
             matcher,
-            part: part as u32,
+            share,
             buckets: vec![Vec::new(); ROW_BUCKETS],
-            event_ids: Vec::new(),
+            ids: Vec::new(),
             groups: HashMap::default(),
             short_groups: Vec::new(),
             group_names: Vec::new(),
             reservation,
-            event_id_memory: MemoryCounter::default(),
+            disk,
+            spill: (0..SPILL_SLICES).map(|_| None).collect(),
+            metrics,
         };
         if no_breakdown {
             // Every row is in group 0.
@@ -325,10 +363,15 @@ impl RowCollector {
         } else {
             None
         };
-        let batch = self.event_ids.len() as u32;
-        let mut kept = 0;
+        let (rows_before, rows_capacity) = (self.rows_held(), self.rows_capacity());
+        let ids_capacity = self.ids.capacity();
         for r in 0..b.num_rows() {
             if ts.is_null(r) {
+                continue;
+            }
+            let user = xxh3_128(users.value(r).as_bytes());
+            let bucket = (user >> 118) as usize % ROW_BUCKETS;
+            if !self.share.keeps(bucket) {
                 continue;
             }
             let (steps, props) = matcher.row_steps(events, props_col, r);
@@ -343,25 +386,187 @@ impl RowCollector {
                 }
                 _ => 0,
             };
-            let user = xxh3_128(users.value(r).as_bytes());
-            self.buckets[(user >> 118) as usize % ROW_BUCKETS].push(Row {
+            let id = ids.value(r).as_bytes();
+            self.buckets[bucket].push(Row {
                 user: [(user >> 64) as u64, user as u64],
                 ts: ts.value(r),
                 steps,
-                eid_hash: xxh3_64(ids.value(r).as_bytes()),
-                part: self.part,
-                batch,
-                row: r as u32,
+                eid_hash: xxh3_64(id),
+                eid_at: self.ids.len() as u32,
+                eid_len: id.len() as u32,
                 group,
             });
-            kept += 1;
+            self.ids.extend_from_slice(id);
         }
-        let ids_bytes = self.event_id_memory.add(ids);
-        self.reservation
-            .try_grow(kept * std::mem::size_of::<Row>() + ids_bytes)?;
-        self.event_ids.push(ids.clone());
+        let kept = self.rows_held() - rows_before;
+        self.metrics.rows.add(kept);
+        // Vectors grow by doubling: what they hold is their capacity, not their length.
+        let grown = (self.rows_capacity() - rows_capacity) * std::mem::size_of::<Row>()
+            + self.ids.capacity()
+            - ids_capacity;
+        // Spill past the pool share, and before ids outgrow their u32 offsets.
+        if self.reservation.try_grow(grown).is_err() || self.ids.len() > u32::MAX as usize / 2 {
+            self.spill()?;
+        }
         Ok(())
     }
+
+    fn rows_held(&self) -> usize {
+        self.buckets.iter().map(Vec::len).sum()
+    }
+
+    fn rows_capacity(&self) -> usize {
+        self.buckets.iter().map(Vec::capacity).sum()
+    }
+
+    /// Append every row held to its slice's spill file and let go of them.
+    fn spill(&mut self) -> Result<()> {
+        let mut rows = 0;
+        for slice in 0..SPILL_SLICES {
+            let buckets = &self.buckets[slice * BUCKETS_PER_SLICE..][..BUCKETS_PER_SLICE];
+            let n: usize = buckets.iter().map(Vec::len).sum();
+            if n == 0 {
+                continue;
+            }
+            let batch = spill_batch(buckets, &self.ids, n)?;
+            let run = match &mut self.spill[slice] {
+                Some(run) => run,
+                empty => {
+                    let file = self.disk.create_tmp_file("funnel rows")?;
+                    let writer = StreamWriter::try_new(file.open_writer()?, &spill_schema())?;
+                    empty.insert(SpillRun { file, writer })
+                }
+            };
+            run.writer.write(&batch)?;
+            rows += n;
+        }
+        self.buckets.iter_mut().for_each(|b| *b = Vec::new());
+        self.ids = Vec::new();
+        self.reservation.free();
+        self.metrics.spills.add(1);
+        self.metrics.spilled_rows.add(rows);
+        Ok(())
+    }
+
+    /// Fold every user's rows into counters per group, reading spilled slices back one
+    /// at a time.
+    pub(super) fn fold(mut self, params: ChainParams, interval: Option<i64>) -> Result<Folded> {
+        let mut out = TaskTally::new(params.steps, interval.is_none());
+        if self.spill.iter().all(Option::is_none) {
+            let ctx = FoldContext {
+                params,
+                interval,
+                has_breakdown: self.matcher.breakdown.is_some(),
+                ids: std::mem::take(&mut self.ids),
+            };
+            fold_buckets(&ctx, &self.buckets, &mut out);
+        } else {
+            self.spill()?;
+            for (slice, run) in std::mem::take(&mut self.spill).into_iter().enumerate() {
+                let Some(mut run) = run else { continue };
+                run.writer.finish()?;
+                run.writer.get_mut().finish()?;
+                let (buckets, ids) = self.read_slice(slice, &*run.file)?;
+                let ctx = FoldContext {
+                    params,
+                    interval,
+                    has_breakdown: self.matcher.breakdown.is_some(),
+                    ids,
+                };
+                fold_buckets(&ctx, &buckets, &mut out);
+                self.reservation.free();
+            }
+        }
+        Ok(Folded {
+            group_names: self.group_names,
+            has_breakdown: self.matcher.breakdown.is_some(),
+            tally: out,
+        })
+    }
+
+    /// The rows of one spilled slice, bucketed again, with their id arena.
+    fn read_slice(
+        &mut self,
+        slice: usize,
+        file: &dyn SpillFile,
+    ) -> Result<(Vec<Vec<Row>>, Vec<u8>)> {
+        let path = file
+            .path()
+            .ok_or_else(|| QueryError::Internal("funnel spill files must be local files".into()))?;
+        self.metrics
+            .spilled_bytes
+            .add(std::fs::metadata(path).map_or(0, |m| m.len() as usize));
+        let reader = StreamReader::try_new(
+            std::io::BufReader::new(std::fs::File::open(path).map_err(DataFusionError::IoError)?),
+            None,
+        )?;
+        let mut buckets = vec![Vec::new(); BUCKETS_PER_SLICE];
+        let mut arena: Vec<u8> = Vec::new();
+        for batch in reader {
+            let b = batch?;
+            let col = |i: usize| b.column(i).as_primitive::<UInt64Type>();
+            let (hi, lo, steps, eid_hash) = (col(0), col(1), col(3), col(4));
+            let ts = b.column(2).as_primitive::<Int64Type>();
+            let group = b.column(5).as_primitive::<UInt32Type>();
+            let ids = b.column(6).as_binary::<i32>();
+            let arena_capacity = arena.capacity();
+            let rows_capacity: usize = buckets.iter().map(Vec::capacity).sum();
+            for r in 0..b.num_rows() {
+                let bucket = (hi.value(r) >> 54) as usize % ROW_BUCKETS - slice * BUCKETS_PER_SLICE;
+                buckets[bucket].push(Row {
+                    user: [hi.value(r), lo.value(r)],
+                    ts: ts.value(r),
+                    steps: steps.value(r),
+                    eid_hash: eid_hash.value(r),
+                    eid_at: arena.len() as u32,
+                    eid_len: ids.value(r).len() as u32,
+                    group: group.value(r),
+                });
+                arena.extend_from_slice(ids.value(r));
+            }
+            // A slice is 1/128 of the rows: if it does not fit, the query cannot run.
+            let grown = buckets.iter().map(Vec::capacity).sum::<usize>() - rows_capacity;
+            self.reservation
+                .try_grow(grown * std::mem::size_of::<Row>() + arena.capacity() - arena_capacity)?;
+        }
+        Ok((buckets, arena))
+    }
+}
+
+/// Columns of a spill file: the row without its event_id location, and the event_id.
+fn spill_schema() -> SchemaRef {
+    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+        let u64 = |name| Field::new(name, DataType::UInt64, false);
+        Arc::new(Schema::new(vec![
+            u64("user_hi"),
+            u64("user_lo"),
+            Field::new("ts", DataType::Int64, false),
+            u64("steps"),
+            u64("eid_hash"),
+            Field::new("group", DataType::UInt32, false),
+            Field::new("event_id", DataType::Binary, false),
+        ]))
+    });
+    Arc::clone(&SCHEMA)
+}
+
+fn spill_batch(buckets: &[Vec<Row>], arena: &[u8], n: usize) -> Result<RecordBatch> {
+    let rows = || buckets.iter().flatten();
+    let u64s = |f: fn(&Row) -> u64| Arc::new(UInt64Array::from_iter_values(rows().map(f)));
+    let mut ids = BinaryBuilder::with_capacity(n, n * 16);
+    for r in rows() {
+        ids.append_value(event_id(arena, r));
+    }
+    let columns: Vec<ArrayRef> = vec![
+        u64s(|r| r.user[0]),
+        u64s(|r| r.user[1]),
+        Arc::new(Int64Array::from_iter_values(rows().map(|r| r.ts))),
+        u64s(|r| r.steps),
+        u64s(|r| r.eid_hash),
+        Arc::new(UInt32Array::from_iter_values(rows().map(|r| r.group))),
+        Arc::new(ids.finish()),
+    ];
+    Ok(RecordBatch::try_new(spill_schema(), columns)?)
 }
 
 pub(super) fn string_col(b: &RecordBatch, i: usize) -> Result<&StringViewArray> {
@@ -373,158 +578,63 @@ pub(super) fn string_col(b: &RecordBatch, i: usize) -> Result<&StringViewArray> 
     })
 }
 
-/// What the fold tasks share, read-only.
+/// What one fold reads besides the rows.
 struct FoldContext {
     params: ChainParams,
     /// Trend bucket width (µs) for trend requests.
     interval: Option<i64>,
     has_breakdown: bool,
-    /// Per partition, per batch: the event_id column.
-    event_ids: Vec<Vec<StringViewArray>>,
-    /// Per partition: its group id -> the merged group id.
-    group_remap: Vec<Vec<u32>>,
+    /// The rows' event_ids.
+    ids: Vec<u8>,
 }
 
 impl FoldContext {
     fn event_id(&self, r: &Row) -> &[u8] {
-        self.event_ids[r.part as usize][r.batch as usize]
-            .value(r.row as usize)
-            .as_bytes()
+        event_id(&self.ids, r)
     }
 }
 
-/// Fold everything the partitions collected into named counters, with `tasks` tasks.
-pub(super) async fn fold_all(
-    matcher: &StepMatcher,
-    collectors: Vec<RowCollector>,
-    params: ChainParams,
-    interval: Option<i64>,
-    tasks: usize,
-) -> Result<Partial> {
-    let k = params.steps;
-    let has_breakdown = matcher.breakdown.is_some();
-    // Merge the partitions' group names; every partition's ids map into one space.
-    let mut names: Vec<String> = Vec::new();
-    let mut ids: HashMap<String, u32> = HashMap::new();
-    let mut group_remap = Vec::new();
-    let mut event_ids = Vec::new();
-    // by_bucket[b][p]: bucket b of partition p.
-    let mut by_bucket: Vec<Vec<Vec<Row>>> = (0..ROW_BUCKETS).map(|_| Vec::new()).collect();
-    // Released when the fold is done with the rows.
-    let mut _held = Vec::with_capacity(collectors.len());
-    for c in collectors {
-        _held.push(c.reservation);
-        let remap = c
-            .group_names
-            .into_iter()
-            .map(|name| {
-                *ids.entry(name.clone()).or_insert_with(|| {
-                    names.push(name);
-                    names.len() as u32 - 1
-                })
-            })
-            .collect();
-        group_remap.push(remap);
-        event_ids.push(c.event_ids);
-        for (b, rows) in c.buckets.into_iter().enumerate() {
-            by_bucket[b].push(rows);
-        }
-    }
-    let ctx = Arc::new(FoldContext {
-        params,
-        interval,
-        has_breakdown,
-        event_ids,
-        group_remap,
-    });
-    let tasks = tasks.clamp(1, ROW_BUCKETS);
-    let per_task = ROW_BUCKETS.div_ceil(tasks);
-    let mut handles = Vec::new();
-    while !by_bucket.is_empty() {
-        let rest = by_bucket.split_off(per_task.min(by_bucket.len()));
-        let work = std::mem::replace(&mut by_bucket, rest);
-        let ctx = Arc::clone(&ctx);
-        let groups = names.len();
-        handles.push(tokio::spawn(
-            async move { fold_buckets(&ctx, work, groups) },
-        ));
-    }
-    let mut totals = Vec::new();
-    let mut per_group: Vec<Vec<Tally>> = vec![Vec::new(); names.len()];
-    let mut buckets: HashMap<(i64, u32), Vec<u64>> = HashMap::new();
-    for handle in handles {
-        let part = handle.await.map_err(task_failed)?;
-        totals.push(part.total);
-        for (g, tally) in part.groups.into_iter().enumerate() {
-            per_group[g].extend(tally);
-        }
-        for (key, counts) in part.buckets {
-            let e = buckets.entry(key).or_insert_with(|| vec![0; k]);
-            e.iter_mut().zip(counts).for_each(|(a, b)| *a += b);
-        }
-    }
-    let name = |g: usize| {
-        if has_breakdown {
-            names[g].clone()
-        } else {
-            String::new()
-        }
-    };
-    // A median needs its group's durations in one vector: each group (and the total)
-    // is merged on its own blocking task.
-    let stats = |tallies: Vec<Tally>| tokio::task::spawn_blocking(|| Tally::merged_stats(tallies));
-    let total = stats(totals);
-    let group_stats: Vec<_> = per_group
-        .into_iter()
-        .enumerate()
-        .filter(|(_, t)| !t.is_empty())
-        .map(|(g, t)| (name(g), stats(t)))
-        .collect();
-    let mut groups = HashMap::new();
-    for (value, handle) in group_stats {
-        groups.insert(value, handle.await.map_err(task_failed)?);
-    }
-    Ok(Partial {
-        total: total.await.map_err(task_failed)?,
-        groups,
-        buckets: buckets
-            .into_iter()
-            .map(|((b, g), counts)| ((b, name(g as usize)), counts))
-            .collect(),
-    })
+fn event_id<'a>(arena: &'a [u8], r: &Row) -> &'a [u8] {
+    &arena[r.eid_at as usize..][..r.eid_len as usize]
 }
 
-pub(super) fn task_failed(e: tokio::task::JoinError) -> QueryError {
-    QueryError::Internal(format!("funnel task failed: {e}"))
+/// The counters one partition of users folded into.
+pub(super) struct Folded {
+    /// Group id -> value.
+    pub group_names: Vec<String>,
+    pub has_breakdown: bool,
+    pub tally: TaskTally,
 }
 
-/// The counters of one fold task, by merged group id.
-struct TaskTally {
-    total: Tally,
-    groups: Vec<Option<Tally>>,
-    buckets: HashMap<(i64, u32), Vec<u64>>,
+/// The counters of one fold, by group id.
+pub(super) struct TaskTally {
+    pub total: Tally,
+    /// Per group id (with a breakdown).
+    pub groups: Vec<Option<Tally>>,
+    /// Per (trend bucket start, group id): users per level.
+    pub buckets: HashMap<(i64, u32), Vec<u64>>,
 }
 
-fn fold_buckets(ctx: &FoldContext, work: Vec<Vec<Vec<Row>>>, groups: usize) -> TaskTally {
+impl TaskTally {
+    fn new(k: usize, durations: bool) -> Self {
+        Self {
+            total: Tally::new(k, durations),
+            groups: Vec::new(),
+            buckets: HashMap::new(),
+        }
+    }
+}
+
+fn fold_buckets(ctx: &FoldContext, buckets: &[Vec<Row>], out: &mut TaskTally) {
     let p = &ctx.params;
     let k = p.steps;
     let durations = ctx.interval.is_none();
-    let mut out = TaskTally {
-        total: Tally::new(k, durations),
-        groups: vec![None; groups],
-        buckets: HashMap::new(),
-    };
     let mut evaluator = Evaluator::default();
-    let mut rows: Vec<Row> = Vec::new();
     let mut index = UserIndex::default();
     let mut user_rows: Vec<Row> = Vec::new();
     let mut events: Vec<FunnelEvent> = Vec::new();
-    for parts in work {
-        rows.clear();
-        for part in parts {
-            rows.extend_from_slice(&part);
-        }
-        index.build(&rows);
+    for rows in buckets {
+        index.build(rows);
         for first in index.users() {
             user_rows.clear();
             user_rows.extend(index.rows_of(first).map(|i| rows[i]));
@@ -541,24 +651,26 @@ fn fold_buckets(ctx: &FoldContext, work: Vec<Vec<Vec<Row>>>, groups: usize) -> T
             let outcome = evaluator.evaluate(&events, p);
             let Some(start) = outcome.start else { continue };
             let start = user_rows[start];
-            let group = ctx.group_remap[start.part as usize][start.group as usize];
             out.total.add(outcome, k);
             if let Some(interval) = ctx.interval {
                 let bucket = start.ts - start.ts.rem_euclid(interval);
                 let counts = out
                     .buckets
-                    .entry((bucket, group))
+                    .entry((bucket, start.group))
                     .or_insert_with(|| vec![0; k]);
                 counts.iter_mut().take(outcome.level).for_each(|c| *c += 1);
             }
             if ctx.has_breakdown {
-                out.groups[group as usize]
+                let g = start.group as usize;
+                if out.groups.len() <= g {
+                    out.groups.resize(g + 1, None);
+                }
+                out.groups[g]
                     .get_or_insert_with(|| Tally::new(k, durations))
                     .add(outcome, k);
             }
         }
     }
-    out
 }
 
 /// The rows of each user of one bucket, found through an open-addressing table of

@@ -314,6 +314,73 @@ async fn a_query_past_the_timeout_is_a_504_naming_the_limit() {
     assert!(err.to_string().contains("query.timeout"), "{err}");
 }
 
+/// A funnel past the timeout is cancelled with its plan: 504, and its scan and folds
+/// stop and let go of every reservation well before the funnel would have finished
+/// (detached, they would hold memory until then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_funnel_past_the_timeout_stops_its_plan() {
+    let events: Vec<_> = (0..1_000_000)
+        .map(|i| {
+            crate::support::ev(
+                &format!("t{i}"),
+                &format!("u{}", i % 100_000),
+                "scan",
+                "jd",
+                i,
+                None,
+            )
+        })
+        .collect();
+    let spec = funnelhouse_query::funnel::FunnelRequest::from_query(
+        &[("campaign", "c"), ("steps", "scan")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+    .unwrap()
+    .into_spec()
+    .unwrap();
+    let engine = |timeout| {
+        let opts = funnelhouse_query::QueryOptions {
+            timeout,
+            ..Default::default()
+        };
+        crate::support::engine_over_layout(&events, &[crate::support::LIVE], opts)
+    };
+    let (uncancelled, _dir) = engine(Duration::from_secs(60));
+    let started = Instant::now();
+    funnelhouse_query::funnel::funnel(&uncancelled, &spec)
+        .await
+        .unwrap();
+    let whole = started.elapsed();
+
+    let (cancelled, _dir) = engine(Duration::from_millis(10));
+    let pool = std::sync::Arc::clone(&cancelled.context().runtime_env().memory_pool);
+    let started = Instant::now();
+    let err = funnelhouse_query::funnel::funnel(&cancelled, &spec)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.status(),
+        axum::http::StatusCode::GATEWAY_TIMEOUT,
+        "{err}"
+    );
+    while pool.reserved() > 0 && started.elapsed() < 2 * whole {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(
+        pool.reserved(),
+        0,
+        "still reserved {:?} after the timeout",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < whole / 2,
+        "stopped {:?} after the start, the whole funnel takes {whole:?}",
+        started.elapsed()
+    );
+}
+
 /// A result past `max_result_rows` stops there and says so (JSON `"truncated": true`, a
 /// `funnelhouse-truncated` header for every format), and the query stops at once rather
 /// than building ten billion rows.
@@ -361,9 +428,10 @@ async fn results_stop_at_max_result_rows_and_say_so() {
 }
 
 /// Work DataFusion does not account itself counts against `[query] memory_limit` too:
-/// a SQL result being built and the funnel engine's rows. Past it: 503 naming the limit.
+/// a SQL result being built (past the limit: 503 naming it) and the funnel's rows, which
+/// spill to disk past it and still give the exact answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn results_and_funnel_rows_count_against_memory_limit() {
+async fn results_count_against_memory_limit_and_funnel_rows_spill() {
     let opts = funnelhouse_query::QueryOptions {
         memory_limit: 256 * 1024,
         ..Default::default()
@@ -379,7 +447,8 @@ async fn results_and_funnel_rows_count_against_memory_limit() {
         .await;
     assert_eq!(small["row_count"], 1000, "small results still fit");
 
-    let events: Vec<Value> = (0..6000)
+    // Each of the two fold partitions holds more rows (56 bytes each) than the whole pool.
+    let events: Vec<Value> = (0..12_000)
         .map(|i| json!({"event_id": format!("m{i}"), "event": "scan", "user_id": format!("u{i}"), "campaign": "c"}))
         .collect();
     server.post_events(&json!(events)).await;
@@ -389,9 +458,25 @@ async fn results_and_funnel_rows_count_against_memory_limit() {
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 503);
-    let body = resp.text().await.unwrap();
-    assert!(body.contains("query.memory_limit"), "{body}");
+    assert_eq!(resp.status(), 200);
+    let report: Value = resp.json().await.unwrap();
+    assert_eq!(report["total"]["counts"], json!([12_000]), "{report}");
+    let spec = funnelhouse_query::funnel::FunnelRequest::from_query(
+        &[("campaign", "c"), ("steps", "scan")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+    .unwrap()
+    .into_spec()
+    .unwrap();
+    let plan = funnelhouse_query::funnel::explain_analyze(&server.engine, &spec)
+        .await
+        .unwrap();
+    assert!(
+        crate::support::spill_count(&plan) > 0,
+        "the funnel rows were spilled:\n{plan}"
+    );
 }
 
 /// The rendered body is what counts against `memory_limit`, not only the Arrow batches
@@ -409,6 +494,13 @@ async fn the_rendered_body_counts_against_memory_limit() {
     let (status, body, _) = server.sql(sql, "json").await;
     assert_eq!(status, 503, "{}", &body[..body.len().min(300)]);
     assert!(body.contains("query.memory_limit"), "{body}");
+    // The refused query's stream lets go of its share when the server drops it, which may
+    // be just after the 503 went out.
+    let pool = std::sync::Arc::clone(&server.engine.context().runtime_env().memory_pool);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.reserved() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let (status, body, _) = server
         .sql(&format!("{sql} ORDER BY ts LIMIT 200000"), "csv")
         .await;

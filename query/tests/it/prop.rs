@@ -1,17 +1,20 @@
-//! The funnel engine against a brute-force reference written from the contract's text:
+//! The funnel engine against a brute-force reference written from the contract's text,
+//! with the events spread over two Parquet files and the live buffer, and in half the
+//! cases 400 more users and an 8 KiB memory limit, so the fold spills its rows to disk:
 //! every chain of distinct events is enumerated, so equal timestamps, steps exactly W
 //! and W+1 µs after the first, duplicates, later steps after `to`, users in several
 //! channels and property filters are all judged by the definition itself.
 
 use std::collections::{BTreeMap, HashSet};
 
-use funnelhouse_query::funnel::{self, FunnelRequest};
+use funnelhouse_query::QueryOptions;
+use funnelhouse_query::funnel::{self, FoldExchange, FunnelRequest};
 use funnelhouse_schemas::Event;
 use funnelhouse_schemas::time::{format_micros, now_micros, parse_rfc3339};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-use crate::support::{engine_over, ev};
+use crate::support::{FILE_A, FILE_B, LIVE, engine_over_layout, ev, spill_count};
 
 const SEC: i64 = 1_000_000;
 const W: i64 = 10 * SEC;
@@ -31,6 +34,28 @@ struct Case {
     events: Vec<Event>,
     steps: Vec<Value>,
     from_to: (Option<i64>, Option<i64>),
+    /// Where each event is kept (see `engine_over_layout`).
+    places: Vec<u8>,
+    /// Run with a memory limit so small the fold spills its rows.
+    spill: bool,
+}
+
+/// Extra users of a case run under a small memory limit.
+const FILLER_USERS: usize = 400;
+
+/// Steps as the request writes them: an event name, or with a property filter.
+fn steps_json(steps: &[(usize, usize)]) -> Vec<Value> {
+    steps
+        .iter()
+        .map(|&(name, filter)| {
+            let name = ["a", "b", "c"][name];
+            match filter {
+                0 => json!({"event": name, "where": {"prize": "gold"}}),
+                1 => json!({"event": name, "where": {"prize": 5}}),
+                _ => json!(name),
+            }
+        })
+        .collect()
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -51,8 +76,10 @@ fn case() -> impl Strategy<Value = Case> {
         0..4usize,
         0..9i64,
         0..9i64,
+        prop::collection::vec(prop::sample::select(vec![FILE_A, FILE_B, LIVE]), 1..8),
+        any::<bool>(),
     )
-        .prop_map(|(raw, dups, steps, range, a, b)| {
+        .prop_map(|(raw, dups, steps, range, a, b, places, spill)| {
             let base = now_micros() / SEC * SEC - 30 * SEC;
             let mut events: Vec<Event> = raw
                 .iter()
@@ -73,17 +100,7 @@ fn case() -> impl Strategy<Value = Case> {
                     events.push(e);
                 }
             }
-            let steps = steps
-                .into_iter()
-                .map(|(name, filter)| {
-                    let name = ["a", "b", "c"][name];
-                    match filter {
-                        0 => json!({"event": name, "where": {"prize": "gold"}}),
-                        1 => json!({"event": name, "where": {"prize": 5}}),
-                        _ => json!(name),
-                    }
-                })
-                .collect();
+            let steps = steps_json(&steps);
             let (lo, hi) = (a.min(b), a.max(b) + 1);
             let from_to = match range {
                 0 => (None, None),
@@ -91,10 +108,29 @@ fn case() -> impl Strategy<Value = Case> {
                 2 => (Some(base + lo * UNIT), None),
                 _ => (None, Some(base + hi * UNIT)),
             };
+            if spill {
+                // Many one-event users, each matching a step: more rows than a 8 KiB pool
+                // holds, while each spilled slice (1/128 of the users) still fits.
+                for (i, step) in (0..FILLER_USERS).zip(steps.iter().cycle()) {
+                    let props = step.get("where").map(Value::to_string);
+                    let event = step.get("event").unwrap_or(step).as_str().unwrap();
+                    let ts = from_to.0.unwrap_or(base);
+                    events.push(ev(
+                        &format!("f{i}"),
+                        &format!("filler{i}"),
+                        event,
+                        "offline",
+                        ts,
+                        props.as_deref(),
+                    ));
+                }
+            }
             Case {
                 events,
                 steps,
                 from_to,
+                places,
+                spill,
             }
         })
 }
@@ -263,7 +299,12 @@ fn actual(stats: &Value) -> Expected {
 }
 
 fn run(case: &Case) -> Result<(), TestCaseError> {
-    let engine = engine_over(&case.events);
+    let memory_limit = if case.spill { 8 << 10 } else { 64 << 20 };
+    let opts = QueryOptions {
+        memory_limit,
+        ..QueryOptions::default()
+    };
+    let (engine, _dir) = engine_over_layout(&case.events, &case.places, opts);
     let mut req =
         json!({"campaign": "c", "steps": case.steps, "window": W / SEC, "breakdown": "channel"});
     if let Some(f) = case.from_to.0 {
@@ -285,6 +326,26 @@ fn run(case: &Case) -> Result<(), TestCaseError> {
     let report = serde_json::to_value(&report).unwrap();
     let as_of = parse_rfc3339(report["as_of"].as_str().unwrap()).unwrap();
     let (total, groups) = reference(case, as_of);
+    // The distributable shape, repartitioned by user_id, folds to the same numbers.
+    let plan_rows = |exchange| -> Vec<String> {
+        let plan = rt
+            .block_on(funnel::funnel_plan(&engine, &spec, as_of, None, exchange))
+            .unwrap();
+        let batches = rt
+            .block_on(datafusion::physical_plan::collect(
+                plan,
+                engine.context().task_ctx(),
+            ))
+            .unwrap();
+        let table = datafusion::arrow::util::pretty::pretty_format_batches(&batches).unwrap();
+        let mut rows: Vec<String> = table.to_string().lines().map(String::from).collect();
+        rows.sort();
+        rows
+    };
+    prop_assert_eq!(
+        plan_rows(FoldExchange::Broadcast),
+        plan_rows(FoldExchange::Repartition)
+    );
     prop_assert_eq!(&actual(&report["total"]), &total);
     let got: BTreeMap<String, Expected> = report["groups"]
         .as_array()
@@ -293,7 +354,18 @@ fn run(case: &Case) -> Result<(), TestCaseError> {
         .map(|g| (g["value"].as_str().unwrap().to_string(), actual(g)))
         .collect();
     prop_assert_eq!(got, groups);
-    if case.from_to == (None, None) && case.steps.iter().all(Value::is_string) {
+    if case.spill {
+        let plan = rt
+            .block_on(funnel::explain_analyze(&engine, &spec))
+            .unwrap();
+        prop_assert!(
+            spill_count(&plan) > 0,
+            "the fold's rows were spilled:\n{}",
+            plan
+        );
+    }
+    // SQL aggregations are not what a tiny memory limit is here to test.
+    if !case.spill && case.from_to == (None, None) && case.steps.iter().all(Value::is_string) {
         // window_funnel in SQL reaches the same levels (duplicates removed in SQL).
         let conds: Vec<String> = case
             .steps

@@ -1,13 +1,13 @@
 //! Shared fixtures: the collector and query routers over one store on 127.0.0.1:0, and
 //! engines over fixed in-memory event sets.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use funnelhouse_ingest::CollectorState;
 use funnelhouse_query::{QueryEngine, QueryOptions, QueryState, SnapshotSource, StaticSource};
 use funnelhouse_schemas::{Event, events_to_batch};
-use funnelhouse_storage::{EventStore, IngestConfig, Snapshot};
+use funnelhouse_storage::parquet_file::write_partitioned;
+use funnelhouse_storage::{EventStore, IngestConfig, OsDisk, Partitioning, Snapshot};
 use serde_json::Value;
 
 pub struct TestServer {
@@ -118,23 +118,71 @@ impl TestServer {
 
 /// An engine over exactly these events, held in memory.
 pub fn engine_over(events: &[Event]) -> QueryEngine {
+    engine_over_layout(events, &[LIVE], QueryOptions::default()).0
+}
+
+/// Where [`engine_over_layout`] keeps an event: in one of two Parquet files or in the
+/// live buffer.
+pub const FILE_A: u8 = 0;
+pub const FILE_B: u8 = 1;
+pub const LIVE: u8 = 2;
+
+/// An engine over these events, event i kept where `places[i % places.len()]` says,
+/// with `opts` (two partitions). The files live in the returned directory.
+pub fn engine_over_layout(
+    events: &[Event],
+    places: &[u8],
+    opts: QueryOptions,
+) -> (QueryEngine, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let kept = |place: u8| -> Vec<Event> {
+        (events.iter().enumerate())
+            .filter(|(i, _)| places[i % places.len()] == place)
+            .map(|(_, e)| e.clone())
+            .collect()
+    };
+    let mut files = Vec::new();
+    for place in [FILE_A, FILE_B] {
+        let batch = events_to_batch(&kept(place));
+        files.extend(
+            write_partitioned(
+                &OsDisk,
+                dir.path(),
+                &[batch],
+                Partitioning::Day,
+                &format!("f{place}"),
+            )
+            .unwrap(),
+        );
+    }
     let snapshot = Snapshot {
-        files: Arc::new(Vec::new()),
-        batches: vec![events_to_batch(events)],
+        files: Arc::new(files),
+        batches: vec![events_to_batch(&kept(LIVE))],
         batches_pushed: 1,
         ..Default::default()
     };
     let opts = QueryOptions {
         target_partitions: 2,
-        ..QueryOptions::default()
+        ..opts
     };
-    QueryEngine::new(
+    let engine = QueryEngine::new(
         Arc::new(StaticSource(snapshot)),
-        Path::new("."),
+        dir.path(),
         &opts,
         Arc::default(),
     )
-    .unwrap()
+    .unwrap();
+    (engine, dir)
+}
+
+/// The spills of the funnel fold in a plan printed with its metrics.
+pub fn spill_count(plan: &str) -> u64 {
+    plan.lines()
+        .filter(|l| l.contains("FunnelFoldExec"))
+        .flat_map(|l| l.split(['[', ',', ']']))
+        .filter_map(|m| m.trim().strip_prefix("spill_count="))
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum()
 }
 
 pub fn ev(id: &str, user: &str, event: &str, channel: &str, ts: i64, props: Option<&str>) -> Event {
