@@ -69,6 +69,18 @@ impl QueryError {
         }
     }
 
+    /// An error out of a plan of ours: our own errors come back as they were raised
+    /// (an internal error stays a 500), DataFusion's as DataFusion's.
+    pub fn from_plan(e: DataFusionError) -> Self {
+        match e {
+            DataFusionError::External(inner) => match inner.downcast::<QueryError>() {
+                Ok(ours) => *ours,
+                Err(other) => QueryError::DataFusion(DataFusionError::External(other)),
+            },
+            e => QueryError::DataFusion(e),
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::DataFusion(e) if e.is_memory_limit() => StatusCode::SERVICE_UNAVAILABLE,

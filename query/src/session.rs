@@ -294,8 +294,7 @@ impl QueryEngine {
     }
 
     /// A share of the query memory pool for work DataFusion does not account itself
-    /// (results being built, the funnel engine's rows); past `memory_limit` it fails
-    /// with a 503 naming the limit.
+    /// (results being built); past `memory_limit` it fails with a 503 naming the limit.
     pub fn reservation(&self, name: &str) -> MemoryReservation {
         MemoryConsumer::new(name).register(&self.ctx.runtime_env().memory_pool)
     }

@@ -2,8 +2,9 @@
 //!
 //! DataFusion scans only the campaign's step events (pruned by campaign, event and ts,
 //! projected to the few columns needed); the plan nodes of [`super::plan`] fold them
-//! per user into per-group counters, from which this module derives the reports. A question a [`super::live`] funnel keeps up to date is
-//! answered from it instead, without a scan.
+//! per user into per-group counters, from which this module derives the reports. A
+//! question a [`super::live`] funnel keeps up to date is answered from it instead,
+//! without a scan.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -217,7 +218,7 @@ pub async fn funnel_plan(
             let user = physical_col("user_id", &scan.schema())?;
             let by_user =
                 RepartitionExec::try_new(scan, Partitioning::Hash(vec![user], partitions))?;
-            FunnelFoldExec::by_user(Arc::new(by_user), Arc::clone(&query))
+            FunnelFoldExec::by_user(Arc::new(by_user), Arc::clone(&query))?
         }
     };
     let coalesced = CoalescePartitionsExec::new(Arc::new(fold));
@@ -243,7 +244,9 @@ async fn compute(
 ) -> Result<Partial> {
     let started = std::time::Instant::now();
     let plan = funnel_plan(engine, spec, as_of, interval, FoldExchange::Broadcast).await?;
-    let batches = collect(plan, engine.context().task_ctx()).await?;
+    let batches = collect(plan, engine.context().task_ctx())
+        .await
+        .map_err(QueryError::from_plan)?;
     tracing::debug!(
         campaign = %spec.campaign,
         ms = started.elapsed().as_millis() as u64,
@@ -252,19 +255,13 @@ async fn compute(
     Ok(partial_from_batches(&batches, spec))
 }
 
-/// The funnel's plan as `EXPLAIN ANALYZE` shows one: run, with each node's metrics
-/// (rows, spills, time).
+/// The funnel's plan (not the trend's) as `EXPLAIN ANALYZE` shows one: run, with each
+/// node's metrics (rows, spills, time).
 pub async fn explain_analyze(engine: &QueryEngine, spec: &FunnelSpec) -> Result<String> {
-    let interval = spec.interval_secs.map(|s| s.saturating_mul(MICROS));
-    let plan = funnel_plan(
-        engine,
-        spec,
-        now_micros(),
-        interval,
-        FoldExchange::Broadcast,
-    )
-    .await?;
-    collect(Arc::clone(&plan), engine.context().task_ctx()).await?;
+    let plan = funnel_plan(engine, spec, now_micros(), None, FoldExchange::Broadcast).await?;
+    collect(Arc::clone(&plan), engine.context().task_ctx())
+        .await
+        .map_err(QueryError::from_plan)?;
     Ok(DisplayableExecutionPlan::with_metrics(plan.as_ref())
         .indent(true)
         .to_string())

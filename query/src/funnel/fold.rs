@@ -1,11 +1,10 @@
 //! The per-user fold of the funnel engine, run by [`super::plan::FunnelFoldExec`] on one
-//! partition of users (the scan is hash-repartitioned by user_id).
+//! partition of users.
 //!
-//! Collect: the partition's batches become compact [`Row`]s (user key, ts, step mask,
-//! group id, where its event_id is in an arena of ids) filed into buckets by the top
-//! bits of the user key;
-//! past the partition's share of the memory pool they are spilled to disk in slices of
-//! buckets. Fold: a bucket's rows are grouped by user ([`UserIndex`]), each user's rows
+//! Collect: the rows of the partition's users become compact [`Row`]s (user key, ts,
+//! step mask, group id, where its event_id is in an arena of ids) filed into buckets by
+//! the top bits of the user key; past the partition's share of the memory pool they are
+//! spilled to disk in slices of buckets. Fold: a bucket's rows are grouped by user ([`UserIndex`]), each user's rows
 //! are sorted by (ts, event_id), repeated event_ids are dropped, the user is evaluated
 //! with [`Evaluator`] and the outcome is added to the counters of the user's group.
 //! Nothing is allocated per user.
@@ -26,7 +25,7 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::disk_manager::DiskManager;
 use datafusion::execution::memory_pool::MemoryReservation;
 use datafusion::execution::{SpillFile, SpillWriter};
-use datafusion::physical_plan::metrics::Count;
+use datafusion::physical_plan::metrics::{Count, Time};
 use serde_json::Value;
 use xxhash_rust::xxh3::{Xxh3DefaultBuilder, xxh3_64, xxh3_128};
 
@@ -231,10 +230,16 @@ fn inline_key_of(s: &str) -> Option<u128> {
     inline_key(make_view(s.as_bytes(), 0, 0))
 }
 
-/// How many slices the buckets are spilled in: a spilled fold reads back one slice
-/// (1/128 of the partition's rows, 16 MB of 50M events in two partitions) at a time.
+/// How many slices the buckets are spilled in: a spilled fold reads back one slice at a
+/// time. Slice s holds buckets s, s + 128, ...: whatever range of buckets a partition
+/// owns, each slice has 1/128 of its rows (16 MB of 50M events in two partitions).
 const SPILL_SLICES: usize = 128;
 const BUCKETS_PER_SLICE: usize = ROW_BUCKETS / SPILL_SLICES;
+
+/// The buckets of a slice, in the order the slice's rows are read back.
+fn slice_buckets(slice: usize) -> impl Iterator<Item = usize> + Clone {
+    (0..BUCKETS_PER_SLICE).map(move |j| j * SPILL_SLICES + slice)
+}
 
 /// Which users a collector keeps: those whose bucket falls in part `part` of `of`
 /// equal ranges of buckets.
@@ -255,6 +260,8 @@ impl Share {
 /// What a collector reports to its plan node's metrics.
 #[derive(Clone, Default)]
 pub(super) struct CollectMetrics {
+    /// Time collecting, spilling and folding (not waiting for input).
+    pub elapsed_compute: Time,
     pub rows: Count,
     pub spills: Count,
     pub spilled_rows: Count,
@@ -286,7 +293,7 @@ pub(super) struct RowCollector {
 /// The spill file of one slice, being written.
 struct SpillRun {
     file: Arc<dyn SpillFile>,
-    writer: StreamWriter<Box<dyn SpillWriter>>,
+    writer: StreamWriter<std::io::BufWriter<Box<dyn SpillWriter>>>,
 }
 
 impl RowCollector {
@@ -345,6 +352,8 @@ impl RowCollector {
 
     /// Batch columns: user_id, event_id, ts, event, [breakdown column], [properties].
     pub(super) fn add_batch(&mut self, b: &RecordBatch) -> Result<()> {
+        let elapsed = self.metrics.elapsed_compute.clone();
+        let _timer = elapsed.timer();
         let matcher = Arc::clone(&self.matcher);
         let users = string_col(b, 0)?;
         let ids = string_col(b, 1)?;
@@ -423,17 +432,19 @@ impl RowCollector {
     fn spill(&mut self) -> Result<()> {
         let mut rows = 0;
         for slice in 0..SPILL_SLICES {
-            let buckets = &self.buckets[slice * BUCKETS_PER_SLICE..][..BUCKETS_PER_SLICE];
-            let n: usize = buckets.iter().map(Vec::len).sum();
+            let buckets: Vec<&Vec<Row>> = slice_buckets(slice).map(|b| &self.buckets[b]).collect();
+            let n: usize = buckets.iter().map(|b| b.len()).sum();
             if n == 0 {
                 continue;
             }
-            let batch = spill_batch(buckets, &self.ids, n)?;
+            let batch = spill_batch(&buckets, &self.ids, n)?;
             let run = match &mut self.spill[slice] {
                 Some(run) => run,
                 empty => {
                     let file = self.disk.create_tmp_file("funnel rows")?;
-                    let writer = StreamWriter::try_new(file.open_writer()?, &spill_schema())?;
+                    // The spill file's writer is unbuffered; IPC writes many small pieces.
+                    let out = std::io::BufWriter::with_capacity(1 << 16, file.open_writer()?);
+                    let writer = StreamWriter::try_new(out, &spill_schema())?;
                     empty.insert(SpillRun { file, writer })
                 }
             };
@@ -451,51 +462,50 @@ impl RowCollector {
     /// Fold every user's rows into counters per group, reading spilled slices back one
     /// at a time.
     pub(super) fn fold(mut self, params: ChainParams, interval: Option<i64>) -> Result<Folded> {
+        let elapsed = self.metrics.elapsed_compute.clone();
+        let _timer = elapsed.timer();
         let mut out = TaskTally::new(params.steps, interval.is_none());
+        let has_breakdown = self.matcher.breakdown.is_some();
+        let context = |ids| FoldContext {
+            params,
+            interval,
+            has_breakdown,
+            ids,
+        };
         if self.spill.iter().all(Option::is_none) {
-            let ctx = FoldContext {
-                params,
-                interval,
-                has_breakdown: self.matcher.breakdown.is_some(),
-                ids: std::mem::take(&mut self.ids),
-            };
+            let ctx = context(std::mem::take(&mut self.ids));
             fold_buckets(&ctx, &self.buckets, &mut out);
         } else {
-            self.spill()?;
-            for (slice, run) in std::mem::take(&mut self.spill).into_iter().enumerate() {
-                let Some(mut run) = run else { continue };
-                run.writer.finish()?;
-                run.writer.get_mut().finish()?;
-                let (buckets, ids) = self.read_slice(slice, &*run.file)?;
-                let ctx = FoldContext {
-                    params,
-                    interval,
-                    has_breakdown: self.matcher.breakdown.is_some(),
-                    ids,
-                };
-                fold_buckets(&ctx, &buckets, &mut out);
+            if self.rows_held() > 0 {
+                self.spill()?;
+            }
+            for run in std::mem::take(&mut self.spill).into_iter().flatten() {
+                let mut file = run
+                    .writer
+                    .into_inner()?
+                    .into_inner()
+                    .map_err(|e| DataFusionError::IoError(e.into_error()))?;
+                file.finish()?;
+                let (buckets, ids) = self.read_slice(&*run.file)?;
+                fold_buckets(&context(ids), &buckets, &mut out);
                 self.reservation.free();
             }
         }
         Ok(Folded {
             group_names: self.group_names,
-            has_breakdown: self.matcher.breakdown.is_some(),
+            has_breakdown,
             tally: out,
         })
     }
 
     /// The rows of one spilled slice, bucketed again, with their id arena.
-    fn read_slice(
-        &mut self,
-        slice: usize,
-        file: &dyn SpillFile,
-    ) -> Result<(Vec<Vec<Row>>, Vec<u8>)> {
+    fn read_slice(&mut self, file: &dyn SpillFile) -> Result<(Vec<Vec<Row>>, Vec<u8>)> {
         let path = file
             .path()
             .ok_or_else(|| QueryError::Internal("funnel spill files must be local files".into()))?;
         self.metrics
             .spilled_bytes
-            .add(std::fs::metadata(path).map_or(0, |m| m.len() as usize));
+            .add(file.size().unwrap_or_default() as usize);
         let reader = StreamReader::try_new(
             std::io::BufReader::new(std::fs::File::open(path).map_err(DataFusionError::IoError)?),
             None,
@@ -512,13 +522,17 @@ impl RowCollector {
             let arena_capacity = arena.capacity();
             let rows_capacity: usize = buckets.iter().map(Vec::capacity).sum();
             for r in 0..b.num_rows() {
-                let bucket = (hi.value(r) >> 54) as usize % ROW_BUCKETS - slice * BUCKETS_PER_SLICE;
+                // Bucket b of this slice is at b / SPILL_SLICES (see `slice_buckets`).
+                let bucket = (hi.value(r) >> 54) as usize % ROW_BUCKETS / SPILL_SLICES;
+                let eid_at = u32::try_from(arena.len()).map_err(|_| {
+                    QueryError::Internal("a spilled slice holds over 4 GiB of event_ids".into())
+                })?;
                 buckets[bucket].push(Row {
                     user: [hi.value(r), lo.value(r)],
                     ts: ts.value(r),
                     steps: steps.value(r),
                     eid_hash: eid_hash.value(r),
-                    eid_at: arena.len() as u32,
+                    eid_at,
                     eid_len: ids.value(r).len() as u32,
                     group: group.value(r),
                 });
@@ -550,8 +564,8 @@ fn spill_schema() -> SchemaRef {
     Arc::clone(&SCHEMA)
 }
 
-fn spill_batch(buckets: &[Vec<Row>], arena: &[u8], n: usize) -> Result<RecordBatch> {
-    let rows = || buckets.iter().flatten();
+fn spill_batch(buckets: &[&Vec<Row>], arena: &[u8], n: usize) -> Result<RecordBatch> {
+    let rows = || buckets.iter().copied().flatten();
     let u64s = |f: fn(&Row) -> u64| Arc::new(UInt64Array::from_iter_values(rows().map(f)));
     let mut ids = BinaryBuilder::with_capacity(n, n * 16);
     for r in rows() {

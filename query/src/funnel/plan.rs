@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, LazyLock, Mutex};
 
 use arrow::array::builder::{ArrayBuilder, Float64Builder, Int64Builder, StringBuilder};
@@ -27,12 +28,15 @@ use arrow::array::{
     UInt32Builder, UInt64Array, UInt64Builder, new_null_array,
 };
 use arrow::buffer::OffsetBuffer;
-use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, UInt32Type, UInt64Type};
+use arrow::datatypes::{
+    DataType, Field, FieldRef, Float64Type, Int64Type, Schema, SchemaRef, UInt32Type, UInt64Type,
+};
 use datafusion::common::runtime::SpawnedTask;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
@@ -42,7 +46,7 @@ use datafusion::physical_plan::{
     ExecutionPlanProperties, Partitioning, PlanProperties, ReplaceChildrenOptions,
 };
 use futures::stream::BoxStream;
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 
 use super::chain::ChainParams;
@@ -89,14 +93,15 @@ fn counters_schema() -> SchemaRef {
             Field::new("step", DataType::UInt32, false),
             Field::new("users", DataType::UInt64, false),
             Field::new("pending", DataType::UInt64, false),
-            Field::new(
-                "durations",
-                DataType::List(Arc::new(Field::new("item", DataType::Int64, true))),
-                true,
-            ),
+            Field::new("durations", DataType::List(duration_field()), true),
         ]))
     });
     Arc::clone(&SCHEMA)
+}
+
+/// The item of the durations list.
+fn duration_field() -> FieldRef {
+    Arc::new(Field::new("item", DataType::Int64, true))
 }
 
 /// Merge output: the numbers per group (null: the total) and trend bucket and step.
@@ -155,11 +160,23 @@ struct Broadcast {
 }
 
 impl FunnelFoldExec {
-    /// Over `input` hash-partitioned by user_id, with the columns of
-    /// [`super::engine::scan_frame`].
-    pub fn by_user(input: Arc<dyn ExecutionPlan>, query: Arc<FunnelQuery>) -> Self {
+    /// Over `input` hash-partitioned by user_id (or in one partition), with the
+    /// columns of [`super::engine::scan_frame`]; other input would split users.
+    pub fn by_user(input: Arc<dyn ExecutionPlan>, query: Arc<FunnelQuery>) -> DfResult<Self> {
+        let by_user = match input.output_partitioning() {
+            Partitioning::Hash(exprs, _) => {
+                matches!(exprs.as_slice(), [e] if e.downcast_ref::<Column>().is_some_and(|c| c.name() == "user_id"))
+            }
+            p => p.partition_count() == 1,
+        };
+        if !by_user {
+            return Err(DataFusionError::Plan(format!(
+                "FunnelFoldExec needs its input partitioned by user_id, not {}",
+                input.output_partitioning()
+            )));
+        }
         let partitions = input.output_partitioning().partition_count();
-        Self::new(input, query, Exchange::ByUser, partitions)
+        Ok(Self::new(input, query, Exchange::ByUser, partitions))
     }
 
     /// Over `input` partitioned any way, folding in `partitions` partitions of users;
@@ -254,24 +271,38 @@ impl FunnelFoldExec {
         let mut tasks = Vec::with_capacity(inputs);
         for i in 0..inputs {
             let mut input = self.input.execute(i, Arc::clone(context))?;
+            let senders_of_feed = senders.clone();
+            let feed = async move {
+                while let Some(batch) = input.next().await {
+                    let batch = batch?;
+                    for tx in &senders_of_feed {
+                        // A partition that stopped early (an error) is skipped.
+                        let _ = tx.send(Ok(batch.clone())).await;
+                    }
+                }
+                Ok::<_, DataFusionError>(())
+            };
             let senders = senders.clone();
             tasks.push(SpawnedTask::spawn(async move {
-                while let Some(batch) = input.next().await {
-                    match batch {
-                        Ok(batch) => {
-                            for tx in &senders {
-                                // A partition that stopped early (an error) is skipped.
-                                let _ = tx.send(Ok(batch.clone())).await;
-                            }
-                        }
-                        Err(e) => {
-                            let e = Arc::new(e);
-                            for tx in &senders {
-                                let _ = tx.send(Err(DataFusionError::Shared(Arc::clone(&e)))).await;
-                            }
-                            return;
-                        }
-                    }
+                // An error or a panic reaches every partition: a partition whose channel
+                // just closed would take a lost scan for the end of the data.
+                let failed = match AssertUnwindSafe(feed).catch_unwind().await {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => e,
+                    Err(panic) => DataFusionError::Internal(format!(
+                        "funnel scan task panicked: {}",
+                        panic
+                            .downcast_ref::<String>()
+                            .map(String::as_str)
+                            .or_else(|| panic.downcast_ref::<&str>().copied())
+                            .unwrap_or("?")
+                    )),
+                };
+                let failed = Arc::new(failed);
+                for tx in &senders {
+                    let _ = tx
+                        .send(Err(DataFusionError::Shared(Arc::clone(&failed))))
+                        .await;
                 }
             }));
         }
@@ -315,11 +346,11 @@ impl ExecutionPlan for FunnelFoldExec {
         if let Exchange::Broadcast { .. } = self.exchange {
             return vec![Distribution::UnspecifiedDistribution];
         }
-        let user = self.input.schema().index_of("user_id").map(|i| {
-            Arc::new(datafusion::physical_expr::expressions::Column::new(
-                "user_id", i,
-            )) as Arc<dyn PhysicalExpr>
-        });
+        let user = self
+            .input
+            .schema()
+            .index_of("user_id")
+            .map(|i| Arc::new(Column::new("user_id", i)) as Arc<dyn PhysicalExpr>);
         match user {
             Ok(user) => vec![Distribution::KeyPartitioned(vec![user])],
             Err(_) => vec![Distribution::UnspecifiedDistribution],
@@ -341,7 +372,7 @@ impl ExecutionPlan for FunnelFoldExec {
         let input = children.swap_remove(0);
         let query = Arc::clone(&self.query);
         Ok(Arc::new(match self.exchange {
-            Exchange::ByUser => Self::by_user(input, query),
+            Exchange::ByUser => Self::by_user(input, query)?,
             Exchange::Broadcast { partitions, .. } => Self::broadcast(input, query, partitions),
         }))
     }
@@ -367,6 +398,7 @@ impl ExecutionPlan for FunnelFoldExec {
             .register(context.memory_pool());
         let metric = || MetricBuilder::new(&self.metrics);
         let metrics = CollectMetrics {
+            elapsed_compute: metric().elapsed_compute(partition),
             rows: metric().counter("rows", partition),
             spills: metric().spill_count(partition),
             spilled_rows: metric().spilled_rows(partition),
@@ -431,7 +463,7 @@ fn counters_batches(folded: Folded, trend: bool) -> DfResult<Vec<RecordBatch>> {
         for step in 0..t.counts.len() {
             let d = Int64Array::from(durations.next().unwrap_or_default());
             let list = ListArray::try_new(
-                Arc::new(Field::new("item", DataType::Int64, true)),
+                duration_field(),
                 OffsetBuffer::from_lengths([d.len()]),
                 Arc::new(d),
                 None,
@@ -577,7 +609,7 @@ impl ExecutionPlan for FunnelMergeExec {
             let mut total = Tally::new(k, false);
             let mut groups: HashMap<(String, Option<i64>), Tally> = HashMap::new();
             // Reserved once every fold is done and has let go of its rows; each batch's
-            // durations move into the tallies and the batch is dropped.
+            // durations are copied into the tallies and the batch is dropped.
             let batches: Vec<RecordBatch> = input.try_collect().await?;
             let durations_of = |b: &RecordBatch| {
                 let list = b.column(5).as_list::<i32>();
@@ -713,7 +745,7 @@ pub(super) fn partial_from_batches(batches: &[RecordBatch], spec: &FunnelSpec) -
         let step: &UInt32Array = b.column(2).as_primitive();
         let users: &UInt64Array = b.column(3).as_primitive();
         let pending: &UInt64Array = b.column(4).as_primitive();
-        let median = b.column(5).as_primitive::<arrow::datatypes::Float64Type>();
+        let median = b.column(5).as_primitive::<Float64Type>();
         for r in 0..b.num_rows() {
             let s = step.value(r) as usize;
             if bucket.is_valid(r) {

@@ -331,15 +331,7 @@ async fn a_funnel_past_the_timeout_stops_its_plan() {
             )
         })
         .collect();
-    let spec = funnelhouse_query::funnel::FunnelRequest::from_query(
-        &[("campaign", "c"), ("steps", "scan")]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    )
-    .unwrap()
-    .into_spec()
-    .unwrap();
+    let spec = crate::support::funnel_spec(&[("campaign", "c"), ("steps", "scan")]);
     let engine = |timeout| {
         let opts = funnelhouse_query::QueryOptions {
             timeout,
@@ -461,15 +453,7 @@ async fn results_count_against_memory_limit_and_funnel_rows_spill() {
     assert_eq!(resp.status(), 200);
     let report: Value = resp.json().await.unwrap();
     assert_eq!(report["total"]["counts"], json!([12_000]), "{report}");
-    let spec = funnelhouse_query::funnel::FunnelRequest::from_query(
-        &[("campaign", "c"), ("steps", "scan")]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    )
-    .unwrap()
-    .into_spec()
-    .unwrap();
+    let spec = crate::support::funnel_spec(&[("campaign", "c"), ("steps", "scan")]);
     let plan = funnelhouse_query::funnel::explain_analyze(&server.engine, &spec)
         .await
         .unwrap();

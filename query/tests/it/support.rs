@@ -175,6 +175,17 @@ pub fn engine_over_layout(
     (engine, dir)
 }
 
+/// A funnel question from query parameters, as `GET /v1/funnel` takes them.
+pub fn funnel_spec(params: &[(&str, &str)]) -> funnelhouse_query::funnel::FunnelSpec {
+    let params = (params.iter())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    funnelhouse_query::funnel::FunnelRequest::from_query(&params)
+        .unwrap()
+        .into_spec()
+        .unwrap()
+}
+
 /// The spills of the funnel fold in a plan printed with its metrics.
 pub fn spill_count(plan: &str) -> u64 {
     plan.lines()
