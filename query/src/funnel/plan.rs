@@ -22,12 +22,12 @@ use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, LazyLock, Mutex};
 
-use arrow::array::builder::{ArrayBuilder, Float64Builder, Int64Builder, StringBuilder};
+use arrow::array::builder::{Float64Builder, Int64Builder, StringBuilder};
 use arrow::array::{
-    Array, ArrayRef, AsArray, Int64Array, ListArray, RecordBatch, StringArray, UInt32Array,
-    UInt32Builder, UInt64Array, UInt64Builder, new_null_array,
+    Array, ArrayRef, AsArray, Int64Array, ListArray, RecordBatch, UInt32Array, UInt32Builder,
+    UInt64Array, UInt64Builder,
 };
-use arrow::buffer::OffsetBuffer;
+use arrow::buffer::{NullBuffer, OffsetBuffer};
 use arrow::datatypes::{
     DataType, Field, FieldRef, Float64Type, Int64Type, Schema, SchemaRef, UInt32Type, UInt64Type,
 };
@@ -431,19 +431,26 @@ impl ExecutionPlan for FunnelFoldExec {
     }
 }
 
-/// The counters of one fold as rows of [`counters_schema`]: for a funnel a batch per
-/// (group, step) whose durations are the fold's own vector, not a copy.
+/// The counters of one fold as one batch of [`counters_schema`]. Each tally's durations
+/// are freed as soon as they are copied into the batch.
 fn counters_batches(folded: Folded, trend: bool) -> DfResult<Vec<RecordBatch>> {
     let Folded {
         group_names,
         has_breakdown,
         tally,
     } = folded;
+    let mut out = CounterRows::default();
     if trend {
-        let mut out = CounterRows::default();
         for ((bucket, g), counts) in &tally.buckets {
             for (step, &users) in counts.iter().enumerate() {
-                out.push(&group_names[*g as usize], *bucket, step, users);
+                out.push(
+                    &group_names[*g as usize],
+                    Some(*bucket),
+                    step,
+                    users,
+                    0,
+                    None,
+                );
             }
         }
         return Ok(vec![out.finish()?]);
@@ -457,57 +464,67 @@ fn counters_batches(folded: Folded, trend: bool) -> DfResult<Vec<RecordBatch>> {
     } else {
         Vec::new()
     };
-    let mut batches = Vec::new();
+    let held = tallies.iter().flat_map(|(_, t)| &t.durations).map(Vec::len);
+    out.durations.reserve_exact(held.sum());
     for (group, t) in tallies {
         let mut durations = t.durations.into_iter();
         for step in 0..t.counts.len() {
-            let d = Int64Array::from(durations.next().unwrap_or_default());
-            let list = ListArray::try_new(
-                duration_field(),
-                OffsetBuffer::from_lengths([d.len()]),
-                Arc::new(d),
-                None,
-            )?;
-            let columns: Vec<ArrayRef> = vec![
-                Arc::new(StringArray::from(vec![group])),
-                Arc::new(Int64Array::new_null(1)),
-                Arc::new(UInt32Array::from(vec![step as u32])),
-                Arc::new(UInt64Array::from(vec![t.counts[step]])),
-                Arc::new(UInt64Array::from(vec![t.pending[step]])),
-                Arc::new(list),
-            ];
-            batches.push(RecordBatch::try_new(counters_schema(), columns)?);
+            let d = durations.next().unwrap_or_default();
+            out.push(group, None, step, t.counts[step], t.pending[step], Some(d));
         }
     }
-    Ok(batches)
+    Ok(vec![out.finish()?])
 }
 
-/// Trend counters (no pending, no durations).
 #[derive(Default)]
 struct CounterRows {
     group: StringBuilder,
     bucket: Int64Builder,
     step: UInt32Builder,
     users: UInt64Builder,
+    pending: UInt64Builder,
+    /// Every row's durations back to back, and each row's count (None: not tracked).
+    durations: Vec<i64>,
+    lengths: Vec<Option<usize>>,
 }
 
 impl CounterRows {
-    fn push(&mut self, group: &str, bucket: i64, step: usize, users: u64) {
+    fn push(
+        &mut self,
+        group: &str,
+        bucket: Option<i64>,
+        step: usize,
+        users: u64,
+        pending: u64,
+        durations: Option<Vec<i64>>,
+    ) {
         self.group.append_value(group);
-        self.bucket.append_value(bucket);
+        self.bucket.append_option(bucket);
         self.step.append_value(step as u32);
         self.users.append_value(users);
+        self.pending.append_value(pending);
+        self.lengths.push(durations.as_ref().map(Vec::len));
+        if let Some(d) = durations {
+            self.durations.extend_from_slice(&d);
+        }
     }
 
     fn finish(mut self) -> DfResult<RecordBatch> {
-        let rows = self.group.len();
+        let offsets = OffsetBuffer::from_lengths(self.lengths.iter().map(|l| l.unwrap_or(0)));
+        let valid: NullBuffer = self.lengths.iter().map(Option::is_some).collect();
+        let durations = ListArray::try_new(
+            duration_field(),
+            offsets,
+            Arc::new(Int64Array::from(self.durations)),
+            Some(valid),
+        )?;
         let columns: Vec<ArrayRef> = vec![
             Arc::new(self.group.finish()),
             Arc::new(self.bucket.finish()),
             Arc::new(self.step.finish()),
             Arc::new(self.users.finish()),
-            Arc::new(UInt64Array::from(vec![0; rows])),
-            new_null_array(counters_schema().field(5).data_type(), rows),
+            Arc::new(self.pending.finish()),
+            Arc::new(durations),
         ];
         Ok(RecordBatch::try_new(counters_schema(), columns)?)
     }
