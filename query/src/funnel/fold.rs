@@ -350,8 +350,9 @@ impl RowCollector {
         g
     }
 
-    /// Batch columns: user_id, event_id, ts, event, [breakdown column], [properties].
-    pub(super) fn add_batch(&mut self, b: &RecordBatch) -> Result<()> {
+    /// Batch columns: user_id, event_id, ts, event, [breakdown column], [properties];
+    /// `user_keys`, when given, are [`user_keys`] of the batch.
+    pub(super) fn add_batch(&mut self, b: &RecordBatch, user_keys: Option<&[u128]>) -> Result<()> {
         let elapsed = self.metrics.elapsed_compute.clone();
         let _timer = elapsed.timer();
         let matcher = Arc::clone(&self.matcher);
@@ -378,7 +379,10 @@ impl RowCollector {
             if ts.is_null(r) {
                 continue;
             }
-            let user = xxh3_128(users.value(r).as_bytes());
+            let user = match user_keys {
+                Some(keys) => keys[r],
+                None => xxh3_128(users.value(r).as_bytes()),
+            };
             let bucket = (user >> 118) as usize % ROW_BUCKETS;
             if !self.share.keeps(bucket) {
                 continue;
@@ -581,6 +585,15 @@ fn spill_batch(buckets: &[&Vec<Row>], arena: &[u8], n: usize) -> Result<RecordBa
         Arc::new(ids.finish()),
     ];
     Ok(RecordBatch::try_new(spill_schema(), columns)?)
+}
+
+/// The 128-bit key of each row's user_id (column 0), which picks its bucket: computed
+/// once per batch when several fold partitions read it.
+pub(super) fn user_keys(b: &RecordBatch) -> Result<Vec<u128>> {
+    let users = string_col(b, 0)?;
+    Ok((0..b.num_rows())
+        .map(|r| xxh3_128(users.value(r).as_bytes()))
+        .collect())
 }
 
 pub(super) fn string_col(b: &RecordBatch, i: usize) -> Result<&StringViewArray> {

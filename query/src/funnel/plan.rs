@@ -51,7 +51,9 @@ use tokio::sync::mpsc;
 
 use super::chain::ChainParams;
 use super::engine::StepStats;
-use super::fold::{CollectMetrics, Folded, Partial, RowCollector, Share, StepMatcher, Tally};
+use super::fold::{
+    CollectMetrics, Folded, Partial, RowCollector, Share, StepMatcher, Tally, user_keys,
+};
 use super::spec::FunnelSpec;
 
 /// What both nodes compute: the funnel question, its time and, for a trend, the bucket
@@ -151,10 +153,13 @@ enum Exchange {
     },
 }
 
+/// A scan batch and the key of each row's user (hashed once for all partitions).
+type KeyedBatch = (RecordBatch, Option<Arc<[u128]>>);
+
 /// The running broadcast: a channel per fold partition fed by a task per input
 /// partition; the tasks stop when every fold partition's stream is dropped.
 struct Broadcast {
-    receivers: Vec<Option<mpsc::Receiver<DfResult<RecordBatch>>>>,
+    receivers: Vec<Option<mpsc::Receiver<DfResult<KeyedBatch>>>>,
     /// Given up once every partition has its stream, so only streams hold the tasks.
     senders: Option<Arc<Vec<SpawnedTask<()>>>>,
 }
@@ -218,11 +223,11 @@ impl FunnelFoldExec {
         &self,
         partition: usize,
         context: &Arc<TaskContext>,
-    ) -> DfResult<(BoxStream<'static, DfResult<RecordBatch>>, Share)> {
+    ) -> DfResult<(BoxStream<'static, DfResult<KeyedBatch>>, Share)> {
         let (partitions, started) = match &self.exchange {
             Exchange::ByUser => {
                 let input = self.input.execute(partition, Arc::clone(context))?;
-                return Ok((input.boxed(), Share::ALL));
+                return Ok((input.map_ok(|b| (b, None)).boxed(), Share::ALL));
             }
             Exchange::Broadcast {
                 partitions,
@@ -275,9 +280,10 @@ impl FunnelFoldExec {
             let feed = async move {
                 while let Some(batch) = input.next().await {
                     let batch = batch?;
+                    let keys: Arc<[u128]> = user_keys(&batch)?.into();
                     for tx in &senders_of_feed {
                         // A partition that stopped early (an error) is skipped.
-                        let _ = tx.send(Ok(batch.clone())).await;
+                        let _ = tx.send(Ok((batch.clone(), Some(Arc::clone(&keys))))).await;
                     }
                 }
                 Ok::<_, DataFusionError>(())
@@ -414,7 +420,8 @@ impl ExecutionPlan for FunnelFoldExec {
         let query = Arc::clone(&self.query);
         let fold = async move {
             while let Some(batch) = input.next().await {
-                collector.add_batch(&batch?)?;
+                let (batch, keys) = batch?;
+                collector.add_batch(&batch, keys.as_deref())?;
             }
             let folded = collector.fold(query.params, query.interval)?;
             let batches = counters_batches(folded, query.interval.is_some())?;
