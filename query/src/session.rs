@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use bytes::Bytes;
+use datafusion::datasource::TableProvider;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::memory_pool::{FairSpillPool, MemoryConsumer, MemoryReservation};
 use datafusion::execution::object_store::ObjectStoreUrl;
@@ -19,6 +20,7 @@ use futures::StreamExt;
 
 use crate::error::{QueryError, Result};
 use crate::funnel::live::LiveFunnels;
+use crate::funnel::sql::FunnelFunction;
 use crate::metrics::QueryMetrics;
 use crate::output::OutputFormat;
 use crate::table::{EventsTable, SnapshotSource, StaticSource};
@@ -156,11 +158,11 @@ impl QueryEngine {
             None => None,
         };
         let ctx = SessionContext::new_with_config_rt(config, runtime);
-        ctx.register_table(
-            "events",
-            Arc::new(EventsTable::new(Arc::clone(&source), data_dir, shared_url)),
-        )?;
+        let events: Arc<dyn TableProvider> =
+            Arc::new(EventsTable::new(Arc::clone(&source), data_dir, shared_url));
+        ctx.register_table("events", Arc::clone(&events))?;
         ctx.register_udaf(WindowFunnel::udaf());
+        ctx.register_udtf("funnel", Arc::new(FunnelFunction { events }));
         Ok(Self {
             ctx,
             timeout: opts.timeout,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::SendableRecordBatchStream;
-use datafusion::logical_expr::{col, lit};
+use datafusion::logical_expr::{Expr, col, lit};
 use datafusion::physical_expr::expressions::col as physical_col;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::display::DisplayableExecutionPlan;
@@ -137,6 +137,20 @@ pub(super) async fn scan_frame(
     spec: &FunnelSpec,
     matcher: &StepMatcher,
 ) -> Result<DataFrame> {
+    let (filter, columns) = scan_filter_and_columns(spec, matcher);
+    Ok(engine
+        .context()
+        .table("events")
+        .await?
+        .filter(filter)?
+        .select(columns)?)
+}
+
+/// The predicate and the columns of [`scan_frame`].
+pub(super) fn scan_filter_and_columns(
+    spec: &FunnelSpec,
+    matcher: &StepMatcher,
+) -> (Expr, Vec<Expr>) {
     let window = spec.window_secs.saturating_mul(MICROS);
     let names: Vec<_> = {
         let mut n: Vec<&str> = spec.steps.iter().map(|s| s.event.as_str()).collect();
@@ -167,12 +181,7 @@ pub(super) async fn scan_frame(
     if matcher.needs_properties() {
         columns.push(col("properties"));
     }
-    Ok(engine
-        .context()
-        .table("events")
-        .await?
-        .filter(filter)?
-        .select(columns)?)
+    (filter, columns)
 }
 
 /// [`scan_frame`] as one stream per scan partition.
@@ -196,6 +205,23 @@ pub async fn funnel_plan(
     interval: Option<i64>,
     exchange: FoldExchange,
 ) -> Result<Arc<dyn ExecutionPlan>> {
+    let scan = scan_frame(engine, spec, &StepMatcher::new(spec))
+        .await?
+        .create_physical_plan()
+        .await?;
+    let partitions = engine.context().state().config().target_partitions().max(1);
+    plan_over_scan(scan, spec, as_of, interval, exchange, partitions)
+}
+
+/// Fold and merge over `scan` (the layout of [`scan_frame`]).
+pub(super) fn plan_over_scan(
+    scan: Arc<dyn ExecutionPlan>,
+    spec: &FunnelSpec,
+    as_of: i64,
+    interval: Option<i64>,
+    exchange: FoldExchange,
+    partitions: usize,
+) -> Result<Arc<dyn ExecutionPlan>> {
     let query = Arc::new(FunnelQuery {
         spec: spec.clone(),
         params: ChainParams {
@@ -207,11 +233,6 @@ pub async fn funnel_plan(
         },
         interval,
     });
-    let scan = scan_frame(engine, spec, &StepMatcher::new(spec))
-        .await?
-        .create_physical_plan()
-        .await?;
-    let partitions = engine.context().state().config().target_partitions().max(1);
     let fold = match exchange {
         FoldExchange::Broadcast => FunnelFoldExec::broadcast(scan, Arc::clone(&query), partitions),
         FoldExchange::Repartition => {

@@ -6,6 +6,7 @@ mod fold;
 pub mod live;
 pub mod plan;
 pub mod spec;
+pub mod sql;
 
 pub use engine::{
     FoldExchange, FunnelReport, TrendReport, explain_analyze, funnel, funnel_at, funnel_plan,

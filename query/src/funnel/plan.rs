@@ -106,11 +106,12 @@ fn duration_field() -> FieldRef {
     Arc::new(Field::new("item", DataType::Int64, true))
 }
 
-/// Merge output: the numbers per group (null: the total) and trend bucket and step.
+/// Merge output: the numbers per breakdown value (null: the total) and trend bucket
+/// and step; also the columns of SQL's `funnel(...)`.
 pub fn funnel_schema() -> SchemaRef {
     static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Arc::new(Schema::new(vec![
-            Field::new("group", DataType::Utf8, true),
+            Field::new("value", DataType::Utf8, true),
             Field::new("bucket", DataType::Int64, true),
             Field::new("step", DataType::UInt32, false),
             Field::new("users", DataType::UInt64, false),

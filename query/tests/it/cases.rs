@@ -342,3 +342,71 @@ async fn window_funnel_in_sql() {
         .to_string();
     assert!(err.contains("window_funnel"), "{err}");
 }
+
+/// `funnel(...)` in SQL gives the numbers of `/v1/funnel`, one row per (value, step)
+/// with NULL for the total, and `EXPLAIN` shows the funnel's own plan nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_funnel_table_function_agrees_with_the_report_and_explains_its_plan() {
+    let t = t0();
+    let events = [
+        ev("1", "u1", "scan", "jd", t, None),
+        ev("2", "u1", "view", "jd", t + MIN, None),
+        ev("3", "u2", "scan", "tmall", t, None),
+        ev("4", "u3", "scan", "jd", t, None),
+        ev("5", "u3", "view", "jd", t + 3 * MIN, None),
+    ];
+    let engine = engine_over(&events);
+    let render = |sql: &'static str| {
+        let engine = engine.clone();
+        async move {
+            let result = engine
+                .sql_rendered(sql, funnelhouse_query::OutputFormat::Json)
+                .await
+                .unwrap();
+            serde_json::from_slice::<Value>(&result.body).unwrap()
+        }
+    };
+    let json = render(
+        "SELECT value, step, users, pending, median_seconds \
+         FROM funnel('c', 'scan,view', '24h', 'channel') ORDER BY value NULLS FIRST, step",
+    )
+    .await;
+    let report = report(
+        &events,
+        json!({"steps": ["scan", "view"], "window": "24h", "breakdown": "channel"}),
+    )
+    .await;
+    let mut expected = Vec::new();
+    let mut rows_of = |value: Value, stats: &Value| {
+        for step in 0..2 {
+            expected.push(json!([
+                value.clone(),
+                step,
+                stats["counts"][step],
+                stats["pending"][step],
+                stats["median_seconds"][step]
+            ]));
+        }
+    };
+    rows_of(Value::Null, &report["total"]);
+    let mut groups = report["groups"].as_array().unwrap().clone();
+    groups.sort_by_key(|g| g["value"].as_str().unwrap().to_string());
+    for g in &groups {
+        rows_of(g["value"].clone(), g);
+    }
+    assert_eq!(json["rows"], json!(expected), "{json}");
+    assert_eq!(report["total"]["counts"], json!([3, 2]));
+
+    let plan = render("EXPLAIN SELECT * FROM funnel('c', 'scan,view', '24h')").await;
+    let text = plan.to_string();
+    assert!(
+        text.contains("FunnelMergeExec") && text.contains("FunnelFoldExec"),
+        "{text}"
+    );
+    let err = engine
+        .sql("SELECT * FROM funnel('c')")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("funnel(campaign, steps, window"), "{err}");
+}
