@@ -193,3 +193,29 @@ def test_catalog_queries_of_dbeaver_and_grafana_work(start_server):
     assert "events" in tables, tables
     columns = dict(answers[CLIENT_CATALOG_QUERIES[8]])
     assert set(columns) >= {"event_id", "event", "user_id", "campaign", "channel", "ts", "properties"}, columns
+
+
+FUNNEL_TABLE_SQL = (
+    "SELECT value, step, users FROM funnel('parcel-lottery', 'scan,view,draw', '24h', 'channel')"
+    " ORDER BY value NULLS FIRST, step"
+)
+
+
+def test_the_funnel_table_function_gives_v1_funnel_numbers_on_the_wire(start_server):
+    server = start_server()
+    seed(server)
+    report = requests.get(server.url + "/v1/funnel", timeout=30, params={
+        "campaign": "parcel-lottery", "steps": "scan,view,draw", "window": "24h",
+        "breakdown": "channel"}).json()
+    # The total first (value NULL, which psql -A prints empty), then each channel.
+    expected = [["", str(s), str(n)] for s, n in enumerate(report["total"]["counts"])]
+    for g in sorted(report["groups"], key=lambda g: g["value"]):
+        expected += [[g["value"], str(s), str(n)] for s, n in enumerate(g["counts"])]
+    out = psql(server, FUNNEL_TABLE_SQL).stdout.strip().splitlines()
+    assert [line.split("|") for line in out] == expected
+    with psycopg.connect(conninfo(server)) as conn:
+        rows = conn.execute(FUNNEL_TABLE_SQL).fetchall()
+        assert [["" if v is None else str(v) for v in r] for r in rows] == expected
+        plan = conn.execute("EXPLAIN SELECT * FROM funnel('parcel-lottery', 'scan,view', '24h')")
+        text = "\n".join(str(r[-1]) for r in plan.fetchall())
+        assert "FunnelFoldExec" in text and "FunnelMergeExec" in text, text
