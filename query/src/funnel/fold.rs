@@ -468,8 +468,10 @@ impl RowCollector {
     pub(super) fn fold(mut self, params: ChainParams, interval: Option<i64>) -> Result<Folded> {
         let elapsed = self.metrics.elapsed_compute.clone();
         let _timer = elapsed.timer();
-        let mut out = TaskTally::new(params.steps, interval.is_none());
         let has_breakdown = self.matcher.breakdown.is_some();
+        // With a breakdown the total's medians come from the groups' durations (see
+        // `FunnelMergeExec`): the total keeps none of its own.
+        let mut out = TaskTally::new(params.steps, interval.is_none() && !has_breakdown);
         let context = |ids| FoldContext {
             params,
             interval,
