@@ -83,7 +83,7 @@ impl QueryError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::DataFusion(e) if e.is_memory_limit() => StatusCode::SERVICE_UNAVAILABLE,
+            Self::DataFusion(e) if is_memory_limit(e) => StatusCode::SERVICE_UNAVAILABLE,
             Self::DataFusion(_) | Self::ReadOnly(_) | Self::BadRequest(_) => {
                 StatusCode::BAD_REQUEST
             }
@@ -98,21 +98,15 @@ impl QueryError {
 }
 
 /// The pool ran out, also when the error was shared by several partitions' streams.
-trait MemoryLimit {
-    fn is_memory_limit(&self) -> bool;
-}
-
-impl MemoryLimit for DataFusionError {
-    fn is_memory_limit(&self) -> bool {
-        matches!(self.find_root(), DataFusionError::ResourcesExhausted(_))
-    }
+fn is_memory_limit(e: &DataFusionError) -> bool {
+    matches!(e.find_root(), DataFusionError::ResourcesExhausted(_))
 }
 
 /// Every error body is `{"error": "..."}`.
 impl IntoResponse for QueryError {
     fn into_response(self) -> Response {
         let message = match &self {
-            Self::DataFusion(e) if e.is_memory_limit() => format!(
+            Self::DataFusion(e) if is_memory_limit(e) => format!(
                 "the query needs more memory than query.memory_limit allows; narrow it or raise the limit ({})",
                 e.strip_backtrace()
             ),

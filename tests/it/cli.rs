@@ -6,7 +6,7 @@ use std::process::Output;
 use arrow::array::RecordBatch;
 use funnelhouse_schemas::{Event, events_to_batch};
 
-use crate::support::{Server, event_line, funnelhouse, stored_ids, write_file};
+use crate::support::{Server, event_line, funnelhouse, serve_on_loopback, stored_ids, write_file};
 
 fn run(args: &[&str]) -> Output {
     funnelhouse().args(args).output().expect("run funnelhouse")
@@ -60,16 +60,8 @@ async fn flags_beat_environment_beat_the_config_file() {
         &format!("data_dir = \"{}/from-file\"\n", dir.path().display()),
     );
     let start = |env_dir: Option<&str>, flag_dir: Option<&str>| {
-        let mut cmd = funnelhouse();
-        cmd.args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--pg-addr",
-            "127.0.0.1:0",
-            "--config",
-            cfg.to_str().unwrap(),
-        ]);
+        let mut cmd = serve_on_loopback();
+        cmd.args(["--config", cfg.to_str().unwrap()]);
         if let Some(d) = env_dir {
             cmd.env("FUNNELHOUSE_DATA_DIR", dir.path().join(d));
         }

@@ -28,8 +28,8 @@ pub fn funnelhouse() -> Command {
     cmd
 }
 
-/// `funnelhouse serve` on 127.0.0.1, ports picked free, over `dir`.
-pub fn serve_command(dir: &Path) -> Command {
+/// `funnelhouse serve` on 127.0.0.1, ports picked free.
+pub fn serve_on_loopback() -> Command {
     let mut cmd = funnelhouse();
     cmd.args([
         "serve",
@@ -37,9 +37,14 @@ pub fn serve_command(dir: &Path) -> Command {
         "127.0.0.1:0",
         "--pg-addr",
         "127.0.0.1:0",
-    ])
-    .arg("--data-dir")
-    .arg(dir);
+    ]);
+    cmd
+}
+
+/// [`serve_on_loopback`] over `dir`.
+pub fn serve_command(dir: &Path) -> Command {
+    let mut cmd = serve_on_loopback();
+    cmd.arg("--data-dir").arg(dir);
     cmd
 }
 

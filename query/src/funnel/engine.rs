@@ -9,9 +9,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use datafusion::catalog::Session;
 use datafusion::dataframe::DataFrame;
+use datafusion::datasource::{TableProvider, provider_as_source};
+use datafusion::error::Result as DfResult;
 use datafusion::execution::SendableRecordBatchStream;
-use datafusion::logical_expr::{Expr, col, lit};
+use datafusion::logical_expr::{Expr, LogicalPlanBuilder, col, lit};
 use datafusion::physical_expr::expressions::col as physical_col;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::display::DisplayableExecutionPlan;
@@ -147,10 +150,7 @@ pub(super) async fn scan_frame(
 }
 
 /// The predicate and the columns of [`scan_frame`].
-pub(super) fn scan_filter_and_columns(
-    spec: &FunnelSpec,
-    matcher: &StepMatcher,
-) -> (Expr, Vec<Expr>) {
+fn scan_filter_and_columns(spec: &FunnelSpec, matcher: &StepMatcher) -> (Expr, Vec<Expr>) {
     let window = spec.window_secs.saturating_mul(MICROS);
     let names: Vec<_> = {
         let mut n: Vec<&str> = spec.steps.iter().map(|s| s.event.as_str()).collect();
@@ -205,23 +205,27 @@ pub async fn funnel_plan(
     interval: Option<i64>,
     exchange: FoldExchange,
 ) -> Result<Arc<dyn ExecutionPlan>> {
-    let scan = scan_frame(engine, spec, &StepMatcher::new(spec))
-        .await?
-        .create_physical_plan()
-        .await?;
-    let partitions = engine.context().state().config().target_partitions().max(1);
-    plan_over_scan(scan, spec, as_of, interval, exchange, partitions)
+    let ctx = engine.context();
+    let events = ctx.table_provider("events").await?;
+    Ok(plan_in(&ctx.state(), events, spec, as_of, interval, exchange).await?)
 }
 
-/// Fold and merge over `scan` (the layout of [`scan_frame`]).
-pub(super) fn plan_over_scan(
-    scan: Arc<dyn ExecutionPlan>,
+/// [`funnel_plan`] over `events` as `state` plans it (also for SQL's `funnel(...)`).
+pub(super) async fn plan_in(
+    state: &dyn Session,
+    events: Arc<dyn TableProvider>,
     spec: &FunnelSpec,
     as_of: i64,
     interval: Option<i64>,
     exchange: FoldExchange,
-    partitions: usize,
-) -> Result<Arc<dyn ExecutionPlan>> {
+) -> DfResult<Arc<dyn ExecutionPlan>> {
+    let (filter, columns) = scan_filter_and_columns(spec, &StepMatcher::new(spec));
+    let scan = LogicalPlanBuilder::scan("events", provider_as_source(events), None)?
+        .filter(filter)?
+        .project(columns)?
+        .build()?;
+    let scan = state.create_physical_plan(&scan).await?;
+    let partitions = state.config().target_partitions().max(1);
     let query = Arc::new(FunnelQuery {
         spec: spec.clone(),
         params: ChainParams {

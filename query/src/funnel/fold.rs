@@ -373,7 +373,8 @@ impl RowCollector {
         } else {
             None
         };
-        let (rows_before, rows_capacity) = (self.rows_held(), self.rows_capacity());
+        let rows_capacity = self.rows_capacity();
+        let mut kept = 0;
         let ids_capacity = self.ids.capacity();
         for r in 0..b.num_rows() {
             if ts.is_null(r) {
@@ -410,8 +411,8 @@ impl RowCollector {
                 group,
             });
             self.ids.extend_from_slice(id);
+            kept += 1;
         }
-        let kept = self.rows_held() - rows_before;
         self.metrics.rows.add(kept);
         // Vectors grow by doubling: what they hold is their capacity, not their length.
         let grown = (self.rows_capacity() - rows_capacity) * std::mem::size_of::<Row>()

@@ -277,20 +277,19 @@ impl FunnelFoldExec {
         let mut tasks = Vec::with_capacity(inputs);
         for i in 0..inputs {
             let mut input = self.input.execute(i, Arc::clone(context))?;
-            let senders_of_feed = senders.clone();
-            let feed = async move {
-                while let Some(batch) = input.next().await {
-                    let batch = batch?;
-                    let keys: Arc<[u128]> = user_keys(&batch)?.into();
-                    for tx in &senders_of_feed {
-                        // A partition that stopped early (an error) is skipped.
-                        let _ = tx.send(Ok((batch.clone(), Some(Arc::clone(&keys))))).await;
-                    }
-                }
-                Ok::<_, DataFusionError>(())
-            };
             let senders = senders.clone();
             tasks.push(SpawnedTask::spawn(async move {
+                let feed = async {
+                    while let Some(batch) = input.next().await {
+                        let batch = batch?;
+                        let keys: Arc<[u128]> = user_keys(&batch)?.into();
+                        for tx in &senders {
+                            // A partition that stopped early (an error) is skipped.
+                            let _ = tx.send(Ok((batch.clone(), Some(Arc::clone(&keys))))).await;
+                        }
+                    }
+                    Ok::<_, DataFusionError>(())
+                };
                 // An error or a panic reaches every partition: a partition whose channel
                 // just closed would take a lost scan for the end of the data.
                 let failed = match AssertUnwindSafe(feed).catch_unwind().await {
@@ -543,6 +542,7 @@ pub struct FunnelMergeExec {
     input: Arc<dyn ExecutionPlan>,
     query: Arc<FunnelQuery>,
     properties: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
 }
 
 impl FunnelMergeExec {
@@ -552,6 +552,7 @@ impl FunnelMergeExec {
             input,
             query,
             properties: bounded(funnel_schema(), Partitioning::UnknownPartitioning(1)),
+            metrics: ExecutionPlanMetricsSet::new(),
         }
     }
 }
@@ -628,6 +629,8 @@ impl ExecutionPlan for FunnelMergeExec {
         // spill.
         let reservation = MemoryConsumer::new("FunnelMergeExec").register(context.memory_pool());
         let query = Arc::clone(&self.query);
+        let elapsed = MetricBuilder::new(&self.metrics).elapsed_compute(0);
+        let output_rows = MetricBuilder::new(&self.metrics).output_rows(0);
         let merge = async move {
             let k = query.params.steps;
             let medians = query.interval.is_none();
@@ -642,6 +645,7 @@ impl ExecutionPlan for FunnelMergeExec {
             };
             let held = batches.iter().map(|b| durations_of(b).inner().len()).sum();
             reservation.try_grow(held)?;
+            let _timer = elapsed.timer();
             for b in batches {
                 let durations = b.column(5).as_list::<i32>();
                 let all_durations = durations_of(&b);
@@ -691,12 +695,18 @@ impl ExecutionPlan for FunnelMergeExec {
                 out.push(Some(&group), bucket, t.stats());
             }
             drop(reservation);
-            out.finish()
+            let batch = out.finish()?;
+            output_rows.add(batch.num_rows());
+            Ok(batch)
         };
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             funnel_schema(),
             futures::stream::once(merge),
         )))
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
     }
 }
 
@@ -761,8 +771,11 @@ impl FunnelRows {
 /// The report numbers from the merge's rows: the total, per group and per trend bucket.
 pub(super) fn partial_from_batches(batches: &[RecordBatch], spec: &FunnelSpec) -> Partial {
     let k = spec.steps.len();
-    let mut total = StepStats::new(vec![0; k], vec![0; k], vec![None; k]);
-    let mut groups: HashMap<String, StepStats> = HashMap::new();
+    // Users, pending and median per step, made into `StepStats` once all are read.
+    type PerStep = (Vec<u64>, Vec<u64>, Vec<Option<f64>>);
+    let empty = || -> PerStep { (vec![0; k], vec![0; k], vec![None; k]) };
+    let mut total = empty();
+    let mut groups: HashMap<String, PerStep> = HashMap::new();
     let mut buckets: HashMap<(i64, String), Vec<u64>> = HashMap::new();
     for b in batches {
         let group = b.column(0).as_string::<i32>();
@@ -784,16 +797,16 @@ pub(super) fn partial_from_batches(batches: &[RecordBatch], spec: &FunnelSpec) -
             } else if spec.breakdown.is_some() {
                 groups
                     .entry(group.value(r).to_string())
-                    .or_insert_with(|| StepStats::new(vec![0; k], vec![0; k], vec![None; k]))
+                    .or_insert_with(empty)
             } else {
                 continue;
             };
-            stats.counts[s] = users.value(r);
-            stats.pending[s] = pending.value(r);
-            stats.median_seconds[s] = median.is_valid(r).then(|| median.value(r));
+            stats.0[s] = users.value(r);
+            stats.1[s] = pending.value(r);
+            stats.2[s] = median.is_valid(r).then(|| median.value(r));
         }
     }
-    let finish = |s: StepStats| StepStats::new(s.counts, s.pending, s.median_seconds);
+    let finish = |(counts, pending, medians): PerStep| StepStats::new(counts, pending, medians);
     Partial {
         total: finish(total),
         groups: groups.into_iter().map(|(g, s)| (g, finish(s))).collect(),

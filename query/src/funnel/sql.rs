@@ -7,21 +7,23 @@
 //!
 //! One row per (value, step): `value` is the breakdown value (NULL: the total),
 //! `step` is 0-based, then `users`, `pending` and `median_seconds` as in `/v1/funnel`.
+//! It runs the plan of [`super::engine::funnel_plan`].
 
 use std::sync::Arc;
 
+use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl};
-use datafusion::datasource::{TableProvider, TableType, provider_as_source};
+use datafusion::datasource::{TableProvider, TableType};
 use datafusion::error::{DataFusionError, Result as DfResult};
-use datafusion::logical_expr::{Expr, LogicalPlanBuilder};
+use datafusion::logical_expr::Expr;
+use datafusion::physical_expr::expressions::col;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::scalar::ScalarValue;
 use funnelhouse_schemas::time::now_micros;
 
-use super::engine::{FoldExchange, plan_over_scan, scan_filter_and_columns};
-use super::fold::StepMatcher;
+use super::engine::{FoldExchange, plan_in};
 use super::plan::funnel_schema;
 use super::spec::{FunnelRequest, FunnelSpec};
 
@@ -79,10 +81,17 @@ struct FunnelTable {
     spec: FunnelSpec,
 }
 
+/// The columns of `funnel(...)`: the merge's, less the trend bucket (always NULL here).
+const COLUMNS: [usize; 5] = [0, 2, 3, 4, 5];
+
 #[async_trait]
 impl TableProvider for FunnelTable {
-    fn schema(&self) -> arrow::datatypes::SchemaRef {
-        funnel_schema()
+    fn schema(&self) -> SchemaRef {
+        Arc::new(
+            funnel_schema()
+                .project(&COLUMNS)
+                .expect("columns of the funnel schema"),
+        )
     }
 
     fn table_type(&self) -> TableType {
@@ -96,35 +105,28 @@ impl TableProvider for FunnelTable {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let (filter, columns) = scan_filter_and_columns(&self.spec, &StepMatcher::new(&self.spec));
-        let scan =
-            LogicalPlanBuilder::scan("events", provider_as_source(Arc::clone(&self.events)), None)?
-                .filter(filter)?
-                .project(columns)?
-                .build()?;
-        let scan = state.create_physical_plan(&scan).await?;
-        let partitions = state.config().target_partitions().max(1);
-        let plan = plan_over_scan(
-            scan,
+        let events = Arc::clone(&self.events);
+        let plan = plan_in(
+            state,
+            events,
             &self.spec,
             now_micros(),
             None,
             FoldExchange::Broadcast,
-            partitions,
-        )?;
-        Ok(match projection {
-            Some(columns) => {
-                let schema = plan.schema();
-                let exprs = columns.iter().map(|&i| {
-                    let name = schema.field(i).name().clone();
-                    let column: Arc<dyn datafusion::physical_expr::PhysicalExpr> = Arc::new(
-                        datafusion::physical_expr::expressions::Column::new(&name, i),
-                    );
-                    (column, name)
-                });
-                Arc::new(ProjectionExec::try_new(exprs, plan)?)
-            }
-            None => plan,
-        })
+        )
+        .await?;
+        let schema = plan.schema();
+        let wanted = match projection {
+            Some(p) => p.iter().map(|&i| COLUMNS[i]).collect(),
+            None => COLUMNS.to_vec(),
+        };
+        let exprs = wanted
+            .into_iter()
+            .map(|i| {
+                let name = schema.field(i).name();
+                Ok((col(name, &schema)?, name.clone()))
+            })
+            .collect::<DfResult<Vec<_>>>()?;
+        Ok(Arc::new(ProjectionExec::try_new(exprs, plan)?))
     }
 }
