@@ -62,6 +62,9 @@ pub struct QueryConfig {
     /// SQL results stop at this many rows and say so (JSON: `"truncated": true`).
     /// Default 1 000 000.
     pub max_result_rows: usize,
+    /// A Ballista scheduler (`"df://HOST:PORT"`) to run SQL and funnels on, over the
+    /// committed files. Default none: in this process.
+    pub ballista: Option<String>,
 }
 
 impl Default for QueryConfig {
@@ -70,6 +73,7 @@ impl Default for QueryConfig {
             timeout: Duration::from_secs(60),
             memory_limit: ByteSize(8 << 30),
             max_result_rows: 1_000_000,
+            ballista: None,
         }
     }
 }
@@ -121,6 +125,9 @@ impl Config {
         self.storage.validate()?;
         if self.query.max_result_rows == 0 {
             return Err("query.max_result_rows: must be at least 1".into());
+        }
+        if let Some(url) = &self.query.ballista {
+            funnelhouse_cluster::distribute(url).map_err(|e| e.to_string())?;
         }
         self.check_exposure()?;
         let mut names = std::collections::HashSet::new();

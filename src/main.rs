@@ -1,6 +1,8 @@
 //! `funnelhouse`: the command line. Only parsing and wiring live here; the work is done
-//! by the `funnelhouse-schemas`, `funnelhouse-ingest` and `funnelhouse-query` crates.
+//! by the `funnelhouse-schemas`, `funnelhouse-storage`, `funnelhouse-ingest`,
+//! `funnelhouse-query` and `funnelhouse-cluster` crates.
 
+mod cluster_cli;
 mod config;
 mod demo;
 mod error;
@@ -70,6 +72,11 @@ enum Command {
     /// Inspect the write-ahead log, or salvage a damaged one.
     #[command(subcommand)]
     Wal(wal_cli::WalCommand),
+    /// Run a Ballista scheduler that runs SQL and funnels on its executors.
+    Scheduler(cluster_cli::SchedulerArgs),
+    /// Run a Ballista executor for a scheduler (reads the config's `[storage]`, never
+    /// locks the data dir).
+    Executor(cluster_cli::ExecutorArgs),
 }
 
 fn main() -> ExitCode {
@@ -132,6 +139,12 @@ fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Wal(command) => wal_cli::run(command, &cfg),
+        Command::Scheduler(args) => runtime
+            .block_on(cluster_cli::scheduler(args))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Executor(args) => runtime
+            .block_on(cluster_cli::executor(args, &cfg))
+            .map(|()| ExitCode::SUCCESS),
     }
 }
 

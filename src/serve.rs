@@ -200,6 +200,9 @@ pub fn query_options(cfg: &Config) -> QueryOptions {
         timeout: cfg.query.timeout,
         memory_limit: cfg.query.memory_limit.0,
         max_result_rows: cfg.query.max_result_rows,
+        // Checked when the config was loaded.
+        distribute: (cfg.query.ballista.as_deref())
+            .and_then(|url| funnelhouse_cluster::distribute(url).ok()),
         ..QueryOptions::default()
     }
 }

@@ -2,7 +2,8 @@
 //! `events` table (committed Parquet files unioned with the live buffer from one
 //! snapshot), the `window_funnel` aggregate, the funnel engine (counts, conversion,
 //! pending, medians, breakdowns, trends), named campaign funnels with targets and alerts,
-//! SQL output formats, the query endpoints, and the read-only Postgres wire protocol.
+//! SQL output formats, the query endpoints, the read-only Postgres wire protocol, and
+//! the wire form of its tables and plan nodes for a distributed engine.
 
 pub mod alerts;
 pub mod campaign;
@@ -17,6 +18,7 @@ pub mod pgwire;
 pub mod session;
 pub mod table;
 pub mod udaf;
+pub mod wire;
 
 pub use alerts::Alerts;
 pub use campaign::CampaignConfig;
@@ -26,6 +28,6 @@ pub use http::{QueryState, router};
 pub use metrics::QueryMetrics;
 pub use output::OutputFormat;
 pub use pgwire::serve_pg;
-pub use session::{QueryEngine, QueryOptions, QueryResult, RenderedResult};
+pub use session::{Distribute, QueryEngine, QueryOptions, QueryResult, RenderedResult};
 pub use table::{EventsTable, SnapshotSource, StaticSource};
 pub use udaf::WindowFunnel;

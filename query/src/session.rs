@@ -9,10 +9,10 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use bytes::Bytes;
 use datafusion::datasource::TableProvider;
-use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::memory_pool::{FairSpillPool, MemoryConsumer, MemoryReservation};
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::{SendableRecordBatchStream, SessionState};
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
 use funnelhouse_storage::metrics::add_duration;
 use funnelhouse_storage::{FileMeta, SharedReader, Snapshot};
@@ -42,6 +42,22 @@ pub struct QueryOptions {
     pub runtime: Option<tokio::runtime::Handle>,
     /// The shared object store other nodes' files are read from (`[storage] url`).
     pub shared: Option<SharedReader>,
+    /// Where SQL and funnels run when not in this process (`[query] ballista`).
+    pub distribute: Option<Distribute>,
+}
+
+/// Turns the engine's DataFusion session into one whose queries are planned and run
+/// elsewhere (the cluster crate's Ballista session); tables and functions are registered
+/// on the session it returns.
+#[derive(Clone)]
+pub struct Distribute(
+    pub Arc<dyn Fn(SessionState) -> datafusion::error::Result<SessionState> + Send + Sync>,
+);
+
+impl std::fmt::Debug for Distribute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Distribute")
+    }
 }
 
 impl Default for QueryOptions {
@@ -53,6 +69,7 @@ impl Default for QueryOptions {
             max_result_rows: 1_000_000,
             runtime: None,
             shared: None,
+            distribute: None,
         }
     }
 }
@@ -157,12 +174,19 @@ impl QueryEngine {
             }
             None => None,
         };
-        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        let mut ctx = SessionContext::new_with_config_rt(config, runtime);
+        if let Some(distribute) = &opts.distribute {
+            ctx = SessionContext::new_with_state((distribute.0)(ctx.state())?);
+        }
         let events: Arc<dyn TableProvider> =
             Arc::new(EventsTable::new(Arc::clone(&source), data_dir, shared_url));
         ctx.register_table("events", Arc::clone(&events))?;
         ctx.register_udaf(WindowFunnel::udaf());
-        ctx.register_udtf("funnel", Arc::new(FunnelFunction { events }));
+        let as_of: fn(&dyn TableProvider) -> i64 = match opts.distribute {
+            Some(_) => committed_as_of,
+            None => |_: &dyn TableProvider| funnelhouse_schemas::time::now_micros(),
+        };
+        ctx.register_udtf("funnel", Arc::new(FunnelFunction { events, as_of }));
         Ok(Self {
             ctx,
             timeout: opts.timeout,
@@ -192,6 +216,22 @@ impl QueryEngine {
             &self.opts,
             Arc::clone(&self.metrics),
         )
+    }
+
+    /// Whether queries run on a cluster (`[query] ballista`): they then read the
+    /// committed files only, and live funnels are not used.
+    pub fn is_distributed(&self) -> bool {
+        self.opts.distribute.is_some()
+    }
+
+    /// "Now" for a funnel: the present, or on a cluster the newest committed file's time
+    /// (what its answer is as of; the live buffer is not there).
+    pub fn as_of_now(&self) -> i64 {
+        let now = funnelhouse_schemas::time::now_micros();
+        if !self.is_distributed() {
+            return now;
+        }
+        newest_commit(&self.source.snapshot().files).unwrap_or(now)
     }
 
     /// The live funnels this engine keeps.
@@ -330,6 +370,21 @@ impl QueryEngine {
     pub fn metrics(&self) -> &Arc<QueryMetrics> {
         &self.metrics
     }
+}
+
+/// The newest commit's time of an `events` table (else now): "now" on a cluster.
+fn committed_as_of(events: &dyn TableProvider) -> i64 {
+    let files = events
+        .downcast_ref::<EventsTable>()
+        .map(|e| e.source.snapshot().files);
+    files
+        .and_then(|f| newest_commit(&f))
+        .unwrap_or_else(funnelhouse_schemas::time::now_micros)
+}
+
+/// When the newest of `files` was written (UTC µs), if any says.
+pub(crate) fn newest_commit(files: &[FileMeta]) -> Option<i64> {
+    files.iter().filter_map(FileMeta::written_at).max()
 }
 
 /// A task on another runtime that is aborted when its awaiting future is dropped.

@@ -51,11 +51,11 @@ impl SnapshotSource for StaticSource {
 }
 
 pub struct EventsTable {
-    source: Arc<dyn SnapshotSource>,
+    pub(crate) source: Arc<dyn SnapshotSource>,
     /// Absolute, so file paths resolve in the local object store.
-    data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// Where the shared object store is registered (`s3://bucket`), with `[storage] url`.
-    shared_url: Option<ObjectStoreUrl>,
+    pub(crate) shared_url: Option<ObjectStoreUrl>,
 }
 
 impl fmt::Debug for EventsTable {

@@ -34,6 +34,18 @@ pub struct FileMeta {
     pub node: Option<String>,
 }
 
+impl FileMeta {
+    /// When the file was written (UTC µs, to the ms): its name ends in a UUIDv7 made just
+    /// before its commit. None for a name without one.
+    pub fn written_at(&self) -> Option<i64> {
+        let stem = self.path.strip_suffix(".parquet")?;
+        let (_, id) = stem.rsplit_once('-')?;
+        let uuid = uuid::Uuid::try_parse(id).ok()?;
+        let (secs, nanos) = uuid.get_timestamp()?.to_unix();
+        Some(secs as i64 * 1_000_000 + i64::from(nanos / 1_000))
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Manifest {
     /// Every WAL segment numbered up to this one is in the files below.

@@ -34,7 +34,7 @@ pub struct UserOutcome {
 }
 
 /// Which first-step events count and when "now" is.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct ChainParams {
     pub steps: usize,
     /// Conversion window in microseconds (inclusive).

@@ -24,10 +24,10 @@ use datafusion::scalar::ScalarValue;
 use funnelhouse_schemas::time::{format_micros, now_micros};
 use serde::Serialize;
 
-use super::chain::ChainParams;
 use super::fold::{Partial, StepMatcher};
 use super::plan::{FunnelFoldExec, FunnelMergeExec, FunnelQuery, partial_from_batches};
 use super::spec::{Breakdown, FunnelSpec};
+use super::sql::{FunnelColumns, FunnelTable};
 use crate::error::{QueryError, Result};
 use crate::session::QueryEngine;
 
@@ -207,18 +207,18 @@ pub async fn funnel_plan(
 ) -> Result<Arc<dyn ExecutionPlan>> {
     let ctx = engine.context();
     let events = ctx.table_provider("events").await?;
-    Ok(plan_in(&ctx.state(), events, spec, as_of, interval, exchange).await?)
+    let query = Arc::new(FunnelQuery::new(spec, as_of, interval));
+    Ok(plan_in(&ctx.state(), events, query, exchange).await?)
 }
 
 /// [`funnel_plan`] over `events` as `state` plans it (also for SQL's `funnel(...)`).
 pub(super) async fn plan_in(
     state: &dyn Session,
     events: Arc<dyn TableProvider>,
-    spec: &FunnelSpec,
-    as_of: i64,
-    interval: Option<i64>,
+    query: Arc<FunnelQuery>,
     exchange: FoldExchange,
 ) -> DfResult<Arc<dyn ExecutionPlan>> {
+    let spec = &query.spec;
     let (filter, columns) = scan_filter_and_columns(spec, &StepMatcher::new(spec));
     let scan = LogicalPlanBuilder::scan("events", provider_as_source(events), None)?
         .filter(filter)?
@@ -226,17 +226,6 @@ pub(super) async fn plan_in(
         .build()?;
     let scan = state.create_physical_plan(&scan).await?;
     let partitions = state.config().target_partitions().max(1);
-    let query = Arc::new(FunnelQuery {
-        spec: spec.clone(),
-        params: ChainParams {
-            steps: spec.steps.len(),
-            window: spec.window_secs.saturating_mul(MICROS),
-            from: spec.from,
-            to: spec.to,
-            as_of: Some(as_of),
-        },
-        interval,
-    });
     let fold = match exchange {
         FoldExchange::Broadcast => FunnelFoldExec::broadcast(scan, Arc::clone(&query), partitions),
         FoldExchange::Repartition => {
@@ -251,7 +240,7 @@ pub(super) async fn plan_in(
 }
 
 /// How a funnel plan brings each user's rows to one fold partition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum FoldExchange {
     /// In one process, without copying rows: what the engine runs.
     Broadcast,
@@ -268,10 +257,21 @@ async fn compute(
     interval: Option<i64>,
 ) -> Result<Partial> {
     let started = std::time::Instant::now();
-    let plan = funnel_plan(engine, spec, as_of, interval, FoldExchange::Broadcast).await?;
-    let batches = collect(plan, engine.context().task_ctx())
-        .await
-        .map_err(QueryError::from_plan)?;
+    let ctx = engine.context();
+    let batches = if engine.is_distributed() {
+        // As a table the scheduler plans (see `crate::wire`).
+        let table = FunnelTable {
+            events: ctx.table_provider("events").await?,
+            query: Arc::new(FunnelQuery::new(spec, as_of, interval)),
+            columns: FunnelColumns::Report,
+            exchange: FoldExchange::Broadcast,
+        };
+        ctx.read_table(Arc::new(table))?.collect().await
+    } else {
+        let plan = funnel_plan(engine, spec, as_of, interval, FoldExchange::Broadcast).await?;
+        collect(plan, ctx.task_ctx()).await
+    }
+    .map_err(QueryError::from_plan)?;
     tracing::debug!(
         campaign = %spec.campaign,
         ms = started.elapsed().as_millis() as u64,
@@ -305,6 +305,8 @@ async fn partial(
     // On the query runtime either way: taking in new events is query work too.
     engine
         .run(move |engine| async move {
+            // A cluster reads committed files only; a live funnel also has the live buffer.
+            let live = live && !engine.is_distributed();
             let kept = live.then(|| engine.live().find(&spec)).flatten();
             match kept.and_then(|f| f.partial(&engine, &spec, as_of, interval)) {
                 Some(p) => Ok(p),
@@ -316,7 +318,7 @@ async fn partial(
 
 /// The funnel report of the contract, as of now.
 pub async fn funnel(engine: &QueryEngine, spec: &FunnelSpec) -> Result<FunnelReport> {
-    funnel_at(engine, spec, now_micros(), true).await
+    funnel_at(engine, spec, engine.as_of_now(), true).await
 }
 
 /// The funnel report as of `as_of` (which must not be before the last answer's), from a
@@ -348,7 +350,7 @@ pub async fn funnel_at(
 
 /// Counts per time bucket of the attributing first step, as of now.
 pub async fn trend(engine: &QueryEngine, spec: &FunnelSpec) -> Result<TrendReport> {
-    trend_at(engine, spec, now_micros(), true).await
+    trend_at(engine, spec, engine.as_of_now(), true).await
 }
 
 /// [`trend`] as of `as_of`; `live` as in [`funnel_at`].

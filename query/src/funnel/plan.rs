@@ -58,11 +58,28 @@ use super::spec::FunnelSpec;
 
 /// What both nodes compute: the funnel question, its time and, for a trend, the bucket
 /// width in µs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct FunnelQuery {
     pub spec: FunnelSpec,
     pub params: ChainParams,
     pub interval: Option<i64>,
+}
+
+impl FunnelQuery {
+    /// `spec` as of `as_of` (UTC µs), a trend when `interval` (µs) is set.
+    pub fn new(spec: &FunnelSpec, as_of: i64, interval: Option<i64>) -> Self {
+        Self {
+            spec: spec.clone(),
+            params: ChainParams {
+                steps: spec.steps.len(),
+                window: spec.window_secs.saturating_mul(1_000_000),
+                from: spec.from,
+                to: spec.to,
+                as_of: Some(as_of),
+            },
+            interval,
+        }
+    }
 }
 
 impl fmt::Display for FunnelQuery {
@@ -183,6 +200,12 @@ impl FunnelFoldExec {
         }
         let partitions = input.output_partitioning().partition_count();
         Ok(Self::new(input, query, Exchange::ByUser, partitions))
+    }
+
+    /// What it folds, and whether it must run in one process (a broadcast exchange).
+    pub fn query(&self) -> (&Arc<FunnelQuery>, bool) {
+        let broadcast = matches!(self.exchange, Exchange::Broadcast { .. });
+        (&self.query, broadcast)
     }
 
     /// Over `input` partitioned any way, folding in `partitions` partitions of users;
@@ -348,6 +371,11 @@ impl ExecutionPlan for FunnelFoldExec {
         vec![&self.input]
     }
 
+    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
+        // A broadcast spreads its input over its partitions itself.
+        vec![matches!(self.exchange, Exchange::ByUser)]
+    }
+
     fn required_input_distribution(&self) -> Vec<Distribution> {
         if let Exchange::Broadcast { .. } = self.exchange {
             return vec![Distribution::UnspecifiedDistribution];
@@ -378,7 +406,13 @@ impl ExecutionPlan for FunnelFoldExec {
         let input = children.swap_remove(0);
         let query = Arc::clone(&self.query);
         Ok(Arc::new(match self.exchange {
-            Exchange::ByUser => Self::by_user(input, query)?,
+            // Not checked here: an optimizer (DataFusion's EnsureRequirements) may pass
+            // through an input without the repartition before it puts one back where
+            // `required_input_distribution` asks for it.
+            Exchange::ByUser => {
+                let partitions = input.output_partitioning().partition_count();
+                Self::new(input, query, Exchange::ByUser, partitions)
+            }
             Exchange::Broadcast { partitions, .. } => Self::broadcast(input, query, partitions),
         }))
     }
@@ -554,6 +588,10 @@ impl FunnelMergeExec {
             properties: bounded(funnel_schema(), Partitioning::UnknownPartitioning(1)),
             metrics: ExecutionPlanMetricsSet::new(),
         }
+    }
+
+    pub fn query(&self) -> &Arc<FunnelQuery> {
+        &self.query
     }
 }
 

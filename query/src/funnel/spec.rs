@@ -5,13 +5,13 @@ use std::collections::HashMap;
 
 use funnelhouse_schemas::time::parse_rfc3339;
 use funnelhouse_schemas::units::parse_duration;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{QueryError, Result};
 use crate::udaf::MAX_STEPS;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FunnelSpec {
     pub campaign: String,
     pub steps: Vec<StepSpec>,
@@ -25,14 +25,14 @@ pub struct FunnelSpec {
     pub interval_secs: Option<i64>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepSpec {
     pub event: String,
     /// Property equality filters (all must hold).
     pub filter: Vec<(String, FilterValue)>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FilterValue {
     Str(String),
     Num(f64),
@@ -52,7 +52,7 @@ impl FilterValue {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Breakdown {
     /// `channel`, `campaign` or `event`.
     Column(String),

@@ -21,16 +21,18 @@ use datafusion::physical_expr::expressions::col;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::scalar::ScalarValue;
-use funnelhouse_schemas::time::now_micros;
+use serde::{Deserialize, Serialize};
 
 use super::engine::{FoldExchange, plan_in};
-use super::plan::funnel_schema;
-use super::spec::{FunnelRequest, FunnelSpec};
+use super::plan::{FunnelQuery, funnel_schema};
+use super::spec::FunnelRequest;
 
 /// The `funnel` table function over the `events` table.
 #[derive(Debug)]
 pub struct FunnelFunction {
     pub events: Arc<dyn TableProvider>,
+    /// "Now" for its funnels (see `QueryEngine::as_of_now`).
+    pub as_of: fn(&dyn TableProvider) -> i64,
 }
 
 impl TableFunctionImpl for FunnelFunction {
@@ -69,27 +71,52 @@ impl TableFunctionImpl for FunnelFunction {
             .map_err(|e| DataFusionError::Plan(format!("funnel: {e}")))?;
         Ok(Arc::new(FunnelTable {
             events: Arc::clone(&self.events),
-            spec,
+            query: Arc::new(FunnelQuery::new(
+                &spec,
+                (self.as_of)(self.events.as_ref()),
+                None,
+            )),
+            columns: FunnelColumns::Sql,
+            exchange: FoldExchange::Broadcast,
         }))
     }
 }
 
-/// One funnel question as a table.
-#[derive(Debug)]
-struct FunnelTable {
-    events: Arc<dyn TableProvider>,
-    spec: FunnelSpec,
+/// Which of the merge's columns a [`FunnelTable`] shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FunnelColumns {
+    /// SQL's `funnel(...)`: value, step, users, pending, median_seconds (no trend bucket).
+    Sql,
+    /// All of them: what the funnel and trend reports are built from.
+    Report,
 }
 
-/// The columns of `funnel(...)`: the merge's, less the trend bucket (always NULL here).
-const COLUMNS: [usize; 5] = [0, 2, 3, 4, 5];
+impl FunnelColumns {
+    fn indices(self) -> &'static [usize] {
+        match self {
+            Self::Sql => &[0, 2, 3, 4, 5],
+            Self::Report => &[0, 1, 2, 3, 4, 5],
+        }
+    }
+}
+
+/// One funnel question as a table: scanning it runs the funnel plan.
+#[derive(Debug)]
+pub struct FunnelTable {
+    pub events: Arc<dyn TableProvider>,
+    pub query: Arc<FunnelQuery>,
+    pub columns: FunnelColumns,
+    /// Broadcast in one process; where a distributed engine decodes the table to plan it,
+    /// a repartition by user_id (see `crate::wire`).
+    pub exchange: FoldExchange,
+}
 
 #[async_trait]
 impl TableProvider for FunnelTable {
     fn schema(&self) -> SchemaRef {
         Arc::new(
             funnel_schema()
-                .project(&COLUMNS)
+                .project(self.columns.indices())
                 .expect("columns of the funnel schema"),
         )
     }
@@ -106,20 +133,16 @@ impl TableProvider for FunnelTable {
         _limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let events = Arc::clone(&self.events);
-        let plan = plan_in(
-            state,
-            events,
-            &self.spec,
-            now_micros(),
-            None,
-            FoldExchange::Broadcast,
-        )
-        .await?;
-        let schema = plan.schema();
-        let wanted = match projection {
-            Some(p) => p.iter().map(|&i| COLUMNS[i]).collect(),
-            None => COLUMNS.to_vec(),
+        let plan = plan_in(state, events, Arc::clone(&self.query), self.exchange).await?;
+        let columns = self.columns.indices();
+        let wanted: Vec<usize> = match projection {
+            Some(p) => p.iter().map(|&i| columns[i]).collect(),
+            None => columns.to_vec(),
         };
+        if wanted.iter().copied().eq(0..plan.schema().fields().len()) {
+            return Ok(plan);
+        }
+        let schema = plan.schema();
         let exprs = wanted
             .into_iter()
             .map(|i| {
