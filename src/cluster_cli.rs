@@ -61,10 +61,10 @@ pub async fn executor(args: ExecutorArgs, cfg: &Config) -> Result<(), CliError> 
     let mut bind = resolve(&args.bind)
         .await
         .map_err(|e| CliError::Config(format!("--bind {}: {e}", args.bind)))?;
+    let [flight, grpc_port] = free_ports(bind)?;
     if bind.port() == 0 {
-        bind.set_port(free_port(bind)?);
+        bind.set_port(flight);
     }
-    let grpc_port = free_port(bind)?;
     let shared = match cfg.storage.url {
         Some(_) => {
             let storage = cfg.storage.clone();
@@ -107,10 +107,17 @@ async fn resolve(host_port: &str) -> std::io::Result<SocketAddr> {
         .ok_or_else(|| std::io::Error::other("resolves to no address"))
 }
 
-/// A port free now on `addr`'s interface (the executor binds it a moment later).
-fn free_port(addr: SocketAddr) -> Result<u16, CliError> {
-    let probe = std::net::TcpListener::bind((addr.ip(), 0))
-        .and_then(|l| l.local_addr())
-        .map_err(|e| CliError::Io(format!("cannot find a free port on {}: {e}", addr.ip())))?;
-    Ok(probe.port())
+/// Two different ports free now on `addr`'s interface (the executor binds them a moment
+/// later).
+fn free_ports(addr: SocketAddr) -> Result<[u16; 2], CliError> {
+    let probe = || {
+        std::net::TcpListener::bind((addr.ip(), 0))
+            .map_err(|e| CliError::Io(format!("cannot find a free port on {}: {e}", addr.ip())))
+    };
+    // Both held at once, so they differ.
+    let (a, b) = (probe()?, probe()?);
+    let port = |l: &std::net::TcpListener| {
+        (l.local_addr().map(|a| a.port())).map_err(|e| CliError::Io(format!("a probe port: {e}")))
+    };
+    Ok([port(&a)?, port(&b)?])
 }

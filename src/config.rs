@@ -65,6 +65,9 @@ pub struct QueryConfig {
     /// A Ballista scheduler (`"df://HOST:PORT"`) to run SQL and funnels on, over the
     /// committed files. Default none: in this process.
     pub ballista: Option<String>,
+    /// `ballista` as a session upgrade, made when the config is loaded.
+    #[serde(skip)]
+    pub distribute: Option<funnelhouse_query::Distribute>,
 }
 
 impl Default for QueryConfig {
@@ -74,6 +77,7 @@ impl Default for QueryConfig {
             memory_limit: ByteSize(8 << 30),
             max_result_rows: 1_000_000,
             ballista: None,
+            distribute: None,
         }
     }
 }
@@ -111,6 +115,10 @@ impl Config {
         let origin = file.map_or("defaults".to_string(), |p| p.display().to_string());
         cfg.validate()
             .map_err(|e| CliError::Config(format!("{origin}: {e}")))?;
+        cfg.query.distribute = (cfg.query.ballista.as_deref())
+            .map(funnelhouse_cluster::distribute)
+            .transpose()
+            .map_err(|e| CliError::Config(format!("{origin}: query.ballista: {e}")))?;
         Ok(cfg)
     }
 
@@ -125,9 +133,6 @@ impl Config {
         self.storage.validate()?;
         if self.query.max_result_rows == 0 {
             return Err("query.max_result_rows: must be at least 1".into());
-        }
-        if let Some(url) = &self.query.ballista {
-            funnelhouse_cluster::distribute(url).map_err(|e| e.to_string())?;
         }
         self.check_exposure()?;
         let mut names = std::collections::HashSet::new();

@@ -130,8 +130,10 @@ pub async fn serve(
         None => None,
     };
     let evaluator = queries.spawn(alerts.run(engine.clone()));
-    // Each campaign's funnel is kept up to date so dashboards polling it cost no scan.
-    for campaign in query_state.campaigns.iter().filter(|c| c.funnel.is_some()) {
+    // Each campaign's funnel is kept up to date so dashboards polling it cost no scan
+    // (not on a cluster: its funnels read committed files only, see `funnel::partial`).
+    let tracked = query_state.campaigns.iter().filter(|c| c.funnel.is_some());
+    for campaign in tracked.filter(|_| !engine.is_distributed()) {
         let spec = campaign
             .spec(None, None, None)
             .map_err(|e| CliError::Query(e.to_string()))?;
@@ -201,8 +203,7 @@ pub fn query_options(cfg: &Config) -> QueryOptions {
         memory_limit: cfg.query.memory_limit.0,
         max_result_rows: cfg.query.max_result_rows,
         // Checked when the config was loaded.
-        distribute: (cfg.query.ballista.as_deref())
-            .and_then(|url| funnelhouse_cluster::distribute(url).ok()),
+        distribute: cfg.query.distribute.clone(),
         ..QueryOptions::default()
     }
 }

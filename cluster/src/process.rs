@@ -67,7 +67,8 @@ pub async fn run_executor(opts: ExecutorOptions) -> Result<()> {
         .ok_or_else(|| ClusterError::Config("the work dir must be valid UTF-8".into()))?;
     let config = ExecutorProcessConfig {
         bind_host: opts.bind.ip().to_string(),
-        external_host: Some(opts.bind.ip().to_string()),
+        // Bound to all interfaces: the scheduler then uses the address it sees.
+        external_host: (!opts.bind.ip().is_unspecified()).then(|| opts.bind.ip().to_string()),
         port: opts.bind.port(),
         grpc_port: opts.grpc_port,
         scheduler_host: opts.scheduler.ip().to_string(),

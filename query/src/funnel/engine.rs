@@ -31,7 +31,7 @@ use super::sql::{FunnelColumns, FunnelTable};
 use crate::error::{QueryError, Result};
 use crate::session::QueryEngine;
 
-const MICROS: i64 = 1_000_000;
+pub(super) const MICROS: i64 = 1_000_000;
 /// Most trend buckets one request may ask for.
 const MAX_BUCKETS: i64 = 100_000;
 
@@ -240,7 +240,7 @@ pub(super) async fn plan_in(
 }
 
 /// How a funnel plan brings each user's rows to one fold partition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FoldExchange {
     /// In one process, without copying rows: what the engine runs.
     Broadcast,
@@ -264,6 +264,7 @@ async fn compute(
             events: ctx.table_provider("events").await?,
             query: Arc::new(FunnelQuery::new(spec, as_of, interval)),
             columns: FunnelColumns::Report,
+            // Not sent: the scheduler plans the table with a repartition by user.
             exchange: FoldExchange::Broadcast,
         };
         ctx.read_table(Arc::new(table))?.collect().await
@@ -283,6 +284,11 @@ async fn compute(
 /// The funnel's plan (not the trend's) as `EXPLAIN ANALYZE` shows one: run, with each
 /// node's metrics (rows, spills, time).
 pub async fn explain_analyze(engine: &QueryEngine, spec: &FunnelSpec) -> Result<String> {
+    if engine.is_distributed() {
+        return Err(QueryError::BadRequest(
+            "--explain shows the in-process plan; run it without [query] ballista".into(),
+        ));
+    }
     let plan = funnel_plan(engine, spec, now_micros(), None, FoldExchange::Broadcast).await?;
     collect(Arc::clone(&plan), engine.context().task_ctx())
         .await

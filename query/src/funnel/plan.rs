@@ -72,7 +72,7 @@ impl FunnelQuery {
             spec: spec.clone(),
             params: ChainParams {
                 steps: spec.steps.len(),
-                window: spec.window_secs.saturating_mul(1_000_000),
+                window: spec.window_secs.saturating_mul(super::engine::MICROS),
                 from: spec.from,
                 to: spec.to,
                 as_of: Some(as_of),
