@@ -36,3 +36,15 @@ stop_server() {
   kill -TERM "$SERVER_PID"
   wait "$SERVER_PID"
 }
+
+# funnel_data N -> sets DATA: a data dir of N generated events, posted to a server,
+# flushed and compacted (made once, kept in $OUT).
+funnel_data() {
+  DATA="$OUT/funnel-data-$1"
+  if [ ! -f "$DATA/manifest.json" ]; then
+    start_server "$DATA"
+    FUNNELHOUSE_LOG=info "$BIN/funnelhouse" gen --events "$1" --server "$URL" --batch-size 2000
+    stop_server
+    "$BIN/funnelhouse" compact --data-dir "$DATA"
+  fi
+}

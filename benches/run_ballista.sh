@@ -10,13 +10,7 @@
 N="${1:-10000000}"
 NO_ANCHORS=1
 source "$(dirname "$0")/common.sh"
-DATA="$OUT/funnel-data-$N"
-if [ ! -f "$DATA/manifest.json" ]; then
-  start_server "$DATA"
-  FUNNELHOUSE_LOG=info "$BIN/funnelhouse" gen --events "$N" --server "$URL" --batch-size 2000
-  stop_server
-  "$BIN/funnelhouse" compact --data-dir "$DATA"
-fi
+funnel_data "$N"
 FUNNEL=(funnel --data-dir "$DATA" --campaign parcel-lottery --steps package,scan,view,draw
   --window 24h --breakdown channel --json)
 SQL="SELECT channel, count(*) AS events, count(DISTINCT user_id) AS users FROM events WHERE campaign = 'parcel-lottery' GROUP BY channel ORDER BY channel"

@@ -14,13 +14,7 @@ source "$(dirname "$0")/common.sh"
 command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time; }
 
 for N in "${SIZES[@]}"; do
-  DATA="$OUT/funnel-data-$N"
-  if [ ! -f "$DATA/manifest.json" ]; then
-    start_server "$DATA"
-    FUNNELHOUSE_LOG=info "$BIN/funnelhouse" gen --events "$N" --server "$URL" --batch-size 2000
-    stop_server
-    "$BIN/funnelhouse" compact --data-dir "$DATA"
-  fi
+  funnel_data "$N"
   STEPS=package,scan,view,draw
   best=""
   for run in 1 2 3; do

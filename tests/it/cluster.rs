@@ -14,7 +14,7 @@ use funnelhouse_query::funnel::{funnel_at, trend_at};
 use funnelhouse_query::{FunnelRequest, QueryEngine, QueryOptions, StaticSource};
 use funnelhouse_storage::Snapshot;
 
-use crate::support::{Server, funnelhouse};
+use crate::support::{Server, funnelhouse, run_ok};
 
 /// A cluster process, killed when dropped.
 struct Node(Child);
@@ -83,15 +83,7 @@ async fn sql_and_funnels_on_a_scheduler_with_two_executors_match_in_process() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let server = Server::start(&data, &[]).await;
-    let generated = funnelhouse()
-        .args(["gen", "--events", "20000", "--server", &server.url])
-        .output()
-        .unwrap();
-    assert!(
-        generated.status.success(),
-        "{}",
-        String::from_utf8_lossy(&generated.stderr)
-    );
+    run_ok(&["gen", "--events", "20000", "--server", &server.url]);
     assert_eq!(server.terminate().code(), Some(0), "flushed on SIGTERM");
 
     let (_scheduler, rest) = start(
@@ -207,20 +199,8 @@ async fn sql_and_funnels_on_a_scheduler_with_two_executors_match_in_process() {
     let config = dir.path().join("cluster.toml");
     std::fs::write(&config, format!("[query]\nballista = \"{scheduler}\"\n")).unwrap();
     let sql = "SELECT count(*) AS n FROM events WHERE event = 'draw'";
-    let run = |extra: &[&str]| {
-        let out = funnelhouse()
-            .args(["sql", "--data-dir", data.to_str().unwrap()])
-            .args(extra)
-            .arg(sql)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let data_dir = data.to_str().unwrap();
+    let run = |extra: &[&str]| run_ok(&[extra, &["sql", "--data-dir", data_dir, sql]].concat());
     let there = run(&["--config", config.to_str().unwrap()]);
     assert_eq!(there, run(&[]));
     for i in 0..2 {

@@ -28,6 +28,14 @@ pub fn funnelhouse() -> Command {
     cmd
 }
 
+/// `funnelhouse ARGS` run to its end, which must be a success: its stdout.
+pub fn run_ok(args: &[&str]) -> String {
+    let out = funnelhouse().args(args).output().expect("run funnelhouse");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "funnelhouse {args:?}: {stderr}");
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
 /// `funnelhouse serve` on 127.0.0.1, ports picked free.
 pub fn serve_on_loopback() -> Command {
     let mut cmd = funnelhouse();
