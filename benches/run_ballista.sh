@@ -66,7 +66,7 @@ for E in 1 2; do
   same_funnel=$("$(command -v python3)" -c "import json,sys; a,b=(json.load(open(f)) for f in sys.argv[1:]); [x.pop('as_of') for x in (a,b)]; print(a==b)" \
     "$OUT/ballista-local-funnel.out" "$OUT/ballista-$E-funnel.out")
   same_sql=$(cmp -s "$OUT/ballista-local-sql.out" "$OUT/ballista-$E-sql.out" && echo True || echo False)
-  echo "{\"where\": \"$E executors\", \"events\": $N, \"funnel_s\": $funnel, \"sql_s\": $sql, \"same_funnel\": \"$same_funnel\", \"same_sql\": \"$same_sql\"}" \
+  echo "{\"where\": \"$E executor(s)\", \"events\": $N, \"funnel_s\": $funnel, \"sql_s\": $sql, \"same_funnel\": \"$same_funnel\", \"same_sql\": \"$same_sql\"}" \
     | tee "$OUT/ballista-$E-$N.json"
   stop_cluster
 done
