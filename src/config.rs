@@ -231,6 +231,25 @@ webhook = "http://127.0.0.1:9000/hook"
     }
 
     #[test]
+    fn a_ballista_address_without_a_port_is_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("funnelhouse.toml");
+        for (value, ok) in [("df://127.0.0.1:50050", true), ("df://scheduler", false)] {
+            std::fs::write(&path, format!("[query]\nballista = \"{value}\"\n")).unwrap();
+            match Config::load(Some(&path), Overrides::default()) {
+                Ok(cfg) => assert!(ok && cfg.query.distribute.is_some(), "{value} loaded"),
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(
+                        !ok && e.contains("query.ballista") && e.contains(value),
+                        "{e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn unknown_keys_name_the_key_and_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("funnelhouse.toml");

@@ -108,9 +108,12 @@ fn runtime_producer(opts: &ExecutorOptions) -> RuntimeProducer {
 /// and run on its executors.
 pub fn distribute(scheduler: &str) -> Result<Distribute> {
     let host_port = scheduler.strip_prefix("df://").unwrap_or(scheduler);
-    if host_port.is_empty() || host_port.contains('/') {
+    let port = host_port
+        .rsplit_once(':')
+        .map(|(host, port)| (host, port.parse::<u16>()));
+    if !matches!(port, Some((host, Ok(_))) if !host.is_empty() && !host.contains('/')) {
         return Err(ClusterError::Config(format!(
-            "[query] ballista: {scheduler:?} is not df://HOST:PORT"
+            "{scheduler:?} is not df://HOST:PORT (the scheduler's address)"
         )));
     }
     let url = format!("http://{host_port}");
