@@ -182,11 +182,11 @@ impl QueryEngine {
             Arc::new(EventsTable::new(Arc::clone(&source), data_dir, shared_url));
         ctx.register_table("events", Arc::clone(&events))?;
         ctx.register_udaf(WindowFunnel::udaf());
-        let as_of: fn(&dyn TableProvider) -> i64 = match opts.distribute {
-            Some(_) => committed_as_of,
-            None => |_: &dyn TableProvider| funnelhouse_schemas::time::now_micros(),
+        let clock = FunnelClock {
+            source: Arc::clone(&source),
+            distributed: opts.distribute.is_some(),
         };
-        ctx.register_udtf("funnel", Arc::new(FunnelFunction { events, as_of }));
+        ctx.register_udtf("funnel", Arc::new(FunnelFunction { events, clock }));
         Ok(Self {
             ctx,
             timeout: opts.timeout,
@@ -227,11 +227,11 @@ impl QueryEngine {
     /// "Now" for a funnel: the present, or on a cluster the newest committed file's time
     /// (what its answer is as of; the live buffer is not there).
     pub fn as_of_now(&self) -> i64 {
-        let now = funnelhouse_schemas::time::now_micros();
-        if !self.is_distributed() {
-            return now;
-        }
-        newest_commit(&self.source.snapshot().files).unwrap_or(now)
+        let clock = FunnelClock {
+            source: Arc::clone(&self.source),
+            distributed: self.is_distributed(),
+        };
+        clock.now()
     }
 
     /// The live funnels this engine keeps.
@@ -372,19 +372,33 @@ impl QueryEngine {
     }
 }
 
-/// The newest commit's time of an `events` table (else now): "now" on a cluster.
-fn committed_as_of(events: &dyn TableProvider) -> i64 {
-    let files = events
-        .downcast_ref::<EventsTable>()
-        .map(|e| e.source.snapshot().files);
-    files
-        .and_then(|f| newest_commit(&f))
-        .unwrap_or_else(funnelhouse_schemas::time::now_micros)
+/// "Now" for a funnel over `source`: the present, or on a cluster the newest committed
+/// file's time (what its answer is as of; the live buffer is not there).
+#[derive(Clone)]
+pub struct FunnelClock {
+    source: Arc<dyn SnapshotSource>,
+    distributed: bool,
 }
 
-/// When the newest of `files` was written (UTC µs), if any says.
-pub(crate) fn newest_commit(files: &[FileMeta]) -> Option<i64> {
-    files.iter().filter_map(FileMeta::written_at).max()
+impl FunnelClock {
+    pub fn now(&self) -> i64 {
+        let now = funnelhouse_schemas::time::now_micros();
+        if !self.distributed {
+            return now;
+        }
+        let files = self.source.snapshot().files;
+        files
+            .iter()
+            .filter_map(FileMeta::written_at)
+            .max()
+            .unwrap_or(now)
+    }
+}
+
+impl std::fmt::Debug for FunnelClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FunnelClock(distributed: {})", self.distributed)
+    }
 }
 
 /// A task on another runtime that is aborted when its awaiting future is dropped.

@@ -26,13 +26,14 @@ use serde::{Deserialize, Serialize};
 use super::engine::{FoldExchange, plan_in};
 use super::plan::{FunnelQuery, funnel_schema};
 use super::spec::FunnelRequest;
+use crate::session::FunnelClock;
 
 /// The `funnel` table function over the `events` table.
 #[derive(Debug)]
 pub struct FunnelFunction {
     pub events: Arc<dyn TableProvider>,
-    /// "Now" for its funnels (see `QueryEngine::as_of_now`).
-    pub as_of: fn(&dyn TableProvider) -> i64,
+    /// "Now" for its funnels.
+    pub clock: FunnelClock,
 }
 
 impl TableFunctionImpl for FunnelFunction {
@@ -71,11 +72,7 @@ impl TableFunctionImpl for FunnelFunction {
             .map_err(|e| DataFusionError::Plan(format!("funnel: {e}")))?;
         Ok(Arc::new(FunnelTable {
             events: Arc::clone(&self.events),
-            query: Arc::new(FunnelQuery::new(
-                &spec,
-                (self.as_of)(self.events.as_ref()),
-                None,
-            )),
+            query: Arc::new(FunnelQuery::new(&spec, self.clock.now(), None)),
             columns: FunnelColumns::Sql,
             exchange: FoldExchange::Broadcast,
         }))
