@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use funnelhouse_cluster::ExecutorOptions;
+use funnelhouse_storage::{SharedReader, SharedStore};
 
 use crate::config::Config;
 use crate::error::CliError;
@@ -34,7 +35,7 @@ pub struct ExecutorArgs {
     work_dir: Option<PathBuf>,
 }
 
-pub async fn scheduler(args: SchedulerArgs) -> Result<(), CliError> {
+pub async fn scheduler(args: SchedulerArgs, cfg: &Config) -> Result<(), CliError> {
     let listener = tokio::net::TcpListener::bind(&args.bind)
         .await
         .map_err(|e| CliError::Io(format!("cannot listen on {}: {e}", args.bind)))?;
@@ -45,7 +46,7 @@ pub async fn scheduler(args: SchedulerArgs) -> Result<(), CliError> {
         "Ballista scheduler listening on {addr} (start executors with \
          `funnelhouse executor --scheduler df://{addr}`, and set [query] ballista = \"df://{addr}\")"
     );
-    funnelhouse_cluster::run_scheduler(listener)
+    funnelhouse_cluster::run_scheduler(listener, shared_reader(cfg).await?)
         .await
         .map_err(|e| CliError::Io(format!("scheduler: {e}")))
 }
@@ -65,17 +66,7 @@ pub async fn executor(args: ExecutorArgs, cfg: &Config) -> Result<(), CliError> 
     if bind.port() == 0 {
         bind.set_port(flight);
     }
-    let shared = match cfg.storage.url {
-        Some(_) => {
-            let storage = cfg.storage.clone();
-            let connect = move || funnelhouse_storage::SharedStore::connect(&storage, "");
-            let store = tokio::task::spawn_blocking(connect)
-                .await
-                .map_err(|e| CliError::Io(e.to_string()))??;
-            Some(store.reader())
-        }
-        None => None,
-    };
+    let shared = shared_reader(cfg).await?;
     let work_dir = (args.work_dir).unwrap_or_else(|| {
         std::env::temp_dir().join(format!("funnelhouse-executor-{}", bind.port()))
     });
@@ -98,6 +89,19 @@ pub async fn executor(args: ExecutorArgs, cfg: &Config) -> Result<(), CliError> 
     })
     .await
     .map_err(|e| CliError::Io(format!("executor: {e}")))
+}
+
+/// The shared object store of the config's `[storage]`, when it has a url.
+async fn shared_reader(cfg: &Config) -> Result<Option<SharedReader>, CliError> {
+    if cfg.storage.url.is_none() {
+        return Ok(None);
+    }
+    let storage = cfg.storage.clone();
+    let connect = move || SharedStore::connect(&storage, "");
+    let store = tokio::task::spawn_blocking(connect)
+        .await
+        .map_err(|e| CliError::Io(e.to_string()))??;
+    Ok(Some(store.reader()))
 }
 
 async fn resolve(host_port: &str) -> std::io::Result<SocketAddr> {

@@ -57,7 +57,9 @@ pub struct QueryConfig {
     /// A query running longer is cancelled. Default `"60s"`.
     #[serde(deserialize_with = "de_duration")]
     pub timeout: Duration,
-    /// Memory pool for queries; sorts and aggregations spill past it. Default `"8GiB"`.
+    /// Memory pool for queries; sorts, aggregations and funnels spill past it. Below 1 GiB
+    /// the process also does without transparent huge pages, for a tighter RSS. Default
+    /// `"8GiB"`.
     pub memory_limit: ByteSize,
     /// SQL results stop at this many rows and say so (JSON: `"truncated": true`).
     /// Default 1 000 000.

@@ -72,7 +72,8 @@ enum Command {
     /// Inspect the write-ahead log, or salvage a damaged one.
     #[command(subcommand)]
     Wal(wal_cli::WalCommand),
-    /// Run a Ballista scheduler that runs SQL and funnels on its executors.
+    /// Run a Ballista scheduler that runs SQL and funnels on its executors (reads the
+    /// config's `[storage]`).
     Scheduler(cluster_cli::SchedulerArgs),
     /// Run a Ballista executor for a scheduler (reads the config's `[storage]`, never
     /// locks the data dir).
@@ -98,7 +99,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// Below this `memory_limit` the process does without transparent huge pages.
+const HUGE_PAGES_FROM: usize = 1 << 30;
+
 fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
+    if cfg.query.memory_limit.0 < HUGE_PAGES_FROM {
+        // A 2 MiB page the allocator touches at all counts whole in the RSS: under a
+        // 128 MiB pool that was ~100 MB more at the peak of a 10M-event funnel. A small
+        // memory_limit asks for a tight RSS more than for the few percent huge pages save.
+        // SAFETY: prctl with these arguments only sets a flag of this process.
+        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -140,7 +151,7 @@ fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
         }
         Command::Wal(command) => wal_cli::run(command, &cfg),
         Command::Scheduler(args) => runtime
-            .block_on(cluster_cli::scheduler(args))
+            .block_on(cluster_cli::scheduler(args, &cfg))
             .map(|()| ExitCode::SUCCESS),
         Command::Executor(args) => runtime
             .block_on(cluster_cli::executor(args, &cfg))

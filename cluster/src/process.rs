@@ -9,13 +9,16 @@ use std::sync::Arc;
 
 use ballista_core::RuntimeProducer;
 use ballista_core::extension::{SessionConfigExt, SessionStateExt};
+use ballista_core::utils::default_session_builder;
 use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
 use ballista_scheduler::cluster::BallistaCluster;
 use ballista_scheduler::config::SchedulerConfig;
 use ballista_scheduler::scheduler_process::{create_scheduler, start_grpc_service_with_listener};
+use ballista_scheduler::scheduler_server::SessionBuilder;
+use datafusion::error::Result as DfResult;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::object_store::ObjectStoreUrl;
-use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion_proto::protobuf::{LogicalPlanNode, PhysicalPlanNode};
 use funnelhouse_query::Distribute;
 use funnelhouse_storage::SharedReader;
@@ -24,10 +27,22 @@ use crate::codec::{LogicalCodec, PhysicalCodec};
 use crate::error::{ClusterError, Result};
 
 /// Serve a scheduler on `listener` until the process ends; executors and clients reach
-/// it at the listener's address.
-pub async fn run_scheduler(listener: tokio::net::TcpListener) -> Result<()> {
+/// it at the listener's address. It plans over `shared` too (the shared object store of
+/// `[storage] url`): DataFusion looks a file scan's object store up while planning it.
+pub async fn run_scheduler(
+    listener: tokio::net::TcpListener,
+    shared: Option<SharedReader>,
+) -> Result<()> {
     let addr = listener.local_addr()?;
+    let session_builder = shared.map(|shared| -> SessionBuilder {
+        Arc::new(move |config| {
+            let state = default_session_builder(config)?;
+            register_shared(state.runtime_env(), &shared)?;
+            Ok(state)
+        })
+    });
     let config = SchedulerConfig {
+        override_session_builder: session_builder,
         bind_host: addr.ip().to_string(),
         bind_port: addr.port(),
         external_host: addr.ip().to_string(),
@@ -96,11 +111,16 @@ fn runtime_producer(opts: &ExecutorOptions) -> RuntimeProducer {
             .with_temp_file_path(&work_dir)
             .build()?;
         if let Some(shared) = &shared {
-            let url = ObjectStoreUrl::parse(&shared.url)?;
-            runtime.register_object_store(url.as_ref(), Arc::clone(&shared.store));
+            register_shared(&runtime, shared)?;
         }
         Ok(Arc::new(runtime))
     })
+}
+
+fn register_shared(runtime: &RuntimeEnv, shared: &SharedReader) -> DfResult<()> {
+    let url = ObjectStoreUrl::parse(&shared.url)?;
+    runtime.register_object_store(url.as_ref(), Arc::clone(&shared.store));
+    Ok(())
 }
 
 /// The engine's session turned into a client of the scheduler at `scheduler`

@@ -28,16 +28,29 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::union::UnionExec;
 use funnelhouse_schemas::event_schema;
-use funnelhouse_storage::{EventStore, FileMeta, Snapshot};
+use funnelhouse_storage::{EventStore, FileMeta, Snapshot, StorageError};
 
 /// Where the table's rows come from: a running store, or a data dir read as it is.
 pub trait SnapshotSource: Send + Sync {
     fn snapshot(&self) -> Snapshot;
+
+    /// A snapshot's committed files as an executor on another machine reads them.
+    fn files_elsewhere(&self, files: &[FileMeta]) -> Result<Vec<FileMeta>, StorageError> {
+        Ok(files.to_vec())
+    }
 }
+
+/// How long a distributed query waits for this node's newest files to be uploaded to
+/// the shared object store (the publisher uploads each commit at once).
+const UPLOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl SnapshotSource for EventStore {
     fn snapshot(&self) -> Snapshot {
         EventStore::snapshot(self)
+    }
+
+    fn files_elsewhere(&self, files: &[FileMeta]) -> Result<Vec<FileMeta>, StorageError> {
+        EventStore::files_elsewhere(self, files, UPLOAD_WAIT)
     }
 }
 

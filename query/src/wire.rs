@@ -3,7 +3,8 @@
 //! self-contained: the `events` table travels as the committed files of the snapshot it
 //! reads (the live buffer is the client's memory: a distributed query sees events once
 //! they are flushed), a funnel table or node as its [`FunnelQuery`], so the receiving
-//! process needs no funnelhouse state, only the same files at the same paths.
+//! process needs no funnelhouse state, only the same files: with `[storage] url` every
+//! file by its object key (this node's once uploaded), else at the same local paths.
 //!
 //! A funnel table decoded here plans its fold behind a repartition by user_id: the
 //! in-process broadcast exchange needs all fold partitions in one process, while a
@@ -149,7 +150,8 @@ fn encode_events(events: &EventsTable) -> Result<Vec<u8>> {
     let header = EventsHeader {
         data_dir: events.data_dir.clone(),
         shared_url: events.shared_url.as_ref().map(|u| u.as_str().to_string()),
-        files: snapshot.files.to_vec(),
+        files: (events.source.files_elsewhere(&snapshot.files))
+            .map_err(|e| DataFusionError::External(e.into()))?,
     };
     frame(Kind::Events, &header, &[])
 }

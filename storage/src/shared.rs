@@ -56,8 +56,6 @@ struct NodeList {
 /// What this node has put on the shared store; kept by the one thread that publishes.
 #[derive(Default)]
 pub struct Published {
-    /// Object keys of this node's files that are uploaded.
-    uploaded: HashSet<String>,
     /// Uploaded objects no longer listed, and since when.
     unlisted: HashMap<String, Instant>,
     /// The node list last put, so an unchanged one is not put again.
@@ -82,6 +80,9 @@ pub struct SharedStore {
     runtime: Option<tokio::runtime::Runtime>,
     /// When the other nodes' lists were last read in full (None: not yet since start).
     synced_at: Mutex<Option<Instant>>,
+    /// Object keys of this node's files that are uploaded (written by the publisher, read
+    /// when a query is sent to machines without this data dir).
+    uploaded: Mutex<HashSet<String>>,
 }
 
 impl Published {
@@ -167,6 +168,7 @@ impl SharedStore {
             node: node.to_string(),
             runtime: Some(runtime),
             synced_at: Mutex::default(),
+            uploaded: Mutex::default(),
         })
     }
 
@@ -222,6 +224,26 @@ impl SharedStore {
         self.key(&format!("events/{}/{}-{name}", file.partition, self.node))
     }
 
+    /// One of this node's files as the other machines read it, by its object key.
+    fn as_object(&self, file: &FileMeta, key: String) -> FileMeta {
+        FileMeta {
+            path: key,
+            node: Some(self.node.clone()),
+            ..file.clone()
+        }
+    }
+
+    /// One of this node's files as the other machines read it, once it is uploaded.
+    pub fn published(&self, file: &FileMeta) -> Option<FileMeta> {
+        let key = self.object_key(file);
+        let uploaded = self.uploaded().contains(&key);
+        uploaded.then(|| self.as_object(file, key))
+    }
+
+    fn uploaded(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.uploaded.lock().expect("shared lock")
+    }
+
     /// Is this object key one of this node's files?
     fn is_own_object(&self, key: &str) -> bool {
         key.rsplit('/')
@@ -249,15 +271,13 @@ impl SharedStore {
         })?;
         let listed: HashSet<String> = manifest.files.iter().map(|f| self.object_key(f)).collect();
         for key in keys.into_iter().filter(|k| self.is_own_object(k)) {
-            if listed.contains(&key) {
-                published.uploaded.insert(key);
-            } else {
+            if !listed.contains(&key) {
                 // An upload cut short, or a file compacted away whose delete did not
                 // happen: an older list of this node's may still name it, and another
                 // node may be reading it, so it waits its grace period like any other.
                 published.unlisted.insert(key.clone(), Instant::now());
-                published.uploaded.insert(key);
             }
+            self.uploaded().insert(key);
         }
         self.publish(published, manifest, data_dir)
     }
@@ -276,20 +296,15 @@ impl SharedStore {
             .map(|f| (self.object_key(f), f))
             .collect();
         for (key, file) in &files {
-            if !published.uploaded.contains(key) {
+            if !self.uploaded().contains(key) {
                 self.block_on(self.upload(&data_dir.join(&file.path), key))?;
-                published.uploaded.insert(key.clone());
+                self.uploaded().insert(key.clone());
             }
         }
         let list = NodeList {
             node: self.node.clone(),
-            files: files
-                .iter()
-                .map(|(key, f)| FileMeta {
-                    path: key.clone(),
-                    node: Some(self.node.clone()),
-                    ..(*f).clone()
-                })
+            files: (files.iter())
+                .map(|(key, f)| self.as_object(f, key.clone()))
                 .collect(),
         };
         let body = serde_json::to_vec(&list).expect("node list serialises");
@@ -305,7 +320,7 @@ impl SharedStore {
         }
 
         let now_listed: HashSet<&str> = files.iter().map(|(k, _)| k.as_str()).collect();
-        for key in &published.uploaded {
+        for key in self.uploaded().iter() {
             if !now_listed.contains(key.as_str()) {
                 published
                     .unlisted
@@ -325,7 +340,7 @@ impl SharedStore {
             match result {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {
                     published.unlisted.remove(&key);
-                    published.uploaded.remove(&key);
+                    self.uploaded().remove(&key);
                 }
                 Err(e) => {
                     tracing::warn!(object = %key, error = %e, "deleting a replaced object failed; retried at the next publication")

@@ -35,7 +35,7 @@ use crate::dedup::{DedupIndex, IdsFile, id_hash};
 use crate::disk::{Disk, OsDisk};
 use crate::error::{Result, StorageError};
 use crate::fsutil::DataDirLock;
-use crate::manifest::Manifest;
+use crate::manifest::{FileMeta, Manifest};
 use crate::metrics::{StoreMetrics, add_duration};
 use crate::parquet_file::write_partitioned;
 use crate::shared::{Published, SeenLists, SharedReader, SharedStore};
@@ -337,6 +337,38 @@ impl EventStore {
     /// This node's id on the shared object store, with `[storage] url`.
     pub fn node(&self) -> Option<&str> {
         self.shared.as_ref().map(|s| s.node())
+    }
+
+    /// A snapshot's committed files as a machine without this data dir reads them (a
+    /// Ballista executor): with `[storage] url`, this node's by their object keys, waiting
+    /// up to `within` for the publisher to upload the newest; without it, as they are.
+    pub fn files_elsewhere(&self, files: &[FileMeta], within: Duration) -> Result<Vec<FileMeta>> {
+        let Some(shared) = &self.shared else {
+            return Ok(files.to_vec());
+        };
+        let deadline = Instant::now() + within;
+        let mut out = Vec::with_capacity(files.len());
+        for file in files {
+            if file.node.is_some() {
+                out.push(file.clone());
+                continue;
+            }
+            loop {
+                if let Some(published) = shared.published(file) {
+                    out.push(published);
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(StorageError::Remote(format!(
+                        "{} is not uploaded to the shared object store after {} s, so executors cannot read it; see the log for failed publications",
+                        file.path,
+                        within.as_secs()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(out)
     }
 
     /// Files and live batches, consistent with each other.

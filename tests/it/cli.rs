@@ -613,3 +613,28 @@ async fn wal_check_and_salvage_get_past_damage_before_the_tail() {
         .collect();
     assert_eq!(ids, expected);
 }
+
+#[tokio::test]
+async fn a_small_memory_limit_turns_transparent_huge_pages_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = write_file(
+        dir.path(),
+        "small.toml",
+        "[query]\nmemory_limit = \"128MiB\"\n",
+    );
+    let thp = |server: &Server| {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("THP_enabled:"));
+        line.map(|l| l.split_whitespace().nth(1).unwrap().to_string())
+    };
+    let server = Server::start(&dir.path().join("a"), &["--config", small.to_str().unwrap()]).await;
+    let limited = thp(&server);
+    assert!(server.terminate().success());
+    let server = Server::start(&dir.path().join("b"), &[]).await;
+    let default = thp(&server);
+    assert!(server.terminate().success());
+    // Kernels before 5.0 do not report it.
+    if let (Some(limited), Some(default)) = (limited, default) {
+        assert_eq!((limited.as_str(), default.as_str()), ("0", "1"));
+    }
+}

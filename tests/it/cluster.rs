@@ -1,10 +1,10 @@
 //! A Ballista scheduler and two executors, processes of this binary on loopback, give the
 //! same SQL and funnel answers as the engine in this process over the same committed
-//! files (`[query] ballista`).
+//! files (`[query] ballista`), local or on a shared bucket.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +14,8 @@ use funnelhouse_query::funnel::{funnel_at, trend_at};
 use funnelhouse_query::{FunnelRequest, QueryEngine, QueryOptions, StaticSource};
 use funnelhouse_storage::Snapshot;
 
-use crate::support::{Server, funnelhouse, run_ok};
+use crate::shared::{S3Server, serve, storage_toml, with_credentials};
+use crate::support::{Server, funnelhouse, run_ok, write_file};
 
 /// A cluster process, killed when dropped.
 struct Node(Child);
@@ -26,11 +27,9 @@ impl Drop for Node {
     }
 }
 
-/// Start `funnelhouse ARGS`; with `wait_for`, return once its log has a line with it,
-/// and the rest of that line.
-fn start(args: &[&str], wait_for: &str) -> (Node, String) {
-    let mut child = funnelhouse()
-        .args(args)
+/// Start `cmd`; return once its log has a line with `wait_for`, and the rest of that line.
+fn start(mut cmd: Command, wait_for: &str) -> (Node, String) {
+    let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -41,6 +40,8 @@ fn start(args: &[&str], wait_for: &str) -> (Node, String) {
     std::thread::spawn(move || {
         let mut log = Vec::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // Shown with the test's output when it fails.
+            eprintln!("{line}");
             if let Some(i) = line.find(&needle) {
                 let _ = tx.send(Ok(line[i + needle.len()..].to_string()));
             }
@@ -50,10 +51,48 @@ fn start(args: &[&str], wait_for: &str) -> (Node, String) {
     });
     let rest = match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(Ok(rest)) => rest,
-        Ok(Err(log)) => panic!("funnelhouse {args:?} exited: {log}"),
-        Err(_) => panic!("funnelhouse {args:?}: no {wait_for:?} in a minute"),
+        Ok(Err(log)) => panic!("{cmd:?} exited: {log}"),
+        Err(_) => panic!("{cmd:?}: no {wait_for:?} in a minute"),
     };
     (Node(child), rest)
+}
+
+/// A scheduler and two executors on loopback, stopped when dropped.
+struct Cluster {
+    /// `df://HOST:PORT`
+    scheduler: String,
+    work_dirs: Vec<PathBuf>,
+    _nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// Executors keep their work in `dir`; `with` sets up each process's command (a
+    /// config, its credentials).
+    fn start(dir: &Path, with: impl Fn(Command) -> Command) -> Cluster {
+        let mut scheduler = with(funnelhouse());
+        scheduler.args(["scheduler", "--bind", "127.0.0.1:0"]);
+        let (node, rest) = start(scheduler, "Ballista scheduler listening on ");
+        let addr = rest.split_whitespace().next().unwrap();
+        let scheduler = format!("df://{addr}");
+        let mut nodes = vec![node];
+        let mut work_dirs = Vec::new();
+        for i in 0..2 {
+            let work = dir.join(format!("executor-{i}"));
+            let mut executor = with(funnelhouse());
+            executor
+                .args(["executor", "--scheduler", &scheduler])
+                .args(["--bind", "127.0.0.1:0", "--concurrent-tasks", "2"])
+                .arg("--work-dir")
+                .arg(&work);
+            nodes.push(start(executor, "Ballista executor on ").0);
+            work_dirs.push(work);
+        }
+        Cluster {
+            scheduler,
+            work_dirs,
+            _nodes: nodes,
+        }
+    }
 }
 
 fn engine(data: &Path, opts: QueryOptions) -> QueryEngine {
@@ -86,28 +125,8 @@ async fn sql_and_funnels_on_a_scheduler_with_two_executors_match_in_process() {
     run_ok(&["gen", "--events", "20000", "--server", &server.url]);
     assert_eq!(server.terminate().code(), Some(0), "flushed on SIGTERM");
 
-    let (_scheduler, rest) = start(
-        &["scheduler", "--bind", "127.0.0.1:0"],
-        "Ballista scheduler listening on ",
-    );
-    let addr = rest.split_whitespace().next().unwrap().to_string();
-    let scheduler = format!("df://{addr}");
-    let mut executors = Vec::new();
-    for i in 0..2 {
-        let work = dir.path().join(format!("executor-{i}"));
-        let args = [
-            "executor",
-            "--scheduler",
-            &scheduler,
-            "--bind",
-            "127.0.0.1:0",
-            "--concurrent-tasks",
-            "2",
-            "--work-dir",
-            work.to_str().unwrap(),
-        ];
-        executors.push(start(&args, "Ballista executor on ").0);
-    }
+    let nodes = Cluster::start(dir.path(), |cmd| cmd);
+    let scheduler = nodes.scheduler.clone();
 
     let opts = QueryOptions {
         target_partitions: 4,
@@ -203,12 +222,121 @@ async fn sql_and_funnels_on_a_scheduler_with_two_executors_match_in_process() {
     let run = |extra: &[&str]| run_ok(&[extra, &["sql", "--data-dir", data_dir, sql]].concat());
     let there = run(&["--config", config.to_str().unwrap()]);
     assert_eq!(there, run(&[]));
-    for i in 0..2 {
-        let shuffles = std::fs::read_dir(dir.path().join(format!("executor-{i}"))).unwrap();
+    for work in &nodes.work_dirs {
+        let shuffles = std::fs::read_dir(work).unwrap();
         assert!(
             shuffles.count() > 0,
-            "executor {i} ran tasks (its work dir has job data)"
+            "{} has job data: the executor ran tasks",
+            work.display()
         );
     }
-    drop(executors);
+}
+
+/// The answers a server gives to a few SQL queries and a funnel report (less its `as_of`).
+async fn http_answers(server: &Server) -> Vec<serde_json::Value> {
+    let http = reqwest::Client::new();
+    let mut out = Vec::new();
+    for sql in [
+        "SELECT count(*) AS n, count(DISTINCT event_id) AS ids, count(DISTINCT user_id) AS users FROM events",
+        "SELECT channel, event, count(*) AS n FROM events GROUP BY channel, event ORDER BY channel, event",
+        "SELECT * FROM funnel('parcel-lottery', 'package,scan,view,draw', '24h', 'channel') ORDER BY value NULLS FIRST, step",
+    ] {
+        let resp = (http.post(format!("{}/v1/sql", server.url)))
+            .json(&serde_json::json!({ "sql": sql }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{sql}: {}", resp.text().await.unwrap());
+        out.push(resp.json::<serde_json::Value>().await.unwrap()["rows"].take());
+    }
+    let url = format!(
+        "{}/v1/funnel?campaign=parcel-lottery&steps=package,scan,view,draw&window=24h&breakdown=channel",
+        server.url
+    );
+    let resp = http.get(url).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let mut report: serde_json::Value = resp.json().await.unwrap();
+    report.as_object_mut().unwrap().remove("as_of");
+    out.push(report);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_shared_storage_executors_read_every_file_from_the_bucket() {
+    let s3 = S3Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = storage_toml(&s3.endpoint);
+    let cluster_config = write_file(dir.path(), "cluster.toml", &storage);
+    let cluster = Cluster::start(dir.path(), |mut cmd| {
+        cmd.arg("--config").arg(&cluster_config);
+        with_credentials(cmd)
+    });
+    let flush = "[ingest]\nflush_interval = \"1s\"\n\n";
+    let in_process = write_file(dir.path(), "in-process.toml", &format!("{flush}{storage}"));
+    let on_cluster = write_file(
+        dir.path(),
+        "on-cluster.toml",
+        &format!(
+            "{flush}{storage}\n[query]\nballista = \"{}\"\n",
+            cluster.scheduler
+        ),
+    );
+    let data = dir.path().join("data");
+    let node = |config: &Path| Server::spawn(with_credentials(serve(config, &data)));
+
+    // Generated events, flushed, and published on SIGTERM; the answers in process.
+    let server = node(&in_process).await;
+    run_ok(&["gen", "--events", "5000", "--server", &server.url]);
+    let here = http_answers(&server).await;
+    assert!(server.terminate().success());
+
+    // The same node on the cluster: the executors read its files from the bucket (the
+    // node's own files travel by their object keys, not its local paths).
+    let server = node(&on_cluster).await;
+    let gets = |s3: &S3Server| s3.requests().get("GET").copied().unwrap_or(0);
+    let before = gets(&s3);
+    assert_eq!(http_answers(&server).await, here);
+    let objects = s3.objects();
+    let parquet = objects.iter().filter(|k| k.ends_with(".parquet")).count();
+    assert!(parquet > 0, "{objects:?}");
+    assert!(
+        gets(&s3) - before >= parquet as u64,
+        "the executors read the {parquet} Parquet objects: {:?}",
+        s3.requests()
+    );
+
+    // New events: the cluster counts them once flushed and uploaded (the query waits for
+    // the upload of a file committed a moment ago), and never fails meanwhile.
+    let n = here[0][0][0].as_i64().unwrap();
+    let events: Vec<serde_json::Value> = (0..10)
+        .map(|i| serde_json::json!({"event_id": format!("late-{i}"), "event": "scan", "user_id": "late",
+                                    "campaign": "parcel-lottery", "channel": "jd", "ts": "2026-11-20T10:00:00Z"}))
+        .collect();
+    let http = reqwest::Client::new();
+    let resp = (http.post(format!("{}/v1/events", server.url)))
+        .json(&events)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = (http.post(format!("{}/v1/sql", server.url)))
+            .json(&serde_json::json!({"sql": "SELECT count(*) FROM events"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        let body: serde_json::Value = resp.json().await.unwrap();
+        if body["rows"][0][0].as_i64() == Some(n + 10) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{body}; log:\n{}",
+            server.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(server.terminate().success());
 }

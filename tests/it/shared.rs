@@ -16,8 +16,8 @@ const SECRET_KEY: &str = "fh-test-secret";
 const BUCKET: &str = "fh-events";
 
 /// s3s-fs on 127.0.0.1:0 serving `root` (each folder a bucket); stopped with the test.
-struct S3Server {
-    endpoint: String,
+pub(crate) struct S3Server {
+    pub(crate) endpoint: String,
     root: tempfile::TempDir,
     task: tokio::task::JoinHandle<()>,
     /// Requests served, by kind (LIST, GET, PUT, POST, DELETE, HEAD).
@@ -25,7 +25,7 @@ struct S3Server {
 }
 
 impl S3Server {
-    async fn start() -> S3Server {
+    pub(crate) async fn start() -> S3Server {
         Self::start_on("127.0.0.1:0").await
     }
 
@@ -75,12 +75,12 @@ impl S3Server {
         }
     }
 
-    fn requests(&self) -> BTreeMap<String, u64> {
+    pub(crate) fn requests(&self) -> BTreeMap<String, u64> {
         self.requests.lock().unwrap().clone()
     }
 
     /// Keys of the objects under the bucket, e.g. `test/events/date=.../n…-f….parquet`.
-    fn objects(&self) -> Vec<String> {
+    pub(crate) fn objects(&self) -> Vec<String> {
         let bucket = self.root.path().join(BUCKET);
         let mut out = Vec::new();
         let mut stack = vec![bucket.clone()];
@@ -124,11 +124,22 @@ fn node_command(
         config_dir,
         &format!("{name}.toml"),
         &format!(
-            "[ingest]\nflush_interval = \"1s\"\ncompact_min_files = 3\n\n\
-             [storage]\nurl = \"s3://{BUCKET}/test\"\nendpoint = \"{endpoint}\"\nallow_http = true\n",
+            "[ingest]\nflush_interval = \"1s\"\ncompact_min_files = 3\n\n{}",
+            storage_toml(endpoint)
         ),
     );
-    let mut cmd = serve(&config, dir);
+    with_credentials(serve(&config, dir))
+}
+
+/// The `[storage]` section for the test bucket behind `endpoint`.
+pub(crate) fn storage_toml(endpoint: &str) -> String {
+    format!(
+        "[storage]\nurl = \"s3://{BUCKET}/test\"\nendpoint = \"{endpoint}\"\nallow_http = true\n"
+    )
+}
+
+/// `cmd` with the test bucket's credentials in its environment (and no others).
+pub(crate) fn with_credentials(mut cmd: std::process::Command) -> std::process::Command {
     cmd.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
         .env_remove("AWS_SESSION_TOKEN")
@@ -137,7 +148,7 @@ fn node_command(
 }
 
 /// `funnelhouse serve` on free ports with `config` over `dir`.
-fn serve(config: &Path, dir: &Path) -> std::process::Command {
+pub(crate) fn serve(config: &Path, dir: &Path) -> std::process::Command {
     let mut cmd = serve_command(dir);
     cmd.arg("--config").arg(config);
     cmd
@@ -300,9 +311,7 @@ async fn two_collectors_on_one_bucket_see_each_others_committed_files() {
     wait_for_counts(&a, want, Duration::from_secs(12)).await;
 
     // Offline, B's data dir with its config reads A's committed files from the bucket too.
-    let out = funnelhouse()
-        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    let out = with_credentials(funnelhouse())
         .args([
             "sql",
             "SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM events",
