@@ -139,6 +139,8 @@ pub struct QueryEngine {
     opts: QueryOptions,
     /// Funnels kept up to date as events arrive, answering polls without a scan.
     live: Arc<LiveFunnels>,
+    /// "Now" for funnels.
+    clock: FunnelClock,
 }
 
 impl QueryEngine {
@@ -178,15 +180,19 @@ impl QueryEngine {
         if let Some(distribute) = &opts.distribute {
             ctx = SessionContext::new_with_state((distribute.0)(ctx.state())?);
         }
-        let events: Arc<dyn TableProvider> =
-            Arc::new(EventsTable::new(Arc::clone(&source), data_dir, shared_url));
-        ctx.register_table("events", Arc::clone(&events))?;
+        let events = Arc::new(EventsTable::new(Arc::clone(&source), data_dir, shared_url));
+        ctx.register_table("events", Arc::clone(&events) as Arc<dyn TableProvider>)?;
         ctx.register_udaf(WindowFunnel::udaf());
         let clock = FunnelClock {
-            source: Arc::clone(&source),
+            events,
             distributed: opts.distribute.is_some(),
         };
-        ctx.register_udtf("funnel", Arc::new(FunnelFunction { events, clock }));
+        ctx.register_udtf(
+            "funnel",
+            Arc::new(FunnelFunction {
+                clock: clock.clone(),
+            }),
+        );
         Ok(Self {
             ctx,
             timeout: opts.timeout,
@@ -195,6 +201,7 @@ impl QueryEngine {
             data_dir: data_dir.to_path_buf(),
             opts: opts.clone(),
             live: Arc::default(),
+            clock,
         })
     }
 
@@ -227,11 +234,13 @@ impl QueryEngine {
     /// "Now" for a funnel: the present, or on a cluster the newest committed file's time
     /// (what its answer is as of; the live buffer is not there).
     pub fn as_of_now(&self) -> i64 {
-        let clock = FunnelClock {
-            source: Arc::clone(&self.source),
-            distributed: self.is_distributed(),
-        };
-        clock.now()
+        self.clock.pin().0
+    }
+
+    /// "Now" for a funnel, and the `events` table its scan reads: on a cluster, the
+    /// snapshot "now" was taken from (a flush in between would add events after it).
+    pub(crate) fn pin_now(&self) -> (i64, Arc<EventsTable>) {
+        self.clock.pin()
     }
 
     /// The live funnels this engine keeps.
@@ -372,26 +381,30 @@ impl QueryEngine {
     }
 }
 
-/// "Now" for a funnel over `source`: the present, or on a cluster the newest committed
+/// "Now" for a funnel over `events`: the present, or on a cluster the newest committed
 /// file's time (what its answer is as of; the live buffer is not there).
 #[derive(Clone)]
 pub struct FunnelClock {
-    source: Arc<dyn SnapshotSource>,
+    events: Arc<EventsTable>,
     distributed: bool,
 }
 
 impl FunnelClock {
-    pub fn now(&self) -> i64 {
+    /// "Now", and the `events` table a funnel as of then reads: on a cluster, pinned to
+    /// the snapshot whose newest file gave the time.
+    pub fn pin(&self) -> (i64, Arc<EventsTable>) {
         let now = funnelhouse_schemas::time::now_micros();
         if !self.distributed {
-            return now;
+            return (now, Arc::clone(&self.events));
         }
-        let files = self.source.snapshot().files;
-        files
-            .iter()
+        let snapshot = self.events.source.snapshot();
+        let newest = (snapshot.files.iter())
             .filter_map(FileMeta::written_at)
-            .max()
-            .unwrap_or(now)
+            .max();
+        (
+            newest.unwrap_or(now),
+            Arc::new(self.events.pinned(snapshot)),
+        )
     }
 }
 
@@ -418,5 +431,70 @@ impl<T> Future for AbortOnDrop<T> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A source whose snapshot the test replaces, as flushes do.
+    struct Flushing(Mutex<Snapshot>);
+
+    impl SnapshotSource for Flushing {
+        fn snapshot(&self) -> Snapshot {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    /// A committed file written at `uuid`'s time (UUIDv7, ms since the epoch in front).
+    fn file(uuid: &str) -> FileMeta {
+        FileMeta {
+            path: format!("events/date=2026-09-21/f00000000000000000001-{uuid}.parquet"),
+            partition: "date=2026-09-21".into(),
+            rows: 1,
+            bytes: 1,
+            min_ts: 0,
+            max_ts: 0,
+            node: None,
+        }
+    }
+
+    fn with_files(files: Vec<FileMeta>) -> Snapshot {
+        Snapshot {
+            files: Arc::new(files),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn on_a_cluster_a_funnel_reads_the_files_its_now_came_from() {
+        let first = file("01a0c4506c0070008000000000000001"); // 1,790,000,000,000 ms
+        let source = Arc::new(Flushing(Mutex::new(with_files(vec![first.clone()]))));
+        let events = Arc::new(EventsTable::new(
+            Arc::clone(&source) as Arc<dyn SnapshotSource>,
+            Path::new("/data"),
+            None,
+        ));
+        let clock = FunnelClock {
+            events,
+            distributed: true,
+        };
+        let (as_of, pinned) = clock.pin();
+        assert_eq!(as_of, 1_790_000_000_000_000);
+        // A flush commits a newer file before the funnel's scan is planned.
+        let second = file("01a0c451566070008000000000000001"); // a minute later
+        *source.0.lock().unwrap() = with_files(vec![first.clone(), second]);
+        let read: Vec<String> = (pinned.source.snapshot().files.iter())
+            .map(|f| f.path.clone())
+            .collect();
+        assert_eq!(read, [first.path]);
+        assert_eq!(
+            clock.pin().0,
+            1_790_000_060_000_000,
+            "the next funnel's now"
+        );
     }
 }

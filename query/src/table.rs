@@ -54,6 +54,23 @@ impl SnapshotSource for EventStore {
     }
 }
 
+/// Another source as one snapshot of it: each part of a query planned in several steps
+/// (a funnel's "now", then its scan) reads the same files.
+struct PinnedSource {
+    source: Arc<dyn SnapshotSource>,
+    snapshot: Snapshot,
+}
+
+impl SnapshotSource for PinnedSource {
+    fn snapshot(&self) -> Snapshot {
+        self.snapshot.clone()
+    }
+
+    fn files_elsewhere(&self, files: &[FileMeta]) -> Result<Vec<FileMeta>, StorageError> {
+        self.source.files_elsewhere(files)
+    }
+}
+
 /// A fixed snapshot (offline queries, tests).
 pub struct StaticSource(pub Snapshot);
 
@@ -90,6 +107,19 @@ impl EventsTable {
             source,
             data_dir,
             shared_url,
+        }
+    }
+
+    /// The same table over `snapshot` of its source.
+    pub(crate) fn pinned(&self, snapshot: Snapshot) -> EventsTable {
+        let source = PinnedSource {
+            source: Arc::clone(&self.source),
+            snapshot,
+        };
+        EventsTable {
+            source: Arc::new(source),
+            data_dir: self.data_dir.clone(),
+            shared_url: self.shared_url.clone(),
         }
     }
 }

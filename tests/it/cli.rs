@@ -627,7 +627,11 @@ async fn a_small_memory_limit_turns_transparent_huge_pages_off() {
         let line = status.lines().find(|l| l.starts_with("THP_enabled:"));
         line.map(|l| l.split_whitespace().nth(1).unwrap().to_string())
     };
-    let server = Server::start(&dir.path().join("a"), &["--config", small.to_str().unwrap()]).await;
+    let server = Server::start(
+        &dir.path().join("a"),
+        &["--config", small.to_str().unwrap()],
+    )
+    .await;
     let limited = thp(&server);
     assert!(server.terminate().success());
     let server = Server::start(&dir.path().join("b"), &[]).await;

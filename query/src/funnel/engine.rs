@@ -30,6 +30,7 @@ use super::spec::{Breakdown, FunnelSpec};
 use super::sql::{FunnelColumns, FunnelTable};
 use crate::error::{QueryError, Result};
 use crate::session::QueryEngine;
+use crate::table::EventsTable;
 
 pub(super) const MICROS: i64 = 1_000_000;
 /// Most trend buckets one request may ask for.
@@ -253,15 +254,20 @@ pub enum FoldExchange {
 async fn compute(
     engine: &QueryEngine,
     spec: &FunnelSpec,
-    as_of: i64,
+    at: &At,
     interval: Option<i64>,
 ) -> Result<Partial> {
     let started = std::time::Instant::now();
     let ctx = engine.context();
+    let as_of = at.as_of;
     let batches = if engine.is_distributed() {
         // As a table the scheduler plans (see `crate::wire`).
+        let events: Arc<dyn TableProvider> = match &at.events {
+            Some(events) => Arc::clone(events) as _,
+            None => ctx.table_provider("events").await?,
+        };
         let table = FunnelTable {
-            events: ctx.table_provider("events").await?,
+            events,
             query: Arc::new(FunnelQuery::new(spec, as_of, interval)),
             columns: FunnelColumns::Report,
             // Not sent: the scheduler plans the table with a repartition by user.
@@ -298,12 +304,36 @@ pub async fn explain_analyze(engine: &QueryEngine, spec: &FunnelSpec) -> Result<
         .to_string())
 }
 
-/// The numbers at `as_of`: from a live funnel of the same question when one is ready
+/// The moment a report is as of, and the `events` table pinned to it (see
+/// [`QueryEngine::pin_now`]; None: the engine's).
+struct At {
+    as_of: i64,
+    events: Option<Arc<EventsTable>>,
+}
+
+impl At {
+    fn now(engine: &QueryEngine) -> At {
+        let (as_of, events) = engine.pin_now();
+        At {
+            as_of,
+            events: Some(events),
+        }
+    }
+
+    fn of(as_of: i64) -> At {
+        At {
+            as_of,
+            events: None,
+        }
+    }
+}
+
+/// The numbers at `at`: from a live funnel of the same question when one is ready
 /// and `live` allows it, else by a scan.
 async fn partial(
     engine: &QueryEngine,
     spec: &FunnelSpec,
-    as_of: i64,
+    at: At,
     interval: Option<i64>,
     live: bool,
 ) -> Result<Partial> {
@@ -314,9 +344,9 @@ async fn partial(
             // A cluster reads committed files only; a live funnel also has the live buffer.
             let live = live && !engine.is_distributed();
             let kept = live.then(|| engine.live().find(&spec)).flatten();
-            match kept.and_then(|f| f.partial(&engine, &spec, as_of, interval)) {
+            match kept.and_then(|f| f.partial(&engine, &spec, at.as_of, interval)) {
                 Some(p) => Ok(p),
-                None => compute(&engine, &spec, as_of, interval).await,
+                None => compute(&engine, &spec, &at, interval).await,
             }
         })
         .await
@@ -324,7 +354,7 @@ async fn partial(
 
 /// The funnel report of the contract, as of now.
 pub async fn funnel(engine: &QueryEngine, spec: &FunnelSpec) -> Result<FunnelReport> {
-    funnel_at(engine, spec, engine.as_of_now(), true).await
+    funnel_report(engine, spec, At::now(engine), true).await
 }
 
 /// The funnel report as of `as_of` (which must not be before the last answer's), from a
@@ -335,7 +365,17 @@ pub async fn funnel_at(
     as_of: i64,
     live: bool,
 ) -> Result<FunnelReport> {
-    let partial = partial(engine, spec, as_of, None, live).await?;
+    funnel_report(engine, spec, At::of(as_of), live).await
+}
+
+async fn funnel_report(
+    engine: &QueryEngine,
+    spec: &FunnelSpec,
+    at: At,
+    live: bool,
+) -> Result<FunnelReport> {
+    let as_of = at.as_of;
+    let partial = partial(engine, spec, at, None, live).await?;
     let mut groups: Vec<GroupStats> = partial
         .groups
         .into_iter()
@@ -356,7 +396,7 @@ pub async fn funnel_at(
 
 /// Counts per time bucket of the attributing first step, as of now.
 pub async fn trend(engine: &QueryEngine, spec: &FunnelSpec) -> Result<TrendReport> {
-    trend_at(engine, spec, engine.as_of_now(), true).await
+    trend_report(engine, spec, At::now(engine), true).await
 }
 
 /// [`trend`] as of `as_of`; `live` as in [`funnel_at`].
@@ -366,9 +406,19 @@ pub async fn trend_at(
     as_of: i64,
     live: bool,
 ) -> Result<TrendReport> {
+    trend_report(engine, spec, At::of(as_of), live).await
+}
+
+async fn trend_report(
+    engine: &QueryEngine,
+    spec: &FunnelSpec,
+    at: At,
+    live: bool,
+) -> Result<TrendReport> {
+    let as_of = at.as_of;
     let interval_secs = spec.interval_secs.unwrap_or(3600);
     let interval = interval_secs.saturating_mul(MICROS);
-    let partial = partial(engine, spec, as_of, Some(interval), live).await?;
+    let partial = partial(engine, spec, at, Some(interval), live).await?;
     let k = spec.steps.len();
     let align = |t: i64| t - t.rem_euclid(interval);
     let starts: Vec<i64> = partial.buckets.keys().map(|(b, _)| *b).collect();

@@ -31,8 +31,7 @@ use crate::session::FunnelClock;
 /// The `funnel` table function over the `events` table.
 #[derive(Debug)]
 pub struct FunnelFunction {
-    pub events: Arc<dyn TableProvider>,
-    /// "Now" for its funnels.
+    /// "Now" for its funnels, and the `events` table they read.
     pub clock: FunnelClock,
 }
 
@@ -70,9 +69,10 @@ impl TableFunctionImpl for FunnelFunction {
             .map_err(|e| DataFusionError::Plan(format!("funnel: {e}")))?
             .into_spec()
             .map_err(|e| DataFusionError::Plan(format!("funnel: {e}")))?;
+        let (as_of, events) = self.clock.pin();
         Ok(Arc::new(FunnelTable {
-            events: Arc::clone(&self.events),
-            query: Arc::new(FunnelQuery::new(&spec, self.clock.now(), None)),
+            events,
+            query: Arc::new(FunnelQuery::new(&spec, as_of, None)),
             columns: FunnelColumns::Sql,
             exchange: FoldExchange::Broadcast,
         }))
