@@ -11,7 +11,7 @@ pub mod auth;
 pub mod decode;
 pub mod error;
 pub mod event;
-mod region;
+pub mod region;
 pub mod segment;
 pub mod time;
 pub mod units;

@@ -1,5 +1,5 @@
-//! Memory for the batches the collector holds: one anonymous mapping per batch, kept out
-//! of transparent huge pages.
+//! Memory for the batches the collector holds: anonymous mappings kept out of
+//! transparent huge pages, recycled once their batches are gone.
 //!
 //! The live buffer is the collector's largest and fastest-turning memory: every
 //! acknowledged event until its flush. From the global allocator it lands in huge pages,
@@ -7,7 +7,13 @@
 //! on huge-page-sized blocks) each fresh 2 MiB page costs milliseconds to fault in: on the
 //! 2-core benchmark VM that was a fifth of the server's CPU at peak ingest and the p99 of
 //! acks at half load (benches/README.md). 4 KiB pages of a mapping of its own come from
-//! the kernel's warm free lists instead. Small batches stay on the heap.
+//! the kernel's warm free lists instead, but the kernel still zeroes each on first touch
+//! (9% of the server's samples at peak): so batches are packed into 4 MiB blocks, and a
+//! block whose batches are all flushed and dropped is kept for the next ones, its pages
+//! already in place, up to a flush's worth ([`keep_freed`]). Small batches stay on the
+//! heap.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 #[cfg(target_os = "linux")]
 pub(crate) use linux::copy_to_region;
@@ -18,46 +24,70 @@ pub(crate) fn copy_to_region(_parts: &[&[u8]]) -> Option<Vec<arrow::buffer::Buff
     None
 }
 
+/// Blocks of memory batches are packed into (a larger batch gets a mapping of its own).
+#[cfg(target_os = "linux")]
+const BLOCK: usize = 4 << 20;
+/// Freed blocks kept for reuse: 32 (128 MiB) until [`keep_freed`] says otherwise.
+static KEEP_BLOCKS: AtomicUsize = AtomicUsize::new(32);
+
+/// Keep up to `bytes` of freed batch memory for the next batches (the collector passes
+/// its `flush_bytes`: what one flush frees).
+pub fn keep_freed(bytes: usize) {
+    #[cfg(target_os = "linux")]
+    KEEP_BLOCKS.store(bytes.div_ceil(BLOCK), Ordering::Relaxed);
+    #[cfg(not(target_os = "linux"))]
+    KEEP_BLOCKS.store(bytes, Ordering::Relaxed);
+}
+
 #[cfg(target_os = "linux")]
 mod linux {
     use std::ptr::NonNull;
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
     use arrow::buffer::Buffer;
 
-    /// Smallest batch worth a mapping of its own.
+    use super::{BLOCK, KEEP_BLOCKS, Ordering};
+
+    /// Smallest batch worth a mapping.
     const MIN_REGION: usize = 64 << 10;
     /// Every part starts at a multiple of this (views are 16-byte integers).
     const ALIGN: usize = 16;
 
-    /// One anonymous mapping, unmapped when the last buffer into it goes.
+    /// Freed blocks, by address, ready for reuse.
+    static FREE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    /// The block being filled, and how much of it is taken.
+    static CURRENT: Mutex<Option<(Arc<Region>, usize)>> = Mutex::new(None);
+
+    /// One anonymous mapping; when the last buffer into it goes, a block goes back to
+    /// [`FREE`] (while it holds fewer than `KEEP_BLOCKS`) and anything else is unmapped.
     struct Region {
         ptr: NonNull<u8>,
         len: usize,
     }
 
-    // SAFETY: the mapping is plain memory owned by this value alone; it is written once,
-    // before any buffer shares it, and only read afterwards.
+    // SAFETY: the mapping is plain memory owned by this value alone; each range of it is
+    // written once, before any buffer shares that range, and only read afterwards.
     unsafe impl Send for Region {}
-    // SAFETY: as above; shared access is read-only.
+    // SAFETY: as above; shared access to a written range is read-only.
     unsafe impl Sync for Region {}
 
     impl Drop for Region {
         fn drop(&mut self) {
-            // SAFETY: `ptr` and `len` are the mapping made by `copy_to_region`, unmapped
-            // once.
+            if self.len == BLOCK {
+                let mut free = FREE.lock().unwrap_or_else(|e| e.into_inner());
+                if free.len() < KEEP_BLOCKS.load(Ordering::Relaxed) {
+                    free.push(self.ptr.as_ptr() as usize);
+                    return;
+                }
+            }
+            // SAFETY: `ptr` and `len` are a mapping made by `map`, unmapped once (a
+            // block kept in FREE is not unmapped here).
             unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
         }
     }
 
-    /// `parts` copied one after another into one fresh mapping (each at a multiple of 16
-    /// bytes), as buffers sharing it; `None` for less than 64 KiB in all or when no mapping
-    /// is to be had: the caller keeps its heap buffers.
-    pub(crate) fn copy_to_region(parts: &[&[u8]]) -> Option<Vec<Buffer>> {
-        let len: usize = parts.iter().map(|p| p.len().next_multiple_of(ALIGN)).sum();
-        if len < MIN_REGION {
-            return None;
-        }
+    /// A fresh private anonymous mapping of `len` bytes without huge pages.
+    fn map(len: usize) -> Option<Region> {
         // SAFETY: a private anonymous mapping; the arguments are plain values.
         let ptr = unsafe {
             libc::mmap(
@@ -76,27 +106,64 @@ mod linux {
         // refusal only costs the huge pages, so its result does not matter.
         // SAFETY: the range is the mapping just made.
         unsafe { libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE) };
-        let region = Arc::new(Region {
+        Some(Region {
             ptr: NonNull::new(ptr.cast()).expect("a successful mmap is not null"),
             len,
-        });
+        })
+    }
+
+    /// Blocks waiting in [`FREE`].
+    #[cfg(test)]
+    pub(super) fn free_blocks() -> usize {
+        FREE.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// A block from [`FREE`], or a new one.
+    fn block() -> Option<Region> {
+        let reused = FREE.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match reused {
+            Some(addr) => Some(Region {
+                ptr: NonNull::new(addr as *mut u8).expect("blocks are not null"),
+                len: BLOCK,
+            }),
+            None => map(BLOCK),
+        }
+    }
+
+    /// `parts` copied one after another into a block (or a mapping of their own past
+    /// [`BLOCK`]), each at a multiple of 16 bytes, as buffers sharing it; `None` for less
+    /// than 64 KiB in all or when no mapping is to be had: the caller keeps its heap
+    /// buffers.
+    pub(crate) fn copy_to_region(parts: &[&[u8]]) -> Option<Vec<Buffer>> {
+        let len: usize = parts.iter().map(|p| p.len().next_multiple_of(ALIGN)).sum();
+        if len < MIN_REGION {
+            return None;
+        }
+        let (region, start) = if len > BLOCK {
+            (Arc::new(map(len)?), 0)
+        } else {
+            let mut current = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+            if current.as_ref().is_none_or(|(_, used)| used + len > BLOCK) {
+                *current = Some((Arc::new(block()?), 0));
+            }
+            let (region, used) = current.as_mut().expect("a block with room");
+            let start = *used;
+            *used += len;
+            (Arc::clone(region), start)
+        };
+        // The range [start, start + len) is this call's alone: no buffer shares it yet.
+        let base = region.ptr.as_ptr().wrapping_add(start);
         let mut spans = Vec::with_capacity(parts.len());
         let mut at = 0;
         for part in parts {
-            // SAFETY: `at + part.len() <= len` by the sum above; the source is another
-            // allocation, so the two do not overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    part.as_ptr(),
-                    region.ptr.as_ptr().add(at),
-                    part.len(),
-                )
-            };
+            // SAFETY: `start + at + part.len() <= start + len <= region.len`; the source is
+            // another allocation, so the two do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(part.as_ptr(), base.add(at), part.len()) };
             spans.push((at, part.len()));
             at += part.len().next_multiple_of(ALIGN);
         }
-        let ptr = region.ptr;
-        // SAFETY: the mapping is valid for `len` bytes for as long as `region` lives, and
+        let ptr = NonNull::new(base).expect("inside a mapping");
+        // SAFETY: the range is valid for `len` bytes for as long as `region` lives, and
         // the buffer (and every slice of it) holds `region`.
         let whole = unsafe { Buffer::from_custom_allocation(ptr, len, region) };
         Some(
@@ -105,5 +172,48 @@ mod linux {
                 .map(|(at, n)| whole.slice_with_length(at, n))
                 .collect(),
         )
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::copy_to_region;
+
+    #[test]
+    fn packed_batches_keep_their_bytes_while_blocks_are_freed_and_reused() {
+        // Parts of varied sizes over several 4 MiB blocks, one past a block, some dropped
+        // as they go (their blocks recycled under the ones still held).
+        let part =
+            |n: usize, seed: usize| -> Vec<u8> { (0..n).map(|i| (i * 31 + seed) as u8).collect() };
+        let mut held = Vec::new();
+        for round in 0..200 {
+            let sizes = [70_000 + round * 997, 1 + round * 13, 300_000];
+            let parts: Vec<Vec<u8>> = (sizes.iter().enumerate())
+                .map(|(k, &n)| part(n, round * 3 + k))
+                .collect();
+            let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+            let buffers = copy_to_region(&refs).expect("a region");
+            for (b, p) in buffers.iter().zip(&parts) {
+                assert_eq!(b.as_slice(), p.as_slice());
+                assert_eq!(b.as_ptr() as usize % 16, 0);
+            }
+            if round % 3 != 0 {
+                held.push((buffers, parts));
+            }
+            if round % 50 == 49 {
+                held.drain(..held.len() / 2);
+            }
+        }
+        let big = part(5 << 20, 7);
+        let own = copy_to_region(&[&big]).expect("a mapping of its own");
+        assert_eq!(own[0].as_slice(), big.as_slice());
+        for (buffers, parts) in &held {
+            for (b, p) in buffers.iter().zip(parts) {
+                assert_eq!(b.as_slice(), p.as_slice(), "a later batch overwrote it");
+            }
+        }
+        drop(held);
+        let keep = super::KEEP_BLOCKS.load(super::Ordering::Relaxed);
+        assert!(super::linux::free_blocks() <= keep);
     }
 }

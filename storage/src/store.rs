@@ -140,6 +140,7 @@ impl EventStore {
     ) -> Result<(EventStore, OpenReport)> {
         crate::fsutil::create_dir_durable(&*disk, data_dir)?;
         let lock = DataDirLock::acquire(data_dir)?;
+        funnelhouse_schemas::region::keep_freed(cfg.flush_bytes.0);
         let manifest = Manifest::load(data_dir)?;
         let mut report = OpenReport {
             files: manifest.files.len(),
