@@ -299,7 +299,10 @@ struct IdArena {
 impl IdArena {
     /// Copy `id` in; its place. The caller stops before the arena is [`Self::full`].
     fn push(&mut self, id: &[u8]) -> u32 {
-        let fits = (self.chunks.last()).is_some_and(|c| c.capacity() - c.len() >= id.len());
+        // Offsets have 16 bits: nothing goes past ID_CHUNK into a chunk, not even into an
+        // oversized one.
+        let fits =
+            (self.chunks.last()).is_some_and(|c| c.len() + id.len() <= c.capacity().min(ID_CHUNK));
         if !fits {
             let size = (64 << self.chunks.len().min(10))
                 .min(ID_CHUNK)
@@ -891,4 +894,53 @@ fn dedup_event_ids<'e>(rows: &mut Vec<Row>, eid: impl Fn(&Row) -> &'e [u8]) {
         i += 1;
         keep
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_keep_their_bytes_across_growing_and_oversized_chunks() {
+        let mut arena = IdArena::default();
+        let ids: Vec<Vec<u8>> = (0..20_000)
+            .map(|i: usize| {
+                // Mostly short ids, now and then one longer than a chunk.
+                let len = if i % 5_000 == 4_999 {
+                    ID_CHUNK + 10
+                } else {
+                    1 + i % 130
+                };
+                (0..len).map(|j| (i * 7 + j) as u8).collect()
+            })
+            .collect();
+        let places: Vec<u32> = ids.iter().map(|id| arena.push(id)).collect();
+        for (id, &at) in ids.iter().zip(&places) {
+            assert_eq!(arena.get(at, id.len() as u32), id.as_slice());
+        }
+        assert!(arena.bytes >= ids.iter().map(Vec::len).sum::<usize>());
+        assert!(!arena.full());
+    }
+
+    #[test]
+    fn a_bucket_hands_out_its_rows_in_order_from_every_chunk() {
+        let row = |ts: i64| Row {
+            user: [1, 2],
+            ts,
+            steps: 1,
+            eid_hash: 0,
+            eid_at: 0,
+            eid_len: 0,
+            group: 0,
+        };
+        let mut bucket = Bucket::default();
+        for ts in 0..3_000 {
+            bucket.push(row(ts));
+        }
+        let mut scratch = Vec::new();
+        let rows = bucket.as_slice(&mut scratch);
+        assert!(rows.iter().map(|r| r.ts).eq(0..3_000));
+        assert_eq!(bucket.len, 3_000);
+        assert!(bucket.capacity >= 3_000 && bucket.capacity < 3_000 + CHUNK_ROWS);
+    }
 }
