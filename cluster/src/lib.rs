@@ -2,9 +2,11 @@
 //! executor processes (`funnelhouse scheduler` / `funnelhouse executor`), Ballista's
 //! codecs taught our tables (`events`, `funnel(...)`), plan nodes (the funnel's fold and
 //! merge) and `window_funnel`, and the session that sends an engine's SQL and funnels to
-//! a scheduler (`[query] ballista`). Every process reads the same Parquet files at the
-//! same paths; the `events` table travels with the snapshot its client saw.
+//! a scheduler (`[query] ballista`), whose jobs are cancelled when their queries end
+//! early. The `events` table travels with the snapshot its client saw (with `[storage]`
+//! every file by its object key, else by its path).
 
+pub mod cancel;
 pub mod codec;
 pub mod error;
 pub mod process;

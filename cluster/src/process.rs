@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use ballista_core::RuntimeProducer;
+use ballista_core::config::BALLISTA_CLIENT_PULL;
 use ballista_core::extension::{SessionConfigExt, SessionStateExt};
 use ballista_core::utils::default_session_builder;
 use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
@@ -23,6 +24,7 @@ use datafusion_proto::protobuf::{LogicalPlanNode, PhysicalPlanNode};
 use funnelhouse_query::Distribute;
 use funnelhouse_storage::SharedReader;
 
+use crate::cancel::CancellingPlanner;
 use crate::codec::{LogicalCodec, PhysicalCodec};
 use crate::error::{ClusterError, Result};
 
@@ -144,6 +146,17 @@ pub fn distribute(scheduler: &str) -> Result<Distribute> {
         let state = SessionStateBuilder::new_from_existing(state)
             .with_config(config)
             .build();
-        state.upgrade_for_ballista(url.clone())
+        let mut state = state.upgrade_for_ballista(url.clone())?;
+        // Pull mode learns a job's id as the scheduler takes it (push mode only with
+        // the job's first status change, which a long stage delays), so a query that
+        // ends early can cancel its job; it polls the job's status every 50 ms.
+        (state.config_mut().options_mut()).set(BALLISTA_CLIENT_PULL, "true")?;
+        let planner = CancellingPlanner {
+            inner: Arc::clone(state.query_planner()),
+            scheduler: url.clone(),
+        };
+        Ok(SessionStateBuilder::new_from_existing(state)
+            .with_query_planner(Arc::new(planner))
+            .build())
     })))
 }

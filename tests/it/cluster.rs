@@ -5,20 +5,26 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arrow::array::ArrayRef;
 use arrow::compute::concat_batches;
 use funnelhouse_query::funnel::{funnel_at, trend_at};
-use funnelhouse_query::{FunnelRequest, QueryEngine, QueryOptions, StaticSource};
+use funnelhouse_query::{FunnelRequest, QueryEngine, QueryError, QueryOptions, StaticSource};
 use funnelhouse_storage::Snapshot;
 
 use crate::shared::{S3Server, serve, storage_toml, with_credentials};
 use crate::support::{Server, funnelhouse, run_ok, write_file};
 
-/// A cluster process, killed when dropped.
-struct Node(Child);
+/// A cluster process and its log so far, killed when dropped.
+struct Node(Child, Arc<Mutex<Vec<String>>>);
+
+impl Node {
+    fn log_text(&self) -> String {
+        self.1.lock().unwrap().join("\n")
+    }
+}
 
 impl Drop for Node {
     fn drop(&mut self) {
@@ -37,24 +43,25 @@ fn start(mut cmd: Command, wait_for: &str) -> (Node, String) {
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let needle = wait_for.to_string();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let lines = Arc::clone(&log);
     std::thread::spawn(move || {
-        let mut log = Vec::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             // Shown with the test's output when it fails.
             eprintln!("{line}");
             if let Some(i) = line.find(&needle) {
                 let _ = tx.send(Ok(line[i + needle.len()..].to_string()));
             }
-            log.push(line);
+            lines.lock().unwrap().push(line);
         }
-        let _ = tx.send(Err(log.join("\n")));
+        let _ = tx.send(Err(()));
     });
     let rest = match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(Ok(rest)) => rest,
-        Ok(Err(log)) => panic!("{cmd:?} exited: {log}"),
+        Ok(Err(())) => panic!("{cmd:?} exited: {}", log.lock().unwrap().join("\n")),
         Err(_) => panic!("{cmd:?}: no {wait_for:?} in a minute"),
     };
-    (Node(child), rest)
+    (Node(child, log), rest)
 }
 
 /// A scheduler and two executors on loopback, stopped when dropped.
@@ -62,10 +69,14 @@ struct Cluster {
     /// `df://HOST:PORT`
     scheduler: String,
     work_dirs: Vec<PathBuf>,
-    _nodes: Vec<Node>,
+    nodes: Vec<Node>,
 }
 
 impl Cluster {
+    fn scheduler(&self) -> &Node {
+        &self.nodes[0]
+    }
+
     /// Executors keep their work in `dir`; `with` sets up each process's command (a
     /// config, its credentials).
     fn start(dir: &Path, with: impl Fn(Command) -> Command) -> Cluster {
@@ -90,7 +101,7 @@ impl Cluster {
         Cluster {
             scheduler,
             work_dirs,
-            _nodes: nodes,
+            nodes,
         }
     }
 }
@@ -229,6 +240,34 @@ async fn sql_and_funnels_on_a_scheduler_with_two_executors_match_in_process() {
             "{} has job data: the executor ran tasks",
             work.display()
         );
+    }
+
+    // A query that ends early (here at its timeout) has its job cancelled on the cluster.
+    let impatient = engine(
+        &data,
+        QueryOptions {
+            target_partitions: 4,
+            timeout: Duration::from_secs(1),
+            distribute: Some(funnelhouse_cluster::distribute(&scheduler).unwrap()),
+            ..QueryOptions::default()
+        },
+    );
+    let endless = "SELECT count(*) FROM events a JOIN events b ON a.channel = b.channel \
+                   JOIN events c ON b.channel = c.channel";
+    let err = impatient.sql(endless).await.unwrap_err();
+    assert!(matches!(err, QueryError::Timeout(_)), "{err}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !nodes
+        .scheduler()
+        .log_text()
+        .contains("Received cancellation request for job")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the scheduler was not asked to cancel the job:\n{}",
+            nodes.scheduler().log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
