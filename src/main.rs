@@ -99,10 +99,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// Below this `memory_limit` the process does without transparent huge pages.
+/// Below this `memory_limit` the process does without transparent huge pages (Linux).
+#[cfg(target_os = "linux")]
 const HUGE_PAGES_FROM: usize = 1 << 30;
 
 fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
+    #[cfg(target_os = "linux")]
     if cfg.query.memory_limit.0 < HUGE_PAGES_FROM {
         // A 2 MiB page the allocator touches at all counts whole in the RSS: under a
         // 128 MiB pool that was ~100 MB more at the peak of a 10M-event funnel. A small

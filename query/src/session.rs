@@ -14,6 +14,7 @@ use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::{SendableRecordBatchStream, SessionState};
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
+use funnelhouse_schemas::time::now_micros;
 use funnelhouse_storage::metrics::add_duration;
 use funnelhouse_storage::{FileMeta, SharedReader, Snapshot};
 use futures::StreamExt;
@@ -234,7 +235,7 @@ impl QueryEngine {
     /// "Now" for a funnel: the present, or on a cluster the newest committed file's time
     /// (what its answer is as of; the live buffer is not there).
     pub fn as_of_now(&self) -> i64 {
-        self.clock.pin().0
+        self.clock.now()
     }
 
     /// "Now" for a funnel, and the `events` table its scan reads: on a cluster, the
@@ -393,18 +394,28 @@ impl FunnelClock {
     /// "Now", and the `events` table a funnel as of then reads: on a cluster, pinned to
     /// the snapshot whose newest file gave the time.
     pub fn pin(&self) -> (i64, Arc<EventsTable>) {
-        let now = funnelhouse_schemas::time::now_micros();
         if !self.distributed {
-            return (now, Arc::clone(&self.events));
+            return (now_micros(), Arc::clone(&self.events));
         }
         let snapshot = self.events.source.snapshot();
-        let newest = (snapshot.files.iter())
+        let as_of = Self::newest(&snapshot);
+        (as_of, Arc::new(self.events.pinned(snapshot)))
+    }
+
+    /// "Now" alone.
+    pub fn now(&self) -> i64 {
+        if !self.distributed {
+            return now_micros();
+        }
+        Self::newest(&self.events.source.snapshot())
+    }
+
+    /// The newest committed file's time (the present when there is none).
+    fn newest(snapshot: &Snapshot) -> i64 {
+        (snapshot.files.iter())
             .filter_map(FileMeta::written_at)
-            .max();
-        (
-            newest.unwrap_or(now),
-            Arc::new(self.events.pinned(snapshot)),
-        )
+            .max()
+            .unwrap_or_else(now_micros)
     }
 }
 

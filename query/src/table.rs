@@ -50,7 +50,16 @@ impl SnapshotSource for EventStore {
     }
 
     fn files_elsewhere(&self, files: &[FileMeta]) -> Result<Vec<FileMeta>, StorageError> {
-        EventStore::files_elsewhere(self, files, UPLOAD_WAIT)
+        // Plans are encoded on a runtime worker, and this may wait for an upload: on a
+        // multi-threaded runtime the worker's other tasks move to another thread meanwhile.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let wait = || EventStore::files_elsewhere(self, files, UPLOAD_WAIT);
+        if multi_thread {
+            tokio::task::block_in_place(wait)
+        } else {
+            wait()
+        }
     }
 }
 

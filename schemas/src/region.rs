@@ -55,6 +55,10 @@ mod linux {
 
     /// Freed blocks, by address, ready for reuse.
     static FREE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+    fn free() -> std::sync::MutexGuard<'static, Vec<usize>> {
+        FREE.lock().unwrap_or_else(|e| e.into_inner())
+    }
     /// The block being filled, and how much of it is taken.
     static CURRENT: Mutex<Option<(Arc<Region>, usize)>> = Mutex::new(None);
 
@@ -74,7 +78,7 @@ mod linux {
     impl Drop for Region {
         fn drop(&mut self) {
             if self.len == BLOCK {
-                let mut free = FREE.lock().unwrap_or_else(|e| e.into_inner());
+                let mut free = free();
                 if free.len() < KEEP_BLOCKS.load(Ordering::Relaxed) {
                     free.push(self.ptr.as_ptr() as usize);
                     return;
@@ -115,12 +119,12 @@ mod linux {
     /// Blocks waiting in [`FREE`].
     #[cfg(test)]
     pub(super) fn free_blocks() -> usize {
-        FREE.lock().unwrap_or_else(|e| e.into_inner()).len()
+        free().len()
     }
 
     /// A block from [`FREE`], or a new one.
     fn block() -> Option<Region> {
-        let reused = FREE.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let reused = free().pop();
         match reused {
             Some(addr) => Some(Region {
                 ptr: NonNull::new(addr as *mut u8).expect("blocks are not null"),

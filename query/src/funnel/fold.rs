@@ -247,10 +247,19 @@ struct Bucket {
     capacity: usize,
 }
 
+/// What rows and their ids take, for the memory pool.
+fn held_bytes(buckets: &[Bucket], ids: &IdArena) -> usize {
+    buckets.iter().map(Bucket::bytes).sum::<usize>() + ids.bytes
+}
+
 impl Bucket {
+    fn many(n: usize) -> Vec<Bucket> {
+        (0..n).map(|_| Bucket::default()).collect()
+    }
+
     fn push(&mut self, row: Row) {
         if self.len == self.capacity {
-            let size = (4 << self.chunks.len()).min(CHUNK_ROWS);
+            let size = (4 << self.chunks.len().min(7)).min(CHUNK_ROWS);
             self.chunks.push(Vec::with_capacity(size));
             self.capacity += size;
         }
@@ -301,8 +310,9 @@ impl IdArena {
     fn push(&mut self, id: &[u8]) -> u32 {
         // Offsets have 16 bits: nothing goes past ID_CHUNK into a chunk, not even into an
         // oversized one.
-        let fits =
-            (self.chunks.last()).is_some_and(|c| c.len() + id.len() <= c.capacity().min(ID_CHUNK));
+        let fits = (self.chunks.last()).is_some_and(|c| {
+            c.len() < ID_CHUNK && c.len() + id.len() <= c.capacity().min(ID_CHUNK)
+        });
         if !fits {
             let size = (64 << self.chunks.len().min(10))
                 .min(ID_CHUNK)
@@ -406,7 +416,7 @@ impl RowCollector {
         let mut collector = Self {
             matcher,
             share,
-            buckets: (0..ROW_BUCKETS).map(|_| Bucket::default()).collect(),
+            buckets: Bucket::many(ROW_BUCKETS),
             ids: IdArena::default(),
             groups: HashMap::default(),
             short_groups: Vec::new(),
@@ -524,7 +534,7 @@ impl RowCollector {
 
     /// What the rows and ids take, for the memory pool.
     fn bytes_held(&self) -> usize {
-        self.buckets.iter().map(Bucket::bytes).sum::<usize>() + self.ids.bytes
+        held_bytes(&self.buckets, &self.ids)
     }
 
     /// Append every row held to its slice's spill file and let go of them.
@@ -611,7 +621,7 @@ impl RowCollector {
             std::io::BufReader::new(std::fs::File::open(path).map_err(DataFusionError::IoError)?),
             None,
         )?;
-        let mut buckets: Vec<Bucket> = (0..BUCKETS_PER_SLICE).map(|_| Bucket::default()).collect();
+        let mut buckets = Bucket::many(BUCKETS_PER_SLICE);
         let mut arena = IdArena::default();
         for batch in reader {
             let b = batch?;
@@ -620,7 +630,7 @@ impl RowCollector {
             let ts = b.column(2).as_primitive::<Int64Type>();
             let group = b.column(5).as_primitive::<UInt32Type>();
             let ids = b.column(6).as_binary::<i32>();
-            let held = buckets.iter().map(Bucket::bytes).sum::<usize>() + arena.bytes;
+            let held = held_bytes(&buckets, &arena);
             for r in 0..b.num_rows() {
                 if arena.full() {
                     return Err(QueryError::Internal(
@@ -640,7 +650,7 @@ impl RowCollector {
                 });
             }
             // A slice is 1/128 of the rows: if it does not fit, the query cannot run.
-            let grown = buckets.iter().map(Bucket::bytes).sum::<usize>() + arena.bytes - held;
+            let grown = held_bytes(&buckets, &arena) - held;
             self.reservation.try_grow(grown)?;
         }
         Ok((buckets, arena))
@@ -920,6 +930,17 @@ mod tests {
         }
         assert!(arena.bytes >= ids.iter().map(Vec::len).sum::<usize>());
         assert!(!arena.full());
+
+        // Chunks of 64 B doubling to 64 KiB, filled exactly by 2,047 ids of 64 bytes: an
+        // empty id after them must not get offset 65,536 (the next chunk's place).
+        let mut exact = IdArena::default();
+        for i in 0..2_047u32 {
+            exact.push(&[i as u8; 64]);
+        }
+        let at = exact.push(b"");
+        assert_eq!(exact.get(at, 0), b"");
+        let at = exact.push(b"after");
+        assert_eq!(exact.get(at, 5), b"after");
     }
 
     #[test]
@@ -934,13 +955,15 @@ mod tests {
             group: 0,
         };
         let mut bucket = Bucket::default();
-        for ts in 0..3_000 {
+        // Past 62 chunks too (a shift past a usize's bits once made new chunks empty).
+        for ts in 0..40_000 {
             bucket.push(row(ts));
         }
         let mut scratch = Vec::new();
         let rows = bucket.as_slice(&mut scratch);
-        assert!(rows.iter().map(|r| r.ts).eq(0..3_000));
-        assert_eq!(bucket.len, 3_000);
-        assert!(bucket.capacity >= 3_000 && bucket.capacity < 3_000 + CHUNK_ROWS);
+        assert!(rows.iter().map(|r| r.ts).eq(0..40_000));
+        assert_eq!(bucket.len, 40_000);
+        assert!(bucket.capacity >= 40_000 && bucket.capacity < 40_000 + CHUNK_ROWS);
+        assert!(bucket.chunks.iter().all(|c| c.capacity() <= CHUNK_ROWS));
     }
 }
