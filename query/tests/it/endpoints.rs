@@ -485,10 +485,16 @@ async fn the_rendered_body_counts_against_memory_limit() {
     while pool.reserved() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let reserved_before = pool.reserved();
     let (status, body, _) = server
         .sql(&format!("{sql} ORDER BY ts LIMIT 200000"), "csv")
         .await;
-    assert_eq!(status, 200);
+    assert_eq!(
+        status,
+        200,
+        "{} (pool reserved before it: {reserved_before} bytes)",
+        &body[..body.len().min(300)]
+    );
     assert_eq!(body.lines().count(), 200_001, "header + rows");
     assert_eq!(body.lines().nth(1), Some("1970-01-01T00:00:00.000001Z"));
 }
