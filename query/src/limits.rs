@@ -31,7 +31,6 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::stream::RecordBatchReceiverStreamBuilder;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
-use datafusion::physical_planner::{DefaultPhysicalPlanner, PhysicalPlanner};
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 
@@ -43,18 +42,24 @@ pub struct ResultLimits {
     pub max_rows: usize,
 }
 
-/// A session sharing `ctx`'s tables, functions and memory pool whose every plan stops
-/// at `limits`.
+/// A session sharing `ctx`'s tables, functions, memory pool and planner (on a cluster,
+/// Ballista's) whose every plan stops at `limits`.
 pub fn with_limits(ctx: &SessionContext, limits: ResultLimits) -> SessionContext {
-    let state = SessionStateBuilder::new_from_existing(ctx.state())
-        .with_query_planner(Arc::new(LimitsPlanner { limits }))
+    let state = ctx.state();
+    let planner = LimitsPlanner {
+        inner: Arc::clone(state.query_planner()),
+        limits,
+    };
+    let state = SessionStateBuilder::new_from_existing(state)
+        .with_query_planner(Arc::new(planner))
         .build();
     SessionContext::new_with_state(state)
 }
 
-/// DataFusion's planner, with a [`LimitsExec`] on top of what it plans.
+/// The session's planner, with a [`LimitsExec`] on top of what it plans.
 #[derive(Debug)]
 struct LimitsPlanner {
+    inner: Arc<dyn QueryPlanner + Send + Sync>,
     limits: ResultLimits,
 }
 
@@ -65,7 +70,8 @@ impl QueryPlanner for LimitsPlanner {
         logical_plan: &LogicalPlan,
         session: &dyn Session,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let mut plan = DefaultPhysicalPlanner::default()
+        let mut plan = self
+            .inner
             .create_physical_plan(logical_plan, session)
             .await?;
         // One output partition, so the row limit counts the whole result.

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use arrow::array::ArrayRef;
 use arrow::compute::concat_batches;
+use datafusion::physical_plan::displayable;
 use funnelhouse_query::funnel::{funnel_at, trend_at};
+use funnelhouse_query::limits::{ResultLimits, with_limits};
 use funnelhouse_query::{FunnelRequest, QueryEngine, QueryError, QueryOptions, StaticSource};
 use funnelhouse_storage::Snapshot;
 
@@ -165,6 +167,22 @@ async fn sql_and_funnels_on_a_scheduler_with_two_executors_match_in_process() {
         assert!(here[0].null_count() < here[0].len(), "{sql}: {here:?}");
         assert_eq!(sql_columns(&cluster, sql).await, here, "{sql}");
     }
+
+    // The Postgres wire's session (result limits on top of the engine's planner) runs on
+    // the cluster too.
+    let limits = ResultLimits {
+        timeout: Duration::from_secs(60),
+        max_rows: 1_000_000,
+    };
+    let pg = with_limits(cluster.context(), limits);
+    let sql = "SELECT channel, event, count(*) AS n FROM events GROUP BY channel, event ORDER BY channel, event";
+    let df = pg.sql(sql).await.unwrap();
+    let plan = df.clone().create_physical_plan().await.unwrap();
+    let shown = displayable(plan.as_ref()).indent(true).to_string();
+    assert!(shown.contains("DistributedQueryExec"), "{shown}");
+    let batches = df.collect().await.unwrap();
+    let there = concat_batches(&batches[0].schema(), &batches).unwrap();
+    assert_eq!(there.columns(), sql_columns(&local, sql).await.as_slice());
 
     // Reports as of the same moment (on a cluster "now" is the newest commit's time).
     let as_of = cluster.as_of_now();
