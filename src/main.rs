@@ -163,8 +163,12 @@ fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
 
 fn init_tracing() {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FUNNELHOUSE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Ballista's client logs each job it submits and polls at info: noise in `funnelhouse
+    // sql` and in a server's log, so only its warnings by default.
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("FUNNELHOUSE_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,ballista_core::execution_plans=warn")
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

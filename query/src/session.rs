@@ -235,7 +235,7 @@ impl QueryEngine {
     /// "Now" for a funnel: the present, or on a cluster the newest committed file's time
     /// (what its answer is as of; the live buffer is not there).
     pub fn as_of_now(&self) -> i64 {
-        self.clock.now()
+        self.clock.pin().0
     }
 
     /// "Now" for a funnel, and the `events` table its scan reads: on a cluster, the
@@ -398,24 +398,11 @@ impl FunnelClock {
             return (now_micros(), Arc::clone(&self.events));
         }
         let snapshot = self.events.source.snapshot();
-        let as_of = Self::newest(&snapshot);
-        (as_of, Arc::new(self.events.pinned(snapshot)))
-    }
-
-    /// "Now" alone.
-    pub fn now(&self) -> i64 {
-        if !self.distributed {
-            return now_micros();
-        }
-        Self::newest(&self.events.source.snapshot())
-    }
-
-    /// The newest committed file's time (the present when there is none).
-    fn newest(snapshot: &Snapshot) -> i64 {
-        (snapshot.files.iter())
+        let newest = (snapshot.files.iter())
             .filter_map(FileMeta::written_at)
-            .max()
-            .unwrap_or_else(now_micros)
+            .max();
+        let as_of = newest.unwrap_or_else(now_micros);
+        (as_of, Arc::new(self.events.pinned(snapshot)))
     }
 }
 

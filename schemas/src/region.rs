@@ -25,7 +25,6 @@ pub(crate) fn copy_to_region(_parts: &[&[u8]]) -> Option<Vec<arrow::buffer::Buff
 }
 
 /// Blocks of memory batches are packed into (a larger batch gets a mapping of its own).
-#[cfg(target_os = "linux")]
 const BLOCK: usize = 4 << 20;
 /// Freed blocks kept for reuse: 32 (128 MiB) until [`keep_freed`] says otherwise.
 static KEEP_BLOCKS: AtomicUsize = AtomicUsize::new(32);
@@ -33,10 +32,7 @@ static KEEP_BLOCKS: AtomicUsize = AtomicUsize::new(32);
 /// Keep up to `bytes` of freed batch memory for the next batches (the collector passes
 /// its `flush_bytes`: what one flush frees).
 pub fn keep_freed(bytes: usize) {
-    #[cfg(target_os = "linux")]
     KEEP_BLOCKS.store(bytes.div_ceil(BLOCK), Ordering::Relaxed);
-    #[cfg(not(target_os = "linux"))]
-    KEEP_BLOCKS.store(bytes, Ordering::Relaxed);
 }
 
 #[cfg(target_os = "linux")]
