@@ -22,6 +22,9 @@ pub trait DiskFile: Write + Send {
     fn sync(&mut self) -> io::Result<()>;
     /// Cut (or extend) the file to `len` bytes; durable only after [`DiskFile::sync`].
     fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// A hint after [`DiskFile::sync`]: the synced bytes will not be read again soon, so
+    /// the page cache may let them go. Only the WAL says it: read back only after a crash.
+    fn release_synced(&mut self) {}
 }
 
 /// The durable-write operations of a data dir.
@@ -38,11 +41,19 @@ pub trait Disk: Send + Sync + Debug {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OsDisk;
 
-struct OsFile(File);
+struct OsFile {
+    file: File,
+    /// Bytes in the file (it is written in append mode).
+    len: u64,
+    /// Bytes before this have been released from the page cache.
+    released: u64,
+}
 
 impl Write for OsFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf)
+        let n = self.file.write(buf)?;
+        self.len += n as u64;
+        Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -51,12 +62,48 @@ impl Write for OsFile {
 
 impl DiskFile for OsFile {
     fn sync(&mut self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
     }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)?;
+        self.len = len;
+        self.released = self.released.min(len);
+        Ok(())
+    }
+    /// Drop the synced whole pages from the page cache. A WAL is written once and read
+    /// only at replay, yet every byte written sits in a fresh page-cache page until its
+    /// segment is deleted; dropped at once, those pages go back to the kernel's free lists
+    /// warm and the next appends reuse them (on a VM whose host reclaims free memory, the
+    /// first touch of a fresh page is what the copy into the cache cost; see
+    /// benches/README.md). The last partial page stays, so the next append does not read
+    /// it back from disk.
+    fn release_synced(&mut self) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let upto = self.len & !(PAGE_BYTES - 1);
+            if upto > self.released {
+                // Safety: a plain syscall on an fd this struct owns; a failure only means
+                // the pages stay cached.
+                let rc = unsafe {
+                    libc::posix_fadvise(
+                        self.file.as_raw_fd(),
+                        self.released as libc::off_t,
+                        (upto - self.released) as libc::off_t,
+                        libc::POSIX_FADV_DONTNEED,
+                    )
+                };
+                if rc == 0 {
+                    self.released = upto;
+                }
+            }
+        }
     }
 }
+
+/// Page-cache granularity for [`DiskFile::release_synced`].
+#[cfg(target_os = "linux")]
+const PAGE_BYTES: u64 = 4096;
 
 fn create_new(path: &Path) -> io::Result<File> {
     // Append mode: after a cut, the next write lands at the new end, not past a hole.
@@ -65,7 +112,11 @@ fn create_new(path: &Path) -> io::Result<File> {
 
 impl Disk for OsDisk {
     fn create(&self, path: &Path) -> io::Result<Box<dyn DiskFile>> {
-        Ok(Box::new(OsFile(create_new(path)?)))
+        Ok(Box::new(OsFile {
+            file: create_new(path)?,
+            len: 0,
+            released: 0,
+        }))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         fs::rename(from, to)
