@@ -68,7 +68,7 @@ for engine in dict.fromkeys(a["engine"] for a in anchors):
 for i, r in enumerate(rounds, 1):
     row(f"funnelhouse durable ingest, 8 clients, round {i}", r, f"{storage['bytes_per_event']:.1f}" if i == 1 else "")
 for c, r in clients.items():
-    row(f"funnelhouse, {c} clients", r)
+    row(f"funnelhouse, {c} client{'s' if c > 1 else ''}", r)
 row("funnelhouse at half of peak", half)
 best = max(map(rate, anchors))
 peak = max(map(rate, rounds + list(clients.values())))
