@@ -41,6 +41,8 @@ pub trait Disk: Send + Sync + Debug {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OsDisk;
 
+// Only Linux reads `len` and `released` (see `release_synced`).
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 struct OsFile {
     file: File,
     /// Bytes in the file (it is written in append mode).

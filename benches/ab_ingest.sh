@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Interleaved A/B of durable ingest between two server binaries (not part of the test suite).
+#   benches/ab_ingest.sh OLD_BINARY NEW_BINARY [ROUNDS] [EVENTS]    default 3 rounds, 2,000,000 events
+# Each round runs OLD then NEW, each a fresh server on a fresh data dir taking EVENTS events
+# of benches/out/events.ndjson (written by run_ingest.sh, or generated here) from 8 clients
+# posting 500-event batches; with RATE=N the clients offer N events/s (the half-load
+# latency run). Prints events/s and p99 from the load tool, and the server's CPU seconds
+# (user + sys, final flush included). This VM's speed drifts by 25% within minutes
+# (benches/README.md): compare pairs and medians, not single runs.
+OLD="$(realpath "$1")"
+NEW="$(realpath "$2")"
+ROUNDS="${3:-3}"
+EVENTS="${4:-2000000}"
+NO_ANCHORS=1 source "$(dirname "$0")/common.sh"
+[ -f "$OUT/events.ndjson" ] || "$BIN/funnelhouse" gen --events "$EVENTS" --out "$OUT/events.ndjson"
+for round in $(seq 1 "$ROUNDS"); do
+  for name in old new; do
+    if [ "$name" = old ]; then server=$OLD; else server=$NEW; fi
+    dir="$OUT/data-ab"
+    rm -rf "$dir"
+    "$server" serve --data-dir "$dir" --http-addr 127.0.0.1:0 --pg-addr 127.0.0.1:0 2> "$dir.log" &
+    pid=$!
+    url=""
+    until [ -n "$url" ] && curl -sf "$url/readyz" >/dev/null; do
+      sleep 0.1
+      url=$(grep -o 'listening on http://[0-9.:]*' "$dir.log" 2>/dev/null | head -1 | sed 's/listening on //') || true
+    done
+    report=$("$BIN/load" --url "$url" --file "$OUT/events.ndjson" --batch 500 --clients 8 \
+      --limit "$EVENTS" ${RATE:+--rate "$RATE"} | grep -oE '"events_per_sec":[0-9]+|"p99_ms":[0-9.]+' | tr '\n' ' ')
+    kill -TERM "$pid"
+    # utime + stime of the server, read until it exits
+    cpu=""
+    while kill -0 "$pid" 2>/dev/null; do
+      c=$(awk '{print ($14 + $15) / 100}' "/proc/$pid/stat" 2>/dev/null) && [ -n "$c" ] && cpu=$c
+      sleep 0.05
+    done
+    echo "$name round $round: $report cpu_s=$cpu"
+  done
+done
