@@ -2,11 +2,14 @@
 # Interleaved A/B of durable ingest between two server binaries (not part of the test suite).
 #   benches/ab_ingest.sh OLD_BINARY NEW_BINARY [ROUNDS] [EVENTS]    default 3 rounds, 2,000,000 events
 # Each round runs OLD then NEW, each a fresh server on a fresh data dir taking EVENTS events
-# of benches/out/events.ndjson (written by run_ingest.sh, or generated here) from 8 clients
+# of benches/out/events.ndjson (written by run_ingest.sh, or generated here; keep EVENTS
+# at most its size) from 8 clients
 # posting 500-event batches; with RATE=N the clients offer N events/s (the half-load
 # latency run). Prints events/s and p99 from the load tool, and the server's CPU seconds
 # (user + sys, final flush included). This VM's speed drifts by 25% within minutes
 # (benches/README.md): compare pairs and medians, not single runs.
+set -euo pipefail
+[ $# -ge 2 ] || { echo "usage: benches/ab_ingest.sh OLD_BINARY NEW_BINARY [ROUNDS] [EVENTS]" >&2; exit 2; }
 OLD="$(realpath "$1")"
 NEW="$(realpath "$2")"
 ROUNDS="${3:-3}"
@@ -18,13 +21,19 @@ for round in $(seq 1 "$ROUNDS"); do
     if [ "$name" = old ]; then server=$OLD; else server=$NEW; fi
     dir="$OUT/data-ab"
     rm -rf "$dir"
-    "$server" serve --data-dir "$dir" --http-addr 127.0.0.1:0 --pg-addr 127.0.0.1:0 2> "$dir.log" &
+    FUNNELHOUSE_LOG=info "$server" serve --data-dir "$dir" --http-addr 127.0.0.1:0 \
+      --pg-addr 127.0.0.1:0 2> "$dir.log" &
     pid=$!
+    trap 'kill "$pid" 2>/dev/null' EXIT
     url=""
-    until [ -n "$url" ] && curl -sf "$url/readyz" >/dev/null; do
-      sleep 0.1
+    for _ in $(seq 1 300); do
       url=$(grep -o 'listening on http://[0-9.:]*' "$dir.log" 2>/dev/null | head -1 | sed 's/listening on //') || true
+      if [ -n "$url" ] && curl -sf "$url/readyz" >/dev/null; then break; fi
+      kill -0 "$pid" 2>/dev/null || { echo "$server exited; see $dir.log" >&2; exit 1; }
+      url=""
+      sleep 0.1
     done
+    [ -n "$url" ] || { echo "$server did not start; see $dir.log" >&2; exit 1; }
     report=$("$BIN/load" --url "$url" --file "$OUT/events.ndjson" --batch 500 --clients 8 \
       --limit "$EVENTS" ${RATE:+--rate "$RATE"} | grep -oE '"events_per_sec":[0-9]+|"p99_ms":[0-9.]+' | tr '\n' ' ')
     kill -TERM "$pid"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end ingest benchmark (not part of the test suite).
-#   benches/run_ingest.sh [EVENTS]          default 2000000
+#   [ROUNDS=N] benches/run_ingest.sh [EVENTS]          default 3 rounds, 2000000 events
 # 1. `funnelhouse gen` writes EVENTS realistic events as NDJSON (see benches/README.md);
 # 2. ROUNDS times (default 3), interleaved: the anchors, DuckDB and ClickHouse (chdb),
 #    convert that file to zstd Parquet; then a release server on loopback takes the file
@@ -16,6 +16,7 @@
 # Results: benches/out/ingest-*.json and a table on stdout.
 EVENTS="${1:-2000000}"
 ROUNDS="${ROUNDS:-3}"
+[ "$ROUNDS" -ge 1 ] || { echo "ROUNDS must be at least 1" >&2; exit 2; }
 source "$(dirname "$0")/common.sh"
 
 "$BIN/funnelhouse" gen --events "$EVENTS" --out "$OUT/events.ndjson"

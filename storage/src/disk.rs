@@ -83,7 +83,9 @@ impl DiskFile for OsFile {
         #[cfg(target_os = "linux")]
         {
             use std::os::fd::AsRawFd;
-            let upto = self.len & !(PAGE_BYTES - 1);
+            // SAFETY: sysconf reads a constant of the system.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(512) as u64;
+            let upto = self.len - self.len % page;
             if upto > self.released {
                 // Safety: a plain syscall on an fd this struct owns; a failure only means
                 // the pages stay cached.
@@ -102,10 +104,6 @@ impl DiskFile for OsFile {
         }
     }
 }
-
-/// Page-cache granularity for [`DiskFile::release_synced`].
-#[cfg(target_os = "linux")]
-const PAGE_BYTES: u64 = 4096;
 
 fn create_new(path: &Path) -> io::Result<File> {
     // Append mode: after a cut, the next write lands at the new end, not past a hole.
