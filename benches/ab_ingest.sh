@@ -19,28 +19,15 @@ NO_ANCHORS=1 source "$(dirname "$0")/common.sh"
 for round in $(seq 1 "$ROUNDS"); do
   for name in old new; do
     if [ "$name" = old ]; then server=$OLD; else server=$NEW; fi
-    dir="$OUT/data-ab"
-    rm -rf "$dir"
-    FUNNELHOUSE_LOG=info "$server" serve --data-dir "$dir" --http-addr 127.0.0.1:0 \
-      --pg-addr 127.0.0.1:0 2> "$dir.log" &
-    pid=$!
-    trap 'kill "$pid" 2>/dev/null' EXIT
-    url=""
-    for _ in $(seq 1 300); do
-      url=$(grep -o 'listening on http://[0-9.:]*' "$dir.log" 2>/dev/null | head -1 | sed 's/listening on //') || true
-      if [ -n "$url" ] && curl -sf "$url/readyz" >/dev/null; then break; fi
-      kill -0 "$pid" 2>/dev/null || { echo "$server exited; see $dir.log" >&2; exit 1; }
-      url=""
-      sleep 0.1
-    done
-    [ -n "$url" ] || { echo "$server did not start; see $dir.log" >&2; exit 1; }
-    report=$("$BIN/load" --url "$url" --file "$OUT/events.ndjson" --batch 500 --clients 8 \
+    SERVER_BIN=$server start_server "$OUT/data-ab"
+    trap 'kill "$SERVER_PID" 2>/dev/null' EXIT
+    report=$("$BIN/load" --url "$URL" --file "$OUT/events.ndjson" --batch 500 --clients 8 \
       --limit "$EVENTS" ${RATE:+--rate "$RATE"} | grep -oE '"events_per_sec":[0-9]+|"p99_ms":[0-9.]+' | tr '\n' ' ')
-    kill -TERM "$pid"
+    kill -TERM "$SERVER_PID"
     # utime + stime of the server, read until it exits
     cpu=""
-    while kill -0 "$pid" 2>/dev/null; do
-      c=$(awk '{print ($14 + $15) / 100}' "/proc/$pid/stat" 2>/dev/null) && [ -n "$c" ] && cpu=$c
+    while kill -0 "$SERVER_PID" 2>/dev/null; do
+      c=$(awk '{print ($14 + $15) / 100}' "/proc/$SERVER_PID/stat" 2>/dev/null) && [ -n "$c" ] && cpu=$c
       sleep 0.05
     done
     echo "$name round $round: $report cpu_s=$cpu"

@@ -16,15 +16,17 @@ if [ -z "${NO_ANCHORS:-}" ]; then
 fi
 
 # start_server DATA_DIR -> sets SERVER_PID and URL (a fresh data dir unless KEEP=1,
-# log in DATA_DIR.log, config file $CONFIG if set)
+# log in DATA_DIR.log, config file $CONFIG if set, binary $SERVER_BIN if set)
 start_server() {
   [ -n "${KEEP:-}" ] || rm -rf "$1"
-  FUNNELHOUSE_LOG=info "$BIN/funnelhouse" ${CONFIG:+--config "$CONFIG"} serve --data-dir "$1" \
+  local server="${SERVER_BIN:-$BIN/funnelhouse}"
+  FUNNELHOUSE_LOG=info "$server" ${CONFIG:+--config "$CONFIG"} serve --data-dir "$1" \
     --http-addr 127.0.0.1:0 --pg-addr 127.0.0.1:0 2> "$1.log" &
   SERVER_PID=$!
   for _ in $(seq 1 300); do
     URL=$(grep -o 'listening on http://[0-9.:]*' "$1.log" 2>/dev/null | head -1 | sed 's/listening on //') || true
     if [ -n "${URL:-}" ] && curl -sf "$URL/readyz" >/dev/null; then return 0; fi
+    kill -0 "$SERVER_PID" 2>/dev/null || { echo "$server exited; see $1.log" >&2; exit 1; }
     sleep 0.1
   done
   echo "server did not start; see $1.log" >&2

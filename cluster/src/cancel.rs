@@ -16,7 +16,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::Session;
 use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::error::Result;
+use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::context::QueryPlanner;
 use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::LogicalPlan;
@@ -91,12 +91,17 @@ impl ExecutionPlan for CancelOnDropExec {
 
     fn with_new_children(
         self: Arc<Self>,
-        mut children: Vec<Arc<dyn ExecutionPlan>>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(CancelOnDropExec {
-            inner: children.swap_remove(0),
-            scheduler: self.scheduler.clone(),
-        }))
+        match <[_; 1]>::try_from(children) {
+            Ok([inner]) => Ok(Arc::new(CancelOnDropExec {
+                inner,
+                scheduler: self.scheduler.clone(),
+            })),
+            Err(_) => Err(DataFusionError::Internal(
+                "CancelOnDropExec takes one input".into(),
+            )),
+        }
     }
 
     fn execute(
