@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use funnelhouse_query::CampaignConfig;
 use funnelhouse_schemas::time::{format_micros, now_micros};
-use funnelhouse_schemas::{BodyFormat, DecodeContext, Event, decode_body};
+use funnelhouse_schemas::{BodyFormat, DecodeContext, Event, EventRef, decode_body};
 use funnelhouse_storage::EventStore;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -156,16 +156,16 @@ pub async fn trickle(store: Arc<EventStore>) {
 }
 
 fn live_event(user_id: &str, name: &str, channel: &str, ts: i64) -> Event {
-    Event {
-        event_id: format!("{user_id}-{name}"),
-        event: name.to_string(),
-        user_id: user_id.to_string(),
-        campaign: CAMPAIGN.to_string(),
-        channel: channel.to_string(),
+    Event::from(EventRef {
+        event_id: &format!("{user_id}-{name}"),
+        event: name,
+        user_id,
+        campaign: CAMPAIGN,
+        channel,
         ts,
         received_at: ts,
         properties: None,
-    }
+    })
 }
 
 fn decode(ndjson: &str, received_at: i64) -> Vec<Event> {

@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
     let ctx = DecodeContext::new(1_794_000_000_000_000);
     if let Ok(batch) = decode_body(body, format, &ctx) {
         for e in &batch.events {
-            assert!(!e.event_id.is_empty() && !e.event.is_empty() && !e.user_id.is_empty());
+            assert!(!e.event_id().is_empty() && !e.event().is_empty() && !e.user_id().is_empty());
         }
         for r in &batch.rejected {
             assert!(!r.error.is_empty());

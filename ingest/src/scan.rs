@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use funnelhouse_schemas::Event;
 use funnelhouse_schemas::event::limits;
 use funnelhouse_schemas::time::now_micros;
+use funnelhouse_schemas::{Event, EventRef};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 
 use crate::collector::CollectorState;
@@ -113,16 +113,16 @@ pub async fn scan_link(
         Err(e) => return error_page(e),
     };
     let received_at = now_micros();
-    let event = Event {
-        event_id: uuid::Uuid::now_v7().to_string(),
-        event: "scan".into(),
-        user_id: user_id.clone(),
-        campaign: campaign.clone(),
-        channel: channel.clone(),
+    let event = Event::from(EventRef {
+        event_id: &uuid::Uuid::now_v7().to_string(),
+        event: "scan",
+        user_id: &user_id,
+        campaign: &campaign,
+        channel: &channel,
         ts: received_at,
         received_at,
-        properties: user_agent_properties(&headers),
-    };
+        properties: user_agent_properties(&headers).as_deref(),
+    });
     if let Err(e) = store.write(vec![event], received_at).await {
         return error_page(e.into());
     }

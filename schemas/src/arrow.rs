@@ -15,6 +15,8 @@ use arrow::buffer::{Buffer, ScalarBuffer};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use crate::event::Event;
+#[cfg(test)]
+use crate::event::EventRef;
 
 /// Column positions in [`event_schema`].
 pub mod col {
@@ -100,22 +102,22 @@ impl EventBatchBuilder {
     pub fn data_bytes(e: &Event, prev: Option<&Event>) -> usize {
         let long = |v: &str| if v.len() > INLINE_MAX { v.len() } else { 0 };
         let repeating = |v: &str, p: Option<&str>| if p == Some(v) { 0 } else { long(v) };
-        long(&e.event_id)
-            + repeating(&e.event, prev.map(|p| p.event.as_str()))
-            + long(&e.user_id)
-            + repeating(&e.campaign, prev.map(|p| p.campaign.as_str()))
-            + repeating(&e.channel, prev.map(|p| p.channel.as_str()))
-            + e.properties.as_deref().map_or(0, long)
+        long(e.event_id())
+            + repeating(e.event(), prev.map(Event::event))
+            + long(e.user_id())
+            + repeating(e.campaign(), prev.map(Event::campaign))
+            + repeating(e.channel(), prev.map(Event::channel))
+            + e.properties().map_or(0, long)
     }
 
     pub fn append(&mut self, e: &Event) {
         let values = [
-            e.event_id.as_str(),
-            &e.event,
-            &e.user_id,
-            &e.campaign,
-            &e.channel,
-            e.properties.as_deref().unwrap_or_default(),
+            e.event_id(),
+            e.event(),
+            e.user_id(),
+            e.campaign(),
+            e.channel(),
+            e.properties().unwrap_or_default(),
         ];
         for (c, v) in values.into_iter().enumerate() {
             let view = match self.views[c].last() {
@@ -129,7 +131,7 @@ impl EventBatchBuilder {
             };
             self.views[c].push(view);
         }
-        self.properties_valid.append(e.properties.is_some());
+        self.properties_valid.append(e.properties().is_some());
         self.ts.push(e.ts);
         self.received_at.push(e.received_at);
     }
@@ -272,30 +274,26 @@ mod tests {
     use super::*;
 
     fn event(i: usize) -> Event {
-        Event {
-            event_id: format!("a-long-event-id-{i:06}"),
+        let user_id = if i.is_multiple_of(2) {
+            format!("u{i}")
+        } else {
+            format!("user-with-a-long-id-{i}")
+        };
+        let properties = format!(r#"{{"card":"A{i}","city":"Hangzhou"}}"#);
+        Event::from(EventRef {
+            event_id: &format!("a-long-event-id-{i:06}"),
             event: if i.is_multiple_of(3) {
                 "package_delivered"
             } else {
                 "scan"
-            }
-            .into(),
-            user_id: if i.is_multiple_of(2) {
-                format!("u{i}")
-            } else {
-                format!("user-with-a-long-id-{i}")
             },
-            campaign: "parcel-lottery-2026".into(),
-            channel: if i.is_multiple_of(4) {
-                String::new()
-            } else {
-                "jd".into()
-            },
+            user_id: &user_id,
+            campaign: "parcel-lottery-2026",
+            channel: if i.is_multiple_of(4) { "" } else { "jd" },
             ts: i as i64 * 1_000,
             received_at: 7,
-            properties: (!i.is_multiple_of(5))
-                .then(|| format!(r#"{{"card":"A{i}","city":"Hangzhou"}}"#)),
-        }
+            properties: (!i.is_multiple_of(5)).then_some(properties.as_str()),
+        })
     }
 
     /// Two arrays over one allocation (two batches' views into one page) count once.
@@ -331,16 +329,13 @@ mod tests {
             assert_eq!(batch.num_rows(), events.len());
             let strings = |c: usize| batch.column(c).as_string_view();
             for (r, e) in events.iter().enumerate() {
-                assert_eq!(strings(col::EVENT_ID).value(r), e.event_id);
-                assert_eq!(strings(col::EVENT).value(r), e.event);
-                assert_eq!(strings(col::USER_ID).value(r), e.user_id);
-                assert_eq!(strings(col::CAMPAIGN).value(r), e.campaign);
-                assert_eq!(strings(col::CHANNEL).value(r), e.channel);
+                assert_eq!(strings(col::EVENT_ID).value(r), e.event_id());
+                assert_eq!(strings(col::EVENT).value(r), e.event());
+                assert_eq!(strings(col::USER_ID).value(r), e.user_id());
+                assert_eq!(strings(col::CAMPAIGN).value(r), e.campaign());
+                assert_eq!(strings(col::CHANNEL).value(r), e.channel());
                 let props = strings(col::PROPERTIES);
-                assert_eq!(
-                    props.is_valid(r).then(|| props.value(r)),
-                    e.properties.as_deref()
-                );
+                assert_eq!(props.is_valid(r).then(|| props.value(r)), e.properties());
                 let ts = batch
                     .column(col::TS)
                     .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
@@ -351,11 +346,13 @@ mod tests {
             let long = |v: &str| if v.len() > INLINE_MAX { v.len() } else { 0 };
             let all: usize = events
                 .iter()
-                .map(|e| long(&e.event_id) + long(&e.event) + long(&e.user_id) + long(&e.campaign))
+                .map(|e| {
+                    long(e.event_id()) + long(e.event()) + long(e.user_id()) + long(e.campaign())
+                })
                 .sum::<usize>()
                 + events
                     .iter()
-                    .filter_map(|e| e.properties.as_deref())
+                    .filter_map(|e| e.properties())
                     .map(long)
                     .sum::<usize>();
             let buffer = &strings(col::EVENT_ID).data_buffers()[0];

@@ -21,6 +21,6 @@ pub use arrow::{MemoryCounter, batch_memory_size, event_schema, events_to_batch}
 pub use auth::AuthConfig;
 pub use decode::{BodyFormat, DecodedBatch, Rejection, decode_body};
 pub use error::SchemaError;
-pub use event::Event;
+pub use event::{Event, EventRef};
 pub use segment::{MessageType, SegmentBatch, decode_segment};
 pub use validate::{DecodeContext, validate_event};

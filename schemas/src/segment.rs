@@ -18,7 +18,7 @@ use serde_json::value::RawValue;
 
 use crate::decode::{DecodedBatch, not_json};
 use crate::error::SchemaError;
-use crate::event::{Event, limits};
+use crate::event::{Event, EventRef, limits};
 use crate::validate::{
     DecodeContext, bounded_string, clock_skew, event_ts, json_kind, parse_ts, properties_text,
 };
@@ -230,7 +230,7 @@ fn to_event(
                     limits::EVENT_NAME_MAX
                 ));
             }
-            (Cow::Owned(name), None)
+            (name, None)
         }
         MessageType::Page | MessageType::Screen => ("view".into(), m.name.map(|n| ("name", n))),
         MessageType::Identify => ("$identify".into(), None),
@@ -279,20 +279,20 @@ fn to_event(
         (base, extra) => {
             let text = with_key(base.map(RawValue::get), extra);
             let raw = RawValue::from_string(text).map_err(|e| format!("properties: {e}"))?;
-            Some(properties_text(&raw)?)
+            Some(Cow::Owned(properties_text(&raw)?.into_owned()))
         }
     };
 
-    Ok(Event {
-        event_id,
-        event: event.into_owned(),
-        user_id,
-        campaign,
-        channel,
+    Ok(Event::from(EventRef {
+        event_id: &event_id,
+        event: &event,
+        user_id: &user_id,
+        campaign: &campaign,
+        channel: &channel,
         ts,
         received_at: ctx.received_at,
-        properties,
-    })
+        properties: properties.as_deref(),
+    }))
 }
 
 type Object<'a> = HashMap<Cow<'a, str>, &'a RawValue>;
@@ -335,7 +335,7 @@ fn id_text(field: &str, value: &RawValue, max: usize) -> Result<String, String> 
 fn scalar_text(field: &str, value: &RawValue, max: usize) -> Result<String, String> {
     let text = value.get();
     if text.starts_with('"') {
-        return bounded_string(field, value, 0, max);
+        return bounded_string(field, value, 0, max).map(Cow::into_owned);
     }
     match json_kind(text) {
         "a number" if text.len() <= max => Ok(text.to_string()),
@@ -380,10 +380,10 @@ mod tests {
             Some(MessageType::Page),
         );
         let e = &out.decoded.events[0];
-        assert_eq!((e.event.as_str(), e.user_id.as_str()), ("view", "a1"));
-        assert_eq!((e.campaign.as_str(), e.channel.as_str()), ("c", "jd"));
+        assert_eq!((e.event(), e.user_id()), ("view", "a1"));
+        assert_eq!((e.campaign(), e.channel()), ("c", "jd"));
         assert_eq!(
-            e.properties.as_deref(),
+            e.properties(),
             Some(r#"{"name":"Home","campaign":"c","url":"/x"}"#)
         );
     }
@@ -403,16 +403,12 @@ mod tests {
             panic!("{:?}", out.decoded)
         };
         assert_eq!(
-            (
-                scan.user_id.as_str(),
-                scan.campaign.as_str(),
-                scan.channel.as_str()
-            ),
+            (scan.user_id(), scan.campaign(), scan.channel()),
             ("7", "outer", "jd")
         );
-        assert_eq!(identify.event, "$identify");
-        assert_eq!(identify.properties.as_deref(), Some(r#"{"plan":"gold"}"#));
-        assert_eq!(alias.properties.as_deref(), Some(r#"{"previousId":"old"}"#));
+        assert_eq!(identify.event(), "$identify");
+        assert_eq!(identify.properties(), Some(r#"{"plan":"gold"}"#));
+        assert_eq!(alias.properties(), Some(r#"{"previousId":"old"}"#));
         assert_eq!(out.decoded.rejected[0].index, 2);
         assert!(out.decoded.rejected[0].error.starts_with("type:"));
     }

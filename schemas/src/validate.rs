@@ -3,7 +3,9 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::event::{Event, limits};
+use std::borrow::Cow;
+
+use crate::event::{Event, EventRef, limits};
 use crate::time::{Micros, epoch_ms_to_micros, parse_rfc3339};
 
 /// What validation needs to know about the request an event arrived in.
@@ -68,7 +70,7 @@ pub fn validate_event(text: &str, ctx: &DecodeContext) -> Result<Event, String> 
 
     let event_id = match raw.event_id {
         Some(v) => bounded_string("event_id", v, 1, limits::EVENT_ID_MAX)?,
-        None => uuid::Uuid::now_v7().to_string(),
+        None => Cow::Owned(uuid::Uuid::now_v7().to_string()),
     };
     let event = required(raw.event, "event")?;
     let event = bounded_string("event", event, 1, limits::EVENT_NAME_MAX)?;
@@ -87,23 +89,23 @@ pub fn validate_event(text: &str, ctx: &DecodeContext) -> Result<Event, String> 
     )?;
     let channel = match raw.channel {
         Some(v) => bounded_string("channel", v, 0, limits::CHANNEL_MAX)?,
-        None => String::new(),
+        None => Cow::Borrowed(""),
     };
     let ts = event_ts("ts", raw.ts, ctx)?;
     let properties = match raw.properties {
         Some(v) => Some(properties_text(v)?),
         None => None,
     };
-    Ok(Event {
-        event_id,
-        event,
-        user_id,
-        campaign,
-        channel,
+    Ok(Event::from(EventRef {
+        event_id: &event_id,
+        event: &event,
+        user_id: &user_id,
+        campaign: &campaign,
+        channel: &channel,
         ts,
         received_at: ctx.received_at,
-        properties,
-    })
+        properties: properties.as_deref(),
+    }))
 }
 
 pub(crate) fn required<'a>(
@@ -113,13 +115,14 @@ pub(crate) fn required<'a>(
     value.ok_or_else(|| format!("{field}: missing"))
 }
 
-/// A JSON string of `min..=max` bytes (UTF-8).
-pub(crate) fn bounded_string(
+/// A JSON string of `min..=max` bytes (UTF-8), borrowed from the JSON text unless it
+/// has escapes.
+pub(crate) fn bounded_string<'a>(
     field: &str,
-    value: &RawValue,
+    value: &'a RawValue,
     min: usize,
     max: usize,
-) -> Result<String, String> {
+) -> Result<Cow<'a, str>, String> {
     let text = value.get();
     if !text.starts_with('"') {
         return Err(format!(
@@ -129,10 +132,10 @@ pub(crate) fn bounded_string(
     }
     // RawValue has checked the JSON: without escapes the text between the quotes is
     // the string itself, and most ids and names have none.
-    let s: String = if text.contains('\\') {
-        serde_json::from_str(text).map_err(|e| format!("{field}: {e}"))?
+    let s: Cow<str> = if text.contains('\\') {
+        Cow::Owned(serde_json::from_str(text).map_err(|e| format!("{field}: {e}"))?)
     } else {
-        text[1..text.len() - 1].to_string()
+        Cow::Borrowed(&text[1..text.len() - 1])
     };
     if s.len() < min || s.len() > max {
         return Err(format!(
@@ -222,8 +225,9 @@ pub fn parse_ts(value: &RawValue) -> Option<Micros> {
     }
 }
 
-/// A JSON object, stored as compact text of at most 16 KiB.
-pub(crate) fn properties_text(value: &RawValue) -> Result<String, String> {
+/// A JSON object, stored as compact text of at most 16 KiB (borrowed from the JSON text
+/// when it is compact already).
+pub(crate) fn properties_text(value: &RawValue) -> Result<Cow<'_, str>, String> {
     let text = value.get();
     if !text.starts_with('{') {
         return Err(format!(
@@ -235,9 +239,9 @@ pub(crate) fn properties_text(value: &RawValue) -> Result<String, String> {
     // re-serialising: numbers keep their text (`1e3` stays `1e3`) and keys their order.
     let shape = json_shape(text);
     let compact = if shape.whitespace {
-        compact_json(text)
+        Cow::Owned(compact_json(text))
     } else {
-        text.to_string()
+        Cow::Borrowed(text)
     };
     if compact.len() > limits::PROPERTIES_MAX {
         return Err(format!(
@@ -359,7 +363,9 @@ mod tests {
     use super::*;
 
     fn props(text: &str) -> String {
-        properties_text(&RawValue::from_string(text.to_string()).unwrap()).unwrap()
+        properties_text(&RawValue::from_string(text.to_string()).unwrap())
+            .unwrap()
+            .into_owned()
     }
 
     #[test]
@@ -425,8 +431,10 @@ mod tests {
 
     #[test]
     fn strings_with_and_without_escapes() {
-        let s =
-            |t: &str| bounded_string("f", &RawValue::from_string(t.to_string()).unwrap(), 0, 99);
+        let s = |t: &str| {
+            let raw = RawValue::from_string(t.to_string()).unwrap();
+            bounded_string("f", &raw, 0, 99).map(Cow::into_owned)
+        };
         assert_eq!(s(r#""plain id""#).unwrap(), "plain id");
         assert_eq!(s(r#""tab\there \u00e9""#).unwrap(), "tab\there é");
     }

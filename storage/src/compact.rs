@@ -371,7 +371,7 @@ mod tests {
     use super::*;
     use crate::disk::OsDisk;
     use crate::parquet_file::{read_file, write_sorted_file};
-    use funnelhouse_schemas::{Event, events_to_batch};
+    use funnelhouse_schemas::{Event, EventRef, events_to_batch};
 
     /// A partition with more small files than one step may merge is compacted in steps
     /// of at most `max_files` inputs, each saying whether more is left, until one file
@@ -382,15 +382,17 @@ mod tests {
         let files: Vec<FileMeta> = (0..10)
             .map(|f| {
                 let events: Vec<Event> = (0..5)
-                    .map(|i| Event {
-                        event_id: format!("f{f}-{i}"),
-                        event: "scan".into(),
-                        user_id: format!("u{i}"),
-                        campaign: "c".into(),
-                        channel: String::new(),
-                        ts: i,
-                        received_at: f,
-                        properties: None,
+                    .map(|i| {
+                        Event::from(EventRef {
+                            event_id: &format!("f{f}-{i}"),
+                            event: "scan",
+                            user_id: &format!("u{i}"),
+                            campaign: "c",
+                            channel: "",
+                            ts: i,
+                            received_at: f,
+                            properties: None,
+                        })
                     })
                     .collect();
                 write_sorted_file(&OsDisk, dir.path(), &events_to_batch(&events), "p", "f").unwrap()
@@ -439,22 +441,24 @@ mod tests {
         let mut files = Vec::new();
         for f in 0..5 {
             let events: Vec<Event> = (0..20_000)
-                .map(|_| Event {
-                    event_id: format!("e{}", rand(60_000)),
-                    event: "scan".into(),
-                    user_id: format!("u{}", rand(50)),
-                    campaign: format!("c{}", rand(3)),
-                    channel: String::new(),
-                    ts: rand(100_000) as i64,
-                    received_at: rand(1_000_000) as i64,
-                    properties: None,
+                .map(|_| {
+                    Event::from(EventRef {
+                        event_id: &format!("e{}", rand(60_000)),
+                        event: "scan",
+                        user_id: &format!("u{}", rand(50)),
+                        campaign: &format!("c{}", rand(3)),
+                        channel: "",
+                        ts: rand(100_000) as i64,
+                        received_at: rand(1_000_000) as i64,
+                        properties: None,
+                    })
                 })
                 .collect();
             // Within one file an id appears once, as a flush stores it.
             let mut ids = HashSet::new();
             let events: Vec<Event> = events
                 .into_iter()
-                .filter(|e| ids.insert(e.event_id.clone()))
+                .filter(|e| ids.insert(e.event_id().to_string()))
                 .collect();
             let batch = events_to_batch(&events);
             let prefix = if f == 4 { "c" } else { "f" };
@@ -474,17 +478,18 @@ mod tests {
                     .collect::<Vec<_>>()
             })
             .collect();
-        all.retain(|e| !big_ids.contains(&e.event_id));
+        all.retain(|e| !big_ids.contains(e.event_id()));
         let mut expected: Vec<&Event> = Vec::new();
         all.sort_by_key(|e| e.received_at);
         let mut kept_ids = HashSet::new();
         for e in &all {
-            if kept_ids.insert(e.event_id.clone()) {
+            if kept_ids.insert(e.event_id().to_string()) {
                 expected.push(e);
             }
         }
-        expected
-            .sort_by(|a, b| (&a.campaign, &a.user_id, a.ts).cmp(&(&b.campaign, &b.user_id, b.ts)));
+        expected.sort_by(|a, b| {
+            (&a.campaign(), &a.user_id(), a.ts).cmp(&(&b.campaign(), &b.user_id(), b.ts))
+        });
         // Ids are looked at in disjoint hash ranges when there are many: any number of
         // passes drops the same rows.
         let paths: Vec<PathBuf> = files.iter().map(|f| dir.path().join(&f.path)).collect();
@@ -535,7 +540,7 @@ mod tests {
         let got_ids: BTreeMap<String, i64> = got.iter().map(|r| (r.3.clone(), r.2)).collect();
         let want_ids: BTreeMap<String, i64> = expected
             .iter()
-            .map(|e| (e.event_id.clone(), e.ts))
+            .map(|e| (e.event_id().to_string(), e.ts))
             .collect();
         assert_eq!(got.len(), expected.len());
         assert_eq!(

@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use arrow::array::{AsArray, RecordBatch, TimestampMicrosecondArray, UInt32Array};
-use arrow::compute::{concat_batches, take_record_batch};
+use arrow::array::{AsArray, RecordBatch, TimestampMicrosecondArray};
+use arrow::compute::interleave_record_batch;
 use chrono::DateTime;
 use funnelhouse_schemas::arrow::col;
 use funnelhouse_schemas::event_schema;
@@ -86,20 +86,50 @@ fn ts_column(batch: &RecordBatch) -> &TimestampMicrosecondArray {
     batch.column(col::TS).as_primitive()
 }
 
-/// Sort rows by (leading key, campaign, user_id, ts): the partition, then the file
-/// order. Compared directly rather than with arrow's `lexsort_to_indices`, whose
-/// per-comparison dispatch took 40% of the flusher's CPU under load: campaigns are
-/// ranked once (there are few), user ids compare a 16-byte prefix before their bytes
-/// (an 8-byte one left counter ids like `u00000123` to `memcmp`, 4% of the flusher).
-fn sort_batch(batch: &RecordBatch, leading: Option<&[i64]>) -> Result<RecordBatch> {
-    let n = batch.num_rows();
-    let campaign = batch.column(col::CAMPAIGN).as_string_view();
-    let user = batch.column(col::USER_ID).as_string_view();
-    let ts = ts_column(batch).values();
+/// One row's sort key, packed so that most comparisons are two integer compares.
+struct SortKey {
+    /// (leading key, campaign rank) packed so they compare as one integer.
+    lead: (i64, u32),
+    user_prefix: u128,
+    user_len: u32,
+    batch: u32,
+    row: u32,
+}
+
+/// Sort keys, and the (batch, row) of each row in file order.
+type SortScratch = (Vec<SortKey>, Vec<(usize, usize)>);
+
+thread_local! {
+    /// The flusher's sort keys and gather indices, kept between flushes (sized by the
+    /// largest): fresh vectors per flush (64 bytes a row, ~35 MiB for a 128 MiB flush)
+    /// came from fresh huge pages each time, and the kernel zeroing them was ~3% of the
+    /// server's samples at peak ingest (benches/README.md).
+    static SORT_SCRATCH: std::cell::RefCell<SortScratch> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The rows of `batches` as one batch sorted by (leading key, campaign, user_id, ts):
+/// the partition (`ts` divided by `unit`, when given), then the file order. Gathered
+/// straight from the batches (string values stay in their buffers; only views, numbers
+/// and keys are new memory), not concatenated first. Compared directly rather than with
+/// arrow's `lexsort_to_indices`, whose per-comparison dispatch took 40% of the flusher's
+/// CPU under load: campaigns are ranked once (there are few), user ids compare a 16-byte
+/// prefix before their bytes (an 8-byte one left counter ids like `u00000123` to
+/// `memcmp`, 4% of the flusher).
+fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBatch> {
+    let campaign: Vec<_> = batches
+        .iter()
+        .map(|b| b.column(col::CAMPAIGN).as_string_view())
+        .collect();
+    let user: Vec<_> = batches
+        .iter()
+        .map(|b| b.column(col::USER_ID).as_string_view())
+        .collect();
+    let ts: Vec<&[i64]> = batches.iter().map(|b| &ts_column(b).values()[..]).collect();
     // Rows come in runs of one campaign: only a change of value is worth hashing.
     let mut seen = HashSet::new();
     let mut last = None;
-    for c in campaign.iter().flatten() {
+    for c in campaign.iter().flat_map(|c| c.iter().flatten()) {
         if last != Some(c) {
             seen.insert(c);
             last = Some(c);
@@ -107,55 +137,57 @@ fn sort_batch(batch: &RecordBatch, leading: Option<&[i64]>) -> Result<RecordBatc
     }
     let mut campaigns: Vec<&str> = seen.into_iter().collect();
     campaigns.sort_unstable();
-    struct Key {
-        /// (leading key, campaign rank) packed so they compare as one integer.
-        lead: (i64, u32),
-        user_prefix: u128,
-        user_len: u32,
-        row: u32,
-    }
-    // Rows come in runs of one campaign: look its rank up once per run.
-    let mut run: Option<(&str, u32)> = None;
-    let mut keys: Vec<Key> = (0..n)
-        .map(|r| {
-            let c = campaign.value(r);
-            let rank = match run {
-                Some((value, rank)) if value == c => rank,
-                _ => {
-                    let rank = campaigns.binary_search(&c).unwrap_or_default() as u32;
-                    run = Some((c, rank));
-                    rank
-                }
-            };
-            let u = user.value(r).as_bytes();
-            let mut prefix = [0u8; 16];
-            let len = u.len().min(16);
-            prefix[..len].copy_from_slice(&u[..len]);
-            Key {
-                lead: (leading.map_or(0, |l| l[r]), rank),
-                user_prefix: u128::from_be_bytes(prefix),
-                user_len: u.len() as u32,
-                row: r as u32,
-            }
-        })
-        .collect();
-    keys.sort_unstable_by(|a, b| {
-        (a.lead, a.user_prefix)
-            .cmp(&(b.lead, b.user_prefix))
-            .then_with(|| {
-                let (x, y) = (a.row as usize, b.row as usize);
-                // Equal prefixes of ids no longer than it: the shorter id (zero-padded)
-                // comes first, ids of one length are equal (the usual case: one user).
-                let users = if a.user_len.max(b.user_len) <= 16 {
-                    a.user_len.cmp(&b.user_len)
-                } else {
-                    user.value(x).cmp(user.value(y))
+    SORT_SCRATCH.with_borrow_mut(|(keys, indices)| {
+        keys.clear();
+        keys.reserve(batches.iter().map(|b| b.num_rows()).sum());
+        // Rows come in runs of one campaign: look its rank up once per run.
+        let mut run: Option<(&str, u32)> = None;
+        for (b, batch) in batches.iter().enumerate() {
+            keys.extend((0..batch.num_rows()).map(|r| {
+                let c = campaign[b].value(r);
+                let rank = match run {
+                    Some((value, rank)) if value == c => rank,
+                    _ => {
+                        let rank = campaigns.binary_search(&c).unwrap_or_default() as u32;
+                        run = Some((c, rank));
+                        rank
+                    }
                 };
-                users.then(ts[x].cmp(&ts[y]))
-            })
-    });
-    let indices = UInt32Array::from_iter_values(keys.iter().map(|k| k.row));
-    Ok(take_record_batch(batch, &indices)?)
+                let u = user[b].value(r).as_bytes();
+                let mut prefix = [0u8; 16];
+                let len = u.len().min(16);
+                prefix[..len].copy_from_slice(&u[..len]);
+                SortKey {
+                    lead: (unit.map_or(0, |unit| ts[b][r].div_euclid(unit)), rank),
+                    user_prefix: u128::from_be_bytes(prefix),
+                    user_len: u.len() as u32,
+                    batch: b as u32,
+                    row: r as u32,
+                }
+            }));
+        }
+        keys.sort_unstable_by(|a, b| {
+            (a.lead, a.user_prefix)
+                .cmp(&(b.lead, b.user_prefix))
+                .then_with(|| {
+                    let (x, y) = (
+                        (a.batch as usize, a.row as usize),
+                        (b.batch as usize, b.row as usize),
+                    );
+                    // Equal prefixes of ids no longer than it: the shorter id (zero-padded)
+                    // comes first, ids of one length are equal (the usual case: one user).
+                    let users = if a.user_len.max(b.user_len) <= 16 {
+                        a.user_len.cmp(&b.user_len)
+                    } else {
+                        user[x.0].value(x.1).cmp(user[y.0].value(y.1))
+                    };
+                    users.then(ts[x.0][x.1].cmp(&ts[y.0][y.1]))
+                })
+        });
+        indices.clear();
+        indices.extend(keys.iter().map(|k| (k.batch as usize, k.row as usize)));
+        Ok(interleave_record_batch(batches, indices)?)
+    })
 }
 
 /// Write `batches` as one sorted file per partition under `<data_dir>/events/`.
@@ -171,20 +203,11 @@ pub fn write_partitioned(
         Partitioning::Day => DAY_US,
         Partitioning::Hour => HOUR_US,
     };
-    // The concatenation goes as soon as it is sorted: a flush holds one copy of its
-    // rows beside the live buffer's, not two.
-    let sorted = {
-        let batch = concat_batches(&event_schema(), batches)?;
-        if batch.num_rows() == 0 {
-            return Ok(Vec::new());
-        }
-        let keys: Vec<i64> = ts_column(&batch)
-            .values()
-            .iter()
-            .map(|t| t.div_euclid(unit))
-            .collect();
-        sort_batch(&batch, Some(&keys))?
-    };
+    let batches: Vec<&RecordBatch> = batches.iter().filter(|b| b.num_rows() > 0).collect();
+    if batches.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sorted = sort_batches(&batches, Some(unit))?;
     let ts = ts_column(&sorted).values();
     let mut files = Vec::new();
     let mut start = 0;
@@ -218,7 +241,7 @@ pub fn write_sorted_file(
     write_file(
         disk,
         data_dir,
-        &sort_batch(batch, None)?,
+        &sort_batches(&[batch], None)?,
         partition,
         name_prefix,
     )
@@ -334,10 +357,11 @@ pub fn read_batches_of(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use funnelhouse_schemas::{Event, events_to_batch};
+    use arrow::compute::concat_batches;
+    use funnelhouse_schemas::{Event, EventRef, events_to_batch};
 
     #[test]
-    fn sort_batch_orders_like_a_plain_tuple_sort() {
+    fn sorting_batches_orders_like_a_plain_tuple_sort() {
         let mut x: u64 = 7;
         let mut next = |n: u64| {
             x = x
@@ -361,20 +385,25 @@ mod tests {
             "user-0000000000009",
         ];
         let events: Vec<Event> = (0..2000)
-            .map(|i| Event {
-                event_id: format!("e{i}"),
-                event: "scan".into(),
-                user_id: users[next(users.len() as u64) as usize].into(),
-                campaign: format!("c{}", next(4)),
-                channel: String::new(),
-                ts: next(5) as i64 * DAY_US / 2 + next(3) as i64,
-                received_at: 0,
-                properties: None,
+            .map(|i| {
+                Event::from(EventRef {
+                    event_id: &format!("e{i}"),
+                    event: "scan",
+                    user_id: users[next(users.len() as u64) as usize],
+                    campaign: &format!("c{}", next(4)),
+                    channel: "",
+                    ts: next(5) as i64 * DAY_US / 2 + next(3) as i64,
+                    received_at: 0,
+                    properties: None,
+                })
             })
             .collect();
-        let batch = events_to_batch(&events);
-        let lead: Vec<i64> = events.iter().map(|e| e.ts.div_euclid(DAY_US)).collect();
-        let sorted = sort_batch(&batch, Some(&lead)).unwrap();
+        // Three batches of uneven sizes, gathered into one.
+        let batches: Vec<RecordBatch> = [&events[..700], &events[700..701], &events[701..]]
+            .map(events_to_batch)
+            .into();
+        let batch = concat_batches(&event_schema(), &batches).unwrap();
+        let sorted = sort_batches(&batches.iter().collect::<Vec<_>>(), Some(DAY_US)).unwrap();
         let key = |b: &RecordBatch, r: usize| {
             let s = |c| b.column(c).as_string_view().value(r).to_string();
             let ts = ts_column(b).value(r);

@@ -206,7 +206,7 @@ impl EventStore {
                 segment = Some(seq);
                 let fresh: Vec<&Event> = events
                     .iter()
-                    .filter(|e| dedup.insert(id_hash(&e.event_id)))
+                    .filter(|e| dedup.insert(id_hash(e.event_id())))
                     .collect();
                 let received_at = events.first().map_or(0, |e| e.received_at);
                 dedup.record(received_at, fresh.len());
@@ -557,7 +557,7 @@ impl Writer {
     fn commit(&mut self, writes: Vec<WriteRequest>) {
         let hashes: Vec<u128> = (writes.iter())
             .flat_map(|w| &w.events)
-            .map(|e| id_hash(&e.event_id))
+            .map(|e| id_hash(e.event_id()))
             .collect();
         self.dedup.warm(&hashes);
         let mut hashes = hashes.into_iter();

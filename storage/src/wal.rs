@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use funnelhouse_schemas::Event;
+use funnelhouse_schemas::{Event, EventRef};
 
 use crate::disk::{Disk, DiskFile};
 use crate::error::{Result, StorageError};
@@ -532,12 +532,18 @@ const NO_PROPERTIES: u32 = u32::MAX;
 pub fn encode_events<'a>(events: impl ExactSizeIterator<Item = &'a Event>, out: &mut Vec<u8>) {
     out.extend_from_slice(&(events.len() as u32).to_le_bytes());
     for e in events {
-        for s in [&e.event_id, &e.event, &e.user_id, &e.campaign, &e.channel] {
+        for s in [
+            e.event_id(),
+            e.event(),
+            e.user_id(),
+            e.campaign(),
+            e.channel(),
+        ] {
             put_str(out, s);
         }
         out.extend_from_slice(&e.ts.to_le_bytes());
         out.extend_from_slice(&e.received_at.to_le_bytes());
-        match &e.properties {
+        match e.properties() {
             Some(p) => put_str(out, p),
             None => out.extend_from_slice(&NO_PROPERTIES.to_le_bytes()),
         }
@@ -566,7 +572,7 @@ pub fn decode_events(mut buf: &[u8]) -> std::result::Result<Vec<Event>, String> 
         } else {
             Some(take_str(&mut buf)?)
         };
-        events.push(Event {
+        events.push(Event::from(EventRef {
             event_id,
             event,
             user_id,
@@ -575,7 +581,7 @@ pub fn decode_events(mut buf: &[u8]) -> std::result::Result<Vec<Event>, String> 
             ts,
             received_at,
             properties,
-        });
+        }));
     }
     if !buf.is_empty() {
         return Err(format!("{} trailing bytes in a WAL record", buf.len()));
@@ -600,10 +606,9 @@ fn take_i64(buf: &mut &[u8]) -> std::result::Result<i64, String> {
     Ok(i64::from_le_bytes(take(buf, 8)?.try_into().unwrap()))
 }
 
-fn take_str(buf: &mut &[u8]) -> std::result::Result<String, String> {
+fn take_str<'a>(buf: &mut &'a [u8]) -> std::result::Result<&'a str, String> {
     let n = take_u32(buf)? as usize;
-    String::from_utf8(take(buf, n)?.to_vec())
-        .map_err(|_| "non-UTF-8 string in a WAL record".to_string())
+    std::str::from_utf8(take(buf, n)?).map_err(|_| "non-UTF-8 string in a WAL record".to_string())
 }
 
 #[cfg(test)]
@@ -611,16 +616,16 @@ mod tests {
     use super::*;
 
     fn event(id: &str, props: Option<&str>) -> Event {
-        Event {
-            event_id: id.into(),
-            event: "scan".into(),
-            user_id: "u".into(),
-            campaign: "c".into(),
-            channel: String::new(),
+        Event::from(EventRef {
+            event_id: id,
+            event: "scan",
+            user_id: "u",
+            campaign: "c",
+            channel: "",
             ts: 1,
             received_at: 2,
-            properties: props.map(Into::into),
-        }
+            properties: props,
+        })
     }
 
     #[test]
@@ -712,7 +717,7 @@ mod tests {
         drop(wal);
         let mut seen = 0;
         Wal::open(dir.path(), 0, Arc::new(crate::disk::OsDisk), |_, evs| {
-            assert_eq!(evs[0].properties.as_deref(), Some(props.as_str()));
+            assert_eq!(evs[0].properties(), Some(props.as_str()));
             seen += evs.len();
         })
         .unwrap();

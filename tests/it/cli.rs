@@ -4,7 +4,7 @@
 use std::process::Output;
 
 use arrow::array::RecordBatch;
-use funnelhouse_schemas::{Event, events_to_batch};
+use funnelhouse_schemas::{Event, EventRef, events_to_batch};
 
 use crate::support::{Server, event_line, funnelhouse, serve_on_loopback, stored_ids, write_file};
 
@@ -113,15 +113,17 @@ fn config_errors_name_the_key_and_the_file() {
 
 fn sample_events(prefix: &str, n: usize) -> Vec<Event> {
     (0..n)
-        .map(|i| Event {
-            event_id: format!("{prefix}{i}"),
-            event: "view".into(),
-            user_id: format!("u{i}"),
-            campaign: "parcel-lottery".into(),
-            channel: "tmall".into(),
-            ts: 1_794_391_200_000_000 + i as i64,
-            received_at: 0,
-            properties: Some(format!(r#"{{"n":{i}}}"#)),
+        .map(|i| {
+            Event::from(EventRef {
+                event_id: &format!("{prefix}{i}"),
+                event: "view",
+                user_id: &format!("u{i}"),
+                campaign: "parcel-lottery",
+                channel: "tmall",
+                ts: 1_794_391_200_000_000 + i as i64,
+                received_at: 0,
+                properties: Some(format!(r#"{{"n":{i}}}"#)).as_deref(),
+            })
         })
         .collect()
 }

@@ -253,21 +253,23 @@ async fn a_long_replay_is_flushed_a_segment_at_a_time() {
     for segment in 0..3 {
         for record in 0..2 {
             let events: Vec<funnelhouse_schemas::Event> = (0..20)
-                .map(|i| funnelhouse_schemas::Event {
-                    event_id: format!("s{segment}-r{record}-{i}"),
-                    event: "scan".into(),
-                    user_id: format!("u{i}"),
-                    campaign: "parcel-lottery".into(),
-                    channel: "jd".into(),
-                    ts: 1_794_000_000_000_000,
-                    received_at: funnelhouse_schemas::time::now_micros(),
-                    properties: None,
+                .map(|i| {
+                    funnelhouse_schemas::Event::from(funnelhouse_schemas::EventRef {
+                        event_id: &format!("s{segment}-r{record}-{i}"),
+                        event: "scan",
+                        user_id: &format!("u{i}"),
+                        campaign: "parcel-lottery",
+                        channel: "jd",
+                        ts: 1_794_000_000_000_000,
+                        received_at: funnelhouse_schemas::time::now_micros(),
+                        properties: None,
+                    })
                 })
                 .collect();
             let mut payload = Vec::new();
             encode_events(events.iter(), &mut payload);
             wal.append(&payload).unwrap();
-            sent.extend(events.into_iter().map(|e| e.event_id));
+            sent.extend(events.iter().map(|e| e.event_id().to_string()));
         }
         wal.rotate().unwrap();
     }

@@ -8,9 +8,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use funnelhouse_schemas::AuthConfig;
-use funnelhouse_schemas::Event;
 use funnelhouse_schemas::time::now_micros;
 use funnelhouse_schemas::units::ByteSize;
+use funnelhouse_schemas::{Event, EventRef};
 use funnelhouse_storage::disk::{DiskOp, Errno, Fault, PowerLoss};
 use funnelhouse_storage::{EventStore, FaultDisk, IngestConfig, OsDisk, StorageError};
 
@@ -18,15 +18,17 @@ use crate::support::{TestServer, committed_rows, config, event, store_rows};
 
 fn events(prefix: &str, n: usize) -> Vec<Event> {
     (0..n)
-        .map(|i| Event {
-            event_id: format!("{prefix}-{i}"),
-            event: "scan".into(),
-            user_id: format!("u-{}", i % 7),
-            campaign: "parcel-lottery".into(),
-            channel: "jd".into(),
-            ts: 1_794_000_000_000_000 + i as i64 * 1_000_000,
-            received_at: now_micros(),
-            properties: Some(format!("{{\"i\":{i}}}")),
+        .map(|i| {
+            Event::from(EventRef {
+                event_id: &format!("{prefix}-{i}"),
+                event: "scan",
+                user_id: &format!("u-{}", i % 7),
+                campaign: "parcel-lottery",
+                channel: "jd",
+                ts: 1_794_000_000_000_000 + i as i64 * 1_000_000,
+                received_at: now_micros(),
+                properties: Some(format!("{{\"i\":{i}}}")).as_deref(),
+            })
         })
         .collect()
 }
@@ -131,7 +133,7 @@ async fn a_failed_wal_append_is_refused_and_never_replayed() {
         let expected: BTreeSet<String> = events("a", 5)
             .into_iter()
             .chain(events("c", 5))
-            .map(|e| e.event_id)
+            .map(|e| e.event_id().to_string())
             .collect();
         assert_eq!(ids(&stored), expected, "{case}");
         assert!(stored.values().all(|&n| n == 1), "{case}: {stored:?}");
@@ -236,7 +238,8 @@ async fn after_a_power_loss_every_acknowledged_event_is_present_once() {
                         if i > 0 && i % 5 == 0 {
                             batch.extend(events(&format!("r{round}-w{w}-{}", i - 1), 3));
                         }
-                        let ids: Vec<String> = batch.iter().map(|e| e.event_id.clone()).collect();
+                        let ids: Vec<String> =
+                            batch.iter().map(|e| e.event_id().to_string()).collect();
                         match store.write(batch, now_micros()).await {
                             Ok(_) => acked.extend(ids),
                             Err(_) => return acked,

@@ -148,13 +148,12 @@ fn step_matches(step: &Value, e: &Event) -> bool {
         Value::String(s) => (s.as_str(), None),
         obj => (obj["event"].as_str().unwrap(), obj.get("where")),
     };
-    if e.event != name {
+    if e.event() != name {
         return false;
     }
     let Some(filter) = filter else { return true };
     let props: Value = e
-        .properties
-        .as_deref()
+        .properties()
         .map_or(Value::Null, |p| serde_json::from_str(p).unwrap());
     filter
         .as_object()
@@ -205,11 +204,11 @@ fn reference(case: &Case, as_of: i64) -> (Expected, BTreeMap<String, Expected>) 
     let unique: Vec<&Event> = case
         .events
         .iter()
-        .filter(|e| seen.insert(e.event_id.clone()))
+        .filter(|e| seen.insert(e.event_id().to_string()))
         .collect();
     let mut users: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
     for e in unique {
-        users.entry(&e.user_id).or_default().push(e);
+        users.entry(e.user_id()).or_default().push(e);
     }
     type Acc = (Vec<u64>, Vec<u64>, Vec<Vec<i64>>);
     let mut total: Acc = (vec![0; k], vec![0; k], vec![vec![]; k]);
@@ -236,17 +235,15 @@ fn reference(case: &Case, as_of: i64) -> (Expected, BTreeMap<String, Expected>) 
             .iter()
             .filter(|s| s.0 == level)
             .min_by(|a, b| {
-                (a.2.ts, a.2.event_id.as_bytes()).cmp(&(b.2.ts, b.2.event_id.as_bytes()))
+                (a.2.ts, a.2.event_id().as_bytes()).cmp(&(b.2.ts, b.2.event_id().as_bytes()))
             })
             .unwrap();
         let open = level < k && starts.iter().any(|s| s.0 == level && s.2.ts + W > as_of);
         for acc in [
             &mut total,
-            groups.entry(attributing.2.channel.clone()).or_insert((
-                vec![0; k],
-                vec![0; k],
-                vec![vec![]; k],
-            )),
+            groups
+                .entry(attributing.2.channel().to_string())
+                .or_insert((vec![0; k], vec![0; k], vec![vec![]; k])),
         ] {
             for i in 0..level {
                 acc.0[i] += 1;

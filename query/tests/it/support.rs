@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use funnelhouse_ingest::CollectorState;
 use funnelhouse_query::{QueryEngine, QueryOptions, QueryState, SnapshotSource, StaticSource};
-use funnelhouse_schemas::{Event, events_to_batch};
+use funnelhouse_schemas::{Event, EventRef, events_to_batch};
 use funnelhouse_storage::parquet_file::write_partitioned;
 use funnelhouse_storage::{EventStore, IngestConfig, OsDisk, Partitioning, Snapshot};
 use serde_json::Value;
@@ -197,14 +197,14 @@ pub fn spill_count(plan: &str) -> u64 {
 }
 
 pub fn ev(id: &str, user: &str, event: &str, channel: &str, ts: i64, props: Option<&str>) -> Event {
-    Event {
-        event_id: id.into(),
-        event: event.into(),
-        user_id: user.into(),
-        campaign: "c".into(),
-        channel: channel.into(),
+    Event::from(EventRef {
+        event_id: id,
+        event,
+        user_id: user,
+        campaign: "c",
+        channel,
         ts,
         received_at: 0,
-        properties: props.map(Into::into),
-    }
+        properties: props,
+    })
 }
