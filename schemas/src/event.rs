@@ -17,7 +17,8 @@ pub struct Event {
     pub received_at: i64,
 }
 
-/// The fields of an [`Event`], borrowed: what validation produces and tests write.
+/// The fields of an [`Event`], borrowed: how every `Event` is made (validation, WAL
+/// replay, scan links, tests) and what [`Event::fields`] returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventRef<'a> {
     pub event_id: &'a str,
@@ -38,11 +39,10 @@ impl From<EventRef<'_>> for Event {
         let props = e.properties.unwrap_or_default();
         let mut text =
             String::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + props.len());
+        // The five strings before properties are at most 128 bytes each (`limits`).
         let ends = parts.map(|p| {
             text.push_str(p);
-            // Each field has a limit of a few hundred bytes (checked by validation), and an
-            // event's text is at most its JSON size: far below u32::MAX.
-            text.len() as u32
+            u32::try_from(text.len()).expect("an event's ids and names fit in u32 offsets")
         });
         text.push_str(props);
         Event {
@@ -136,4 +136,55 @@ pub mod limits {
     pub const PROPERTIES_DEPTH_MAX: usize = 32;
     /// Keys of the `properties` object itself.
     pub const PROPERTIES_KEYS_MAX: usize = 1000;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_come_back_as_given() {
+        let cases = [
+            EventRef {
+                event_id: "é-1",
+                event: "scan",
+                user_id: "用户",
+                campaign: "c",
+                channel: "",
+                ts: 1,
+                received_at: 2,
+                properties: Some(r#"{"city":"杭州"}"#),
+            },
+            EventRef {
+                event_id: "",
+                event: "",
+                user_id: "",
+                campaign: "",
+                channel: "jd",
+                ts: -1,
+                received_at: 0,
+                properties: None,
+            },
+            EventRef {
+                event_id: "x",
+                event: "y",
+                user_id: "z",
+                campaign: "w",
+                channel: "v",
+                ts: 0,
+                received_at: 0,
+                properties: Some(""),
+            },
+        ];
+        for fields in cases {
+            let event = Event::from(fields);
+            assert_eq!(event.fields(), fields);
+            assert_eq!(event.clone(), event);
+        }
+        assert_ne!(
+            Event::from(cases[2]).properties(),
+            None,
+            "Some(\"\") is not None"
+        );
+    }
 }

@@ -109,7 +109,9 @@ mod linux {
         // Fault the whole mapping in with one call (blocks fill up but for a tail shorter
         // than one batch; a larger batch fills its own mapping): the kernel still
         // zeroes each page, but without a trap per 4 KiB page on the WAL writer's copy.
-        // Kernels before 5.14 refuse it and the pages come on first touch as before.
+        // Kernels before 5.14 refuse it and the pages come on first touch as before. New
+        // blocks are mapped under the CURRENT lock, so this zeroing holds it: fine while
+        // the WAL writer is the only thread building batches.
         // SAFETY: as above.
         unsafe { libc::madvise(ptr, len, libc::MADV_POPULATE_WRITE) };
         Some(Region {

@@ -240,7 +240,7 @@ fn to_event(
 
     let event_id = match m.message_id {
         Some(v) => id_text("messageId", v, limits::EVENT_ID_MAX)?,
-        None => uuid::Uuid::now_v7().to_string(),
+        None => Cow::Owned(uuid::Uuid::now_v7().to_string()),
     };
     let user_id = match (m.user_id, m.anonymous_id) {
         (Some(v), _) => id_text("userId", v, limits::USER_ID_MAX)?,
@@ -250,11 +250,11 @@ fn to_event(
     let from_properties = |key: &str| properties.as_ref().and_then(|p| lookup(p, key));
     let campaign = match from_properties("campaign").or_else(|| in_context("campaign", "name")) {
         Some(v) => scalar_text("campaign", v, limits::CAMPAIGN_MAX)?,
-        None => String::new(),
+        None => Cow::Borrowed(""),
     };
     let channel = match in_context("campaign", "source").or_else(|| from_properties("channel")) {
         Some(v) => scalar_text("channel", v, limits::CHANNEL_MAX)?,
-        None => String::new(),
+        None => Cow::Borrowed(""),
     };
     let ts = event_ts("timestamp", m.timestamp.or(m.original_timestamp), ctx)?;
 
@@ -321,7 +321,7 @@ fn lookup<'a>(object: &Object<'a>, key: &str) -> Option<&'a RawValue> {
 }
 
 /// Segment ids may be strings or numbers (`userId: 42`); both are stored as text.
-fn id_text(field: &str, value: &RawValue, max: usize) -> Result<String, String> {
+fn id_text<'a>(field: &str, value: &'a RawValue, max: usize) -> Result<Cow<'a, str>, String> {
     scalar_text(field, value, max).and_then(|s| {
         if s.is_empty() {
             Err(format!("{field}: must not be empty"))
@@ -332,13 +332,13 @@ fn id_text(field: &str, value: &RawValue, max: usize) -> Result<String, String> 
 }
 
 /// A string, or a number as its JSON text, of at most `max` bytes.
-fn scalar_text(field: &str, value: &RawValue, max: usize) -> Result<String, String> {
+fn scalar_text<'a>(field: &str, value: &'a RawValue, max: usize) -> Result<Cow<'a, str>, String> {
     let text = value.get();
     if text.starts_with('"') {
-        return bounded_string(field, value, 0, max).map(Cow::into_owned);
+        return bounded_string(field, value, 0, max);
     }
     match json_kind(text) {
-        "a number" if text.len() <= max => Ok(text.to_string()),
+        "a number" if text.len() <= max => Ok(Cow::Borrowed(text)),
         kind => Err(format!("{field}: must be a string, got {kind}")),
     }
 }

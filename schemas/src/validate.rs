@@ -1,9 +1,9 @@
 //! Validation of one native event object into an [`Event`], with errors that name the field.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
-
-use std::borrow::Cow;
 
 use crate::event::{Event, EventRef, limits};
 use crate::time::{Micros, epoch_ms_to_micros, parse_rfc3339};

@@ -488,7 +488,7 @@ mod tests {
             }
         }
         expected.sort_by(|a, b| {
-            (&a.campaign(), &a.user_id(), a.ts).cmp(&(&b.campaign(), &b.user_id(), b.ts))
+            (a.campaign(), a.user_id(), a.ts).cmp(&(b.campaign(), b.user_id(), b.ts))
         });
         // Ids are looked at in disjoint hash ranges when there are many: any number of
         // passes drops the same rows.

@@ -100,8 +100,9 @@ struct SortKey {
 type SortScratch = (Vec<SortKey>, Vec<(usize, usize)>);
 
 thread_local! {
-    /// The flusher's sort keys and gather indices, kept between flushes (sized by the
-    /// largest): fresh vectors per flush (64 bytes a row, ~35 MiB for a 128 MiB flush)
+    /// A writing thread's sort keys and gather indices, kept between flushes and sized
+    /// by the largest (64 bytes a row: ~35 MiB on the flusher at the default
+    /// `flush_bytes`; replay flushes are of the usual size too). Fresh vectors per flush
     /// came from fresh huge pages each time, and the kernel zeroing them was ~3% of the
     /// server's samples at peak ingest (benches/README.md).
     static SORT_SCRATCH: std::cell::RefCell<SortScratch> =
@@ -115,8 +116,9 @@ thread_local! {
 /// arrow's `lexsort_to_indices`, whose per-comparison dispatch took 40% of the flusher's
 /// CPU under load: campaigns are ranked once (there are few), user ids compare a 16-byte
 /// prefix before their bytes (an 8-byte one left counter ids like `u00000123` to
-/// `memcmp`, 4% of the flusher).
+/// `memcmp`, 4% of the flusher). `batches` must not be empty.
 fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBatch> {
+    debug_assert!(!batches.is_empty(), "sort_batches needs at least one batch");
     let campaign: Vec<_> = batches
         .iter()
         .map(|b| b.column(col::CAMPAIGN).as_string_view())
@@ -413,5 +415,15 @@ mod tests {
         expected.sort();
         let got: Vec<_> = (0..sorted.num_rows()).map(|r| key(&sorted, r)).collect();
         assert_eq!(got, expected);
+        // Whole rows moved together: each event id still has its own key.
+        let rows = |b: &RecordBatch| {
+            let ids = b.column(col::EVENT_ID).as_string_view();
+            let mut rows: Vec<_> = (0..b.num_rows())
+                .map(|r| (ids.value(r).to_string(), key(b, r)))
+                .collect();
+            rows.sort();
+            rows
+        };
+        assert_eq!(rows(&sorted), rows(&batch));
     }
 }

@@ -122,7 +122,7 @@ fn sample_events(prefix: &str, n: usize) -> Vec<Event> {
                 channel: "tmall",
                 ts: 1_794_391_200_000_000 + i as i64,
                 received_at: 0,
-                properties: Some(format!(r#"{{"n":{i}}}"#)).as_deref(),
+                properties: Some(format!(r#"{{"n":{i}}}"#).as_str()),
             })
         })
         .collect()

@@ -27,7 +27,7 @@ fn events(prefix: &str, n: usize) -> Vec<Event> {
                 channel: "jd",
                 ts: 1_794_000_000_000_000 + i as i64 * 1_000_000,
                 received_at: now_micros(),
-                properties: Some(format!("{{\"i\":{i}}}")).as_deref(),
+                properties: Some(format!("{{\"i\":{i}}}").as_str()),
             })
         })
         .collect()
