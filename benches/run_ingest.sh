@@ -63,8 +63,10 @@ rate = lambda r: r["events_per_sec"]
 row = lambda what, r, extra="": print(f"| {what} | {rate(r):,.0f} | {r['mb_per_sec']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {extra} |")
 print(f"\n| what | events/s | MB/s | p50 ms | p99 ms | bytes/event |")
 print(f"|---|---|---|---|---|---|")
-for engine in dict.fromkeys(a["engine"] for a in anchors):
-    runs = [a for a in anchors if a["engine"] == engine]
+by_engine = {}
+for a in anchors:
+    by_engine.setdefault(a["engine"], []).append(a)
+for engine, runs in by_engine.items():
     print(f"| {engine} NDJSON->zstd Parquet (best of {len(runs)}: {' / '.join(f'{rate(a):,.0f}' for a in runs)}) | {max(map(rate, runs)):,.0f} | | | | {runs[0]['bytes_per_event']:.1f} |")
 for i, r in enumerate(rounds, 1):
     row(f"funnelhouse durable ingest, 8 clients, round {i}", r, f"{storage['bytes_per_event']:.1f}" if i == 1 else "")
@@ -73,9 +75,8 @@ for c, r in clients.items():
 row("funnelhouse at half of peak", half)
 best = max(map(rate, anchors))
 peak = max(map(rate, rounds + list(clients.values())))
-engines = {a["engine"] for a in anchors}
 median = lambda rs: statistics.median(map(rate, rs))
-faster_median = max(median([a for a in anchors if a["engine"] == e]) for e in engines)
+faster_median = max(map(median, by_engine.values()))
 print(f"\nratio peak / faster anchor: {peak / best:.2f} (target >= 1.0; best runs: {peak:,.0f} / {best:,.0f})")
 print(f"ratio at 8 clients, median of rounds / the faster anchor's median: {median(rounds) / faster_median:.2f}")
 print(f"p99 at half load: {half['p99_ms']:.1f} ms (target < 25)")

@@ -96,6 +96,13 @@ struct SortKey {
     row: u32,
 }
 
+impl SortKey {
+    /// (batch, row) of the row this key sorts.
+    fn at(&self) -> (usize, usize) {
+        (self.batch as usize, self.row as usize)
+    }
+}
+
 /// Sort keys, and the (batch, row) of each row in file order.
 type SortScratch = (Vec<SortKey>, Vec<(usize, usize)>);
 
@@ -172,10 +179,7 @@ fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBat
             (a.lead, a.user_prefix)
                 .cmp(&(b.lead, b.user_prefix))
                 .then_with(|| {
-                    let (x, y) = (
-                        (a.batch as usize, a.row as usize),
-                        (b.batch as usize, b.row as usize),
-                    );
+                    let (x, y) = (a.at(), b.at());
                     // Equal prefixes of ids no longer than it: the shorter id (zero-padded)
                     // comes first, ids of one length are equal (the usual case: one user).
                     let users = if a.user_len.max(b.user_len) <= 16 {
@@ -187,7 +191,7 @@ fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBat
                 })
         });
         indices.clear();
-        indices.extend(keys.iter().map(|k| (k.batch as usize, k.row as usize)));
+        indices.extend(keys.iter().map(SortKey::at));
         Ok(interleave_record_batch(batches, indices)?)
     })
 }
