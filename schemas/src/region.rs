@@ -108,10 +108,8 @@ mod linux {
         unsafe { libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE) };
         // Fault the whole mapping in with one call (blocks fill up but for a tail shorter
         // than one batch; a larger batch fills its own mapping): the kernel still
-        // zeroes each page, but without a trap per 4 KiB page on the WAL writer's copy.
-        // Kernels before 5.14 refuse it and the pages come on first touch as before. New
-        // blocks are mapped under the CURRENT lock, so this zeroing holds it: fine while
-        // the WAL writer is the only thread building batches.
+        // zeroes each page, but without a trap per 4 KiB page on the copy. Kernels
+        // before 5.14 refuse it and the pages come on first touch as before.
         // SAFETY: as above.
         unsafe { libc::madvise(ptr, len, libc::MADV_POPULATE_WRITE) };
         Some(Region {
@@ -150,9 +148,21 @@ mod linux {
         let (region, start) = if len > BLOCK {
             (Arc::new(map(len)?), 0)
         } else {
-            let mut current = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
-            if current.as_ref().is_none_or(|(_, used)| used + len > BLOCK) {
-                *current = Some((Arc::new(block()?), 0));
+            let lock = || CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+            let full = |c: &Option<(Arc<Region>, usize)>| {
+                c.as_ref().is_none_or(|(_, used)| used + len > BLOCK)
+            };
+            let mut current = lock();
+            if full(&current) {
+                // Requests build their batches on several threads at once: a new block is
+                // zeroed outside the lock, and one another thread installed meanwhile is
+                // used first (this one then waits in FREE).
+                drop(current);
+                let fresh = Arc::new(block()?);
+                current = lock();
+                if full(&current) {
+                    *current = Some((fresh, 0));
+                }
             }
             let (region, used) = current.as_mut().expect("a block with room");
             let start = *used;

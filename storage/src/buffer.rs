@@ -140,18 +140,26 @@ impl LiveBuffer {
         }
     }
 
-    pub fn push(&self, batch: RecordBatch) {
-        if batch.num_rows() == 0 {
+    pub fn push(&self, batches: impl IntoIterator<Item = RecordBatch>) {
+        // Sized before the lock: snapshots wait on it.
+        let batches: Vec<(RecordBatch, usize)> = (batches.into_iter())
+            .filter(|b| b.num_rows() > 0)
+            .map(|b| {
+                let bytes = funnelhouse_schemas::batch_memory_size(&b);
+                (b, bytes)
+            })
+            .collect();
+        if batches.is_empty() {
             return;
         }
-        // Counted before the lock: snapshots wait on it.
-        let bytes = funnelhouse_schemas::batch_memory_size(&batch);
         let mut s = self.state.write().expect("buffer lock");
-        s.active_bytes += bytes;
-        s.active_rows += batch.num_rows();
         s.active_since.get_or_insert_with(Instant::now);
-        s.active.push(batch);
-        s.pushed += 1;
+        for (batch, bytes) in batches {
+            s.active_bytes += bytes;
+            s.active_rows += batch.num_rows();
+            s.active.push(batch);
+            s.pushed += 1;
+        }
         self.publish(&s);
     }
 

@@ -1,8 +1,10 @@
 //! The event store: the write path from validated events to durable, queryable rows.
 //!
-//! - One writer thread takes write requests in groups (group commit): it drops duplicates
-//!   against the dedup index, appends the group's events to the WAL as one record, fsyncs,
-//!   puts them into the live buffer as one Arrow batch and only then answers the requests.
+//! - Each write request's task encodes its events for the WAL, builds their Arrow batch
+//!   and hashes their ids; one writer thread takes the requests in groups (group commit):
+//!   it drops duplicates against the dedup index, appends the group's events to the WAL
+//!   as one record, fsyncs, puts the requests' batches into the live buffer and only then
+//!   answers the requests.
 //! - When the live buffer is large or old enough, the writer rotates the WAL and hands the
 //!   sealed batches to the flusher thread, which writes sorted Parquet files, the dedup ids
 //!   file and a new manifest (the commit), swaps files and buffer for readers, and deletes
@@ -21,7 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use arrow::array::{AsArray, RecordBatch};
+use arrow::array::{AsArray, BooleanArray, RecordBatch};
+use arrow::compute::filter_record_batch;
 use arrow::datatypes::TimestampMicrosecondType;
 use funnelhouse_schemas::arrow::col;
 use funnelhouse_schemas::time::now_micros;
@@ -39,7 +42,7 @@ use crate::manifest::{FileMeta, Manifest};
 use crate::metrics::{StoreMetrics, add_duration};
 use crate::parquet_file::write_partitioned;
 use crate::shared::{Published, SeenLists, SharedReader, SharedStore};
-use crate::wal::{Wal, encode_events};
+use crate::wal::{EncodedEvents, RecordPayload, Wal};
 
 /// How one write request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -48,8 +51,16 @@ pub struct WriteOutcome {
     pub duplicates: usize,
 }
 
+/// A request's events, made ready for the WAL writer by the request's own task (on one
+/// of the runtime's threads, in parallel): one writer thread takes every commit in turn,
+/// so what it does per event bounds ingest and adds to every ack's wait.
 struct WriteRequest {
-    events: Vec<Event>,
+    /// The events' id hashes, for the dedup index.
+    hashes: Vec<u128>,
+    /// The events as they go into a WAL record.
+    encoded: EncodedEvents,
+    /// The events as they go into the live buffer.
+    batch: RecordBatch,
     received_at: i64,
     reply: oneshot::Sender<Result<WriteOutcome>>,
 }
@@ -211,7 +222,7 @@ impl EventStore {
                     .collect();
                 let received_at = events.first().map_or(0, |e| e.received_at);
                 dedup.record(received_at, fresh.len());
-                buffer.push(events_to_batch(fresh));
+                buffer.push([events_to_batch(fresh)]);
             },
         )?;
         report.replayed_events = stats.events;
@@ -232,7 +243,7 @@ impl EventStore {
             flush_tx,
             flush_bytes: cfg.flush_bytes.0,
             flush_interval: cfg.flush_interval,
-            payload: Vec::new(),
+            payload: RecordPayload::default(),
         };
         let stopping = Arc::new(AtomicBool::new(false));
         let manifest = Arc::new(Mutex::new(manifest));
@@ -426,11 +437,16 @@ impl EventStore {
             return Ok(WriteOutcome::default());
         }
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Write(WriteRequest {
-            events,
+        let request = WriteRequest {
+            hashes: events.iter().map(|e| id_hash(e.event_id())).collect(),
+            encoded: EncodedEvents::new(&events),
+            batch: events_to_batch(&events),
             received_at,
             reply,
-        }))?;
+        };
+        // Freed here, on the thread that made them, not on the writer's.
+        drop(events);
+        self.send(Command::Write(request))?;
         rx.await.map_err(|_| StorageError::ShuttingDown)?
     }
 
@@ -488,9 +504,8 @@ struct Writer {
     flush_tx: Sender<FlushJob>,
     flush_bytes: usize,
     flush_interval: Duration,
-    /// The WAL record being built, kept between commits: a fresh megabyte per commit is
-    /// fresh memory for the OS to fault in.
-    payload: Vec<u8>,
+    /// The WAL record being built, kept between commits.
+    payload: RecordPayload,
 }
 
 /// Flushes and compactions are background work that takes a core for seconds; on a
@@ -554,46 +569,33 @@ impl Writer {
         }
     }
 
-    /// Dedup, one WAL record + fsync for the whole group, one batch into the buffer, reply.
+    /// Dedup, one WAL record + fsync for the whole group, the requests' batches into the
+    /// buffer, reply.
     fn commit(&mut self, writes: Vec<WriteRequest>) {
-        let hashes: Vec<u128> = (writes.iter())
-            .flat_map(|w| &w.events)
-            .map(|e| id_hash(e.event_id()))
-            .collect();
-        self.dedup.warm(&hashes);
-        let mut hashes = hashes.into_iter();
-        let mut fresh: Vec<&Event> = Vec::with_capacity(hashes.len());
-        // Events of each request new to the dedup index (pending in it until durable).
-        let mut per_request = Vec::with_capacity(writes.len());
         for w in &writes {
-            let before = fresh.len();
-            for (e, hash) in w.events.iter().zip(hashes.by_ref()) {
-                if self.dedup.insert(hash) {
-                    fresh.push(e);
-                }
-            }
-            per_request.push(fresh.len() - before);
+            self.dedup.warm(&w.hashes);
         }
-        let outcome = |w: &WriteRequest, accepted: usize| WriteOutcome {
-            accepted,
-            duplicates: w.events.len() - accepted,
-        };
-        if fresh.is_empty() {
-            for (w, accepted) in writes.into_iter().zip(per_request) {
-                let result = outcome(&w, accepted);
-                let _ = w.reply.send(Ok(result));
+        // Which events of each request are new to the dedup index (pending in it until
+        // durable): `None` for all of them, the common case.
+        let mut fresh: Vec<(usize, Option<Vec<bool>>)> = Vec::with_capacity(writes.len());
+        for w in &writes {
+            let keep: Vec<bool> = w.hashes.iter().map(|&h| self.dedup.insert(h)).collect();
+            let accepted = keep.iter().filter(|k| **k).count();
+            fresh.push((accepted, (accepted < keep.len()).then_some(keep)));
+        }
+        if fresh.iter().all(|(accepted, _)| *accepted == 0) {
+            for (w, (accepted, _)) in writes.into_iter().zip(fresh) {
+                self.answer(w, accepted);
             }
             return;
         }
-        /// Past this a record's buffer is not kept for the next commit.
-        const KEEP_PAYLOAD: usize = 16 << 20;
-        if self.payload.capacity() > KEEP_PAYLOAD {
-            self.payload = Vec::new();
+        self.payload.clear();
+        for (w, (accepted, keep)) in writes.iter().zip(&fresh) {
+            if *accepted > 0 {
+                self.payload.extend(&w.encoded, keep.as_deref());
+            }
         }
-        let payload = &mut self.payload;
-        payload.clear();
-        payload.reserve(fresh.iter().map(|e| e.heap_bytes() + 64).sum());
-        encode_events(fresh.iter().copied(), payload);
+        let payload = self.payload.finish();
         match self.wal.append(payload) {
             Ok(fsync) => {
                 add_duration(
@@ -604,17 +606,20 @@ impl Writer {
                 self.metrics
                     .wal_bytes
                     .fetch_add(payload.len() as u64, Relaxed);
-                self.buffer.push(events_to_batch(fresh));
-                for (w, accepted) in writes.into_iter().zip(per_request) {
-                    let result = outcome(&w, accepted);
-                    self.metrics
-                        .accepted
-                        .fetch_add(result.accepted as u64, Relaxed);
-                    self.metrics
-                        .duplicates
-                        .fetch_add(result.duplicates as u64, Relaxed);
-                    self.dedup.record(w.received_at, accepted);
-                    let _ = w.reply.send(Ok(result));
+                let batches = writes
+                    .iter()
+                    .zip(&fresh)
+                    .filter_map(|(w, (accepted, keep))| match keep {
+                        _ if *accepted == 0 => None,
+                        None => Some(w.batch.clone()),
+                        Some(keep) => Some(
+                            filter_record_batch(&w.batch, &BooleanArray::from(keep.clone()))
+                                .expect("a mask as long as the batch"),
+                        ),
+                    });
+                self.buffer.push(batches);
+                for (w, (accepted, _)) in writes.into_iter().zip(fresh) {
+                    self.answer(w, accepted);
                 }
             }
             Err(e) => {
@@ -628,6 +633,22 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// A request's `accepted` events are durable (its others were duplicates).
+    fn answer(&mut self, w: WriteRequest, accepted: usize) {
+        let result = WriteOutcome {
+            accepted,
+            duplicates: w.hashes.len() - accepted,
+        };
+        self.metrics
+            .accepted
+            .fetch_add(result.accepted as u64, Relaxed);
+        self.metrics
+            .duplicates
+            .fetch_add(result.duplicates as u64, Relaxed);
+        self.dedup.record(w.received_at, accepted);
+        let _ = w.reply.send(Ok(result));
     }
 
     /// Seal the active batches under the current WAL segment and queue their flush.

@@ -208,6 +208,45 @@ async fn dedup_survives_a_graceful_restart_and_a_crash() {
     drop(keep);
 }
 
+/// Requests reach the WAL writer encoded and built into batches; of one with some
+/// duplicates (earlier ids and a repeat within it) only the new events go into the WAL
+/// record and the live buffer, and every duplicate is counted.
+#[tokio::test]
+async fn only_the_new_events_of_a_request_with_duplicates_are_stored() {
+    let server = TestServer::start(config()).await;
+    server.post_json(&batch("id", 10)).await;
+    let mut mixed = batch("id", 15);
+    let mixed_events = mixed.as_array_mut().unwrap();
+    mixed_events.drain(..5);
+    mixed_events.push(event("id-14"));
+    mixed_events.push(event("id-3"));
+    let reply = server.post_json(&mixed).await;
+    assert_eq!(reply.json["accepted"], 5, "{}", reply.json);
+    assert_eq!(reply.json["duplicates"], 7, "{}", reply.json);
+    let mut expected: Vec<String> = (0..15).map(|i| format!("id-{i}")).collect();
+    expected.sort();
+    assert_eq!(ids(&server.rows()), expected, "the live buffer");
+    let wal = funnelhouse_storage::wal::Wal::read_unflushed(&server.dir.join("wal"), 0).unwrap();
+    let mut in_wal: Vec<String> = wal
+        .iter()
+        .flatten()
+        .map(|e| e.event_id().to_string())
+        .collect();
+    in_wal.sort();
+    assert_eq!(in_wal, expected, "the WAL records");
+    // A resend of nothing new is answered without a record, and counted too.
+    let reply = server.post_json(&mixed).await;
+    assert_eq!(reply.json["duplicates"], 12, "{}", reply.json);
+    assert_eq!(
+        server
+            .store
+            .metrics()
+            .duplicates
+            .load(std::sync::atomic::Ordering::Relaxed),
+        19
+    );
+}
+
 #[tokio::test]
 async fn files_of_an_uncommitted_flush_are_removed_and_their_events_replayed() {
     let server = TestServer::start(config()).await;
