@@ -219,6 +219,8 @@ async fn post_events(
     let (bytes, _admission) = read_admitted(store, &headers, body, &state).await?;
     let received_at = now_micros();
     let decoded = decode_body(&bytes, format, &state.decode_context(received_at))?;
+    // The events are copies: the body's memory is not needed while they wait for the WAL.
+    drop(bytes);
     Ok(Json(ingest(&state, store, decoded, received_at).await?))
 }
 
@@ -251,6 +253,7 @@ async fn post_segment(
         .metrics
         .segment_long_names
         .fetch_add(segment.long_names as u64, Relaxed);
+    drop(bytes);
     let counts = ingest(&state, store, segment.decoded, received_at).await?;
     Ok(Json(SegmentResponse {
         success: true,

@@ -70,7 +70,7 @@ const BUFFER_MAX: usize = u32::MAX as usize;
 /// The string columns share their data: strings longer than a view's 12 inline bytes are
 /// copied once into one buffer sized for the whole batch, and every string column's
 /// views point into it. Per-column builders grow a chain of doubling blocks each, ~40
-/// allocations per group commit and up to half of each last block unused; a live buffer
+/// allocations per batch and up to half of each last block unused; a live buffer
 /// holding hundreds of thousands of rows is the collector's largest memory, and on small
 /// machines fresh memory is the costliest part of ingest (benches/README.md). Use
 /// [`batch_memory_size`] to measure such batches: shared buffers count once.

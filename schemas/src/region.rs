@@ -10,8 +10,9 @@
 //! the kernel's warm free lists instead, but the kernel still zeroes each on first touch
 //! (9% of the server's samples at peak): so batches are packed into 4 MiB blocks, and a
 //! block whose batches are all flushed and dropped is kept for the next ones, its pages
-//! already in place, up to a flush's worth ([`keep_freed`]). Small batches stay on the
-//! heap.
+//! already in place, up to a flush's worth ([`keep_freed`]). Small batches (under 64 KiB:
+//! the store builds the events of small requests into one batch per group commit) stay
+//! on the heap.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -145,6 +146,8 @@ mod linux {
         if len < MIN_REGION {
             return None;
         }
+        // A block made while another thread installed one; dropped (into FREE) after the lock.
+        let mut spare = None;
         let (region, start) = if len > BLOCK {
             (Arc::new(map(len)?), 0)
         } else {
@@ -162,6 +165,8 @@ mod linux {
                 current = lock();
                 if full(&current) {
                     *current = Some((fresh, 0));
+                } else {
+                    spare = Some(fresh);
                 }
             }
             let (region, used) = current.as_mut().expect("a block with room");
@@ -184,6 +189,7 @@ mod linux {
         // SAFETY: the range is valid for `len` bytes for as long as `region` lives, and
         // the buffer (and every slice of it) holds `region`.
         let whole = unsafe { Buffer::from_custom_allocation(ptr, len, region) };
+        drop(spare);
         Some(
             spans
                 .into_iter()
@@ -196,6 +202,35 @@ mod linux {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::copy_to_region;
+
+    /// Batches are built on several threads at once: none gets a range another has.
+    #[test]
+    fn threads_copying_at_once_get_ranges_of_their_own() {
+        let threads: Vec<_> = (0..4u8)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    (0..60u8)
+                        .map(|i| {
+                            let fill = t.wrapping_mul(61).wrapping_add(i);
+                            let part = vec![fill; 150_000 + usize::from(i) * 1_000];
+                            (copy_to_region(&[&part]).expect("a region"), part)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let copies: Vec<_> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        for (buffers, part) in &copies {
+            assert_eq!(
+                buffers[0].as_slice(),
+                part.as_slice(),
+                "another thread wrote here"
+            );
+        }
+    }
 
     #[test]
     fn packed_batches_keep_their_bytes_while_blocks_are_freed_and_reused() {

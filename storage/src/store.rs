@@ -24,6 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use arrow::array::{AsArray, BooleanArray, RecordBatch};
+use arrow::buffer::BooleanBuffer;
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::TimestampMicrosecondType;
 use funnelhouse_schemas::arrow::col;
@@ -60,9 +61,21 @@ struct WriteRequest {
     /// The events as they go into a WAL record.
     encoded: EncodedEvents,
     /// The events as they go into the live buffer.
-    batch: RecordBatch,
+    rows: Rows,
     received_at: i64,
     reply: oneshot::Sender<Result<WriteOutcome>>,
+}
+
+/// Requests of fewer events than this go into the live buffer in one batch with the rest
+/// of their group, built by the writer: an SDK's handful of events or a scan link's one
+/// would otherwise each be a batch, and every query's snapshot takes every batch.
+const OWN_BATCH_ROWS: usize = 256;
+
+enum Rows {
+    /// The request's own batch.
+    Batch(RecordBatch),
+    /// A small request's events (see [`OWN_BATCH_ROWS`]).
+    Events(Vec<Event>),
 }
 
 enum Command {
@@ -437,16 +450,21 @@ impl EventStore {
             return Ok(WriteOutcome::default());
         }
         let (reply, rx) = oneshot::channel();
-        let request = WriteRequest {
-            hashes: events.iter().map(|e| id_hash(e.event_id())).collect(),
-            encoded: EncodedEvents::new(&events),
-            batch: events_to_batch(&events),
+        let hashes = events.iter().map(|e| id_hash(e.event_id())).collect();
+        let encoded = EncodedEvents::new(&events);
+        let rows = if events.len() >= OWN_BATCH_ROWS {
+            // The events are freed here, on the thread that made them.
+            Rows::Batch(events_to_batch(&events))
+        } else {
+            Rows::Events(events)
+        };
+        self.send(Command::Write(WriteRequest {
+            hashes,
+            encoded,
+            rows,
             received_at,
             reply,
-        };
-        // Freed here, on the thread that made them, not on the writer's.
-        drop(events);
-        self.send(Command::Write(request))?;
+        }))?;
         rx.await.map_err(|_| StorageError::ShuttingDown)?
     }
 
@@ -575,27 +593,20 @@ impl Writer {
         for w in &writes {
             self.dedup.warm(&w.hashes);
         }
-        // Which events of each request are new to the dedup index (pending in it until
-        // durable): `None` for all of them, the common case.
-        let mut fresh: Vec<(usize, Option<Vec<bool>>)> = Vec::with_capacity(writes.len());
-        for w in &writes {
-            let keep: Vec<bool> = w.hashes.iter().map(|&h| self.dedup.insert(h)).collect();
-            let accepted = keep.iter().filter(|k| **k).count();
-            fresh.push((accepted, (accepted < keep.len()).then_some(keep)));
-        }
+        // How many events of each request are new to the dedup index (pending in it until
+        // durable), and which when not all of them are.
+        let fresh: Vec<(usize, Option<Vec<bool>>)> =
+            writes.iter().map(|w| self.insert_ids(&w.hashes)).collect();
         if fresh.iter().all(|(accepted, _)| *accepted == 0) {
             for (w, (accepted, _)) in writes.into_iter().zip(fresh) {
                 self.answer(w, accepted);
             }
             return;
         }
-        self.payload.clear();
-        for (w, (accepted, keep)) in writes.iter().zip(&fresh) {
-            if *accepted > 0 {
-                self.payload.extend(&w.encoded, keep.as_deref());
-            }
-        }
-        let payload = self.payload.finish();
+        let parts = (writes.iter().zip(&fresh))
+            .filter(|(_, (accepted, _))| *accepted > 0)
+            .map(|(w, (_, keep))| (&w.encoded, keep.as_deref()));
+        let payload = self.payload.build(parts);
         match self.wal.append(payload) {
             Ok(fsync) => {
                 add_duration(
@@ -606,18 +617,7 @@ impl Writer {
                 self.metrics
                     .wal_bytes
                     .fetch_add(payload.len() as u64, Relaxed);
-                let batches = writes
-                    .iter()
-                    .zip(&fresh)
-                    .filter_map(|(w, (accepted, keep))| match keep {
-                        _ if *accepted == 0 => None,
-                        None => Some(w.batch.clone()),
-                        Some(keep) => Some(
-                            filter_record_batch(&w.batch, &BooleanArray::from(keep.clone()))
-                                .expect("a mask as long as the batch"),
-                        ),
-                    });
-                self.buffer.push(batches);
+                self.buffer.push(fresh_batches(&writes, &fresh));
                 for (w, (accepted, _)) in writes.into_iter().zip(fresh) {
                     self.answer(w, accepted);
                 }
@@ -633,6 +633,27 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Insert a request's ids: how many were new, and which (`None`: all of them).
+    fn insert_ids(&mut self, hashes: &[u128]) -> (usize, Option<Vec<bool>>) {
+        let mut keep: Option<Vec<bool>> = None;
+        for (i, &h) in hashes.iter().enumerate() {
+            let new = self.dedup.insert(h);
+            match &mut keep {
+                Some(keep) => keep.push(new),
+                None if !new => {
+                    let mut mask = vec![true; i];
+                    mask.push(false);
+                    keep = Some(mask);
+                }
+                None => {}
+            }
+        }
+        let accepted = keep
+            .as_ref()
+            .map_or(hashes.len(), |k| k.iter().filter(|k| **k).count());
+        (accepted, keep)
     }
 
     /// A request's `accepted` events are durable (its others were duplicates).
@@ -678,6 +699,42 @@ impl Writer {
         };
         let _ = self.flush_tx.send(job);
     }
+}
+
+/// The live-buffer batches of a committed group: each large request's own batch (less
+/// its duplicates), and the new events of the small ones built into one.
+fn fresh_batches(
+    writes: &[WriteRequest],
+    fresh: &[(usize, Option<Vec<bool>>)],
+) -> Vec<RecordBatch> {
+    let mut batches = Vec::new();
+    let mut small: Vec<&Event> = Vec::new();
+    for (w, (accepted, keep)) in writes.iter().zip(fresh) {
+        let kept = |i: usize| keep.as_ref().is_none_or(|k| k[i]);
+        match &w.rows {
+            _ if *accepted == 0 => {}
+            Rows::Batch(batch) => batches.push(match keep {
+                None => batch.clone(),
+                Some(keep) => {
+                    let mask = BooleanArray::new(BooleanBuffer::from(keep.as_slice()), None);
+                    filter_record_batch(batch, &mask).expect("a mask as long as the batch")
+                }
+            }),
+            Rows::Events(events) => {
+                small.extend(
+                    events
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| kept(*i))
+                        .map(|(_, e)| e),
+                );
+            }
+        }
+    }
+    if !small.is_empty() {
+        batches.push(events_to_batch(small));
+    }
+    batches
 }
 
 // ---- the flusher thread: Parquet, commit ----

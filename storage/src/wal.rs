@@ -577,14 +577,6 @@ impl EncodedEvents {
         out
     }
 
-    pub fn len(&self) -> usize {
-        self.ends.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
-    }
-
     /// The bytes of event `i`.
     fn event(&self, i: usize) -> &[u8] {
         let start = i.checked_sub(1).map_or(0, |p| self.ends[p]);
@@ -597,12 +589,15 @@ impl EncodedEvents {
 #[derive(Debug, Default)]
 pub struct RecordPayload {
     bytes: Vec<u8>,
-    count: u32,
 }
 
 impl RecordPayload {
-    /// Start an empty payload.
-    pub fn clear(&mut self) {
+    /// The payload of a record of `parts`: each request's events, or those of them its
+    /// mask keeps (as `encode_events` would write them).
+    pub fn build<'a>(
+        &mut self,
+        parts: impl IntoIterator<Item = (&'a EncodedEvents, Option<&'a [bool]>)>,
+    ) -> &[u8] {
         /// Past this a payload's buffer is not kept for the next record.
         const KEEP: usize = 16 << 20;
         if self.bytes.capacity() > KEEP {
@@ -610,28 +605,23 @@ impl RecordPayload {
         }
         self.bytes.clear();
         self.bytes.extend_from_slice(&[0; 4]);
-        self.count = 0;
-    }
-
-    /// Add `events`, or those of them `keep` marks.
-    pub fn extend(&mut self, events: &EncodedEvents, keep: Option<&[bool]>) {
-        match keep {
-            None => {
-                self.bytes.extend_from_slice(&events.bytes);
-                self.count += events.len() as u32;
-            }
-            Some(keep) => {
-                for (i, _) in keep.iter().enumerate().filter(|(_, k)| **k) {
-                    self.bytes.extend_from_slice(events.event(i));
-                    self.count += 1;
+        let mut count = 0u32;
+        for (events, keep) in parts {
+            match keep {
+                None => {
+                    self.bytes.extend_from_slice(&events.bytes);
+                    count += events.ends.len() as u32;
+                }
+                Some(keep) => {
+                    debug_assert_eq!(keep.len(), events.ends.len());
+                    for (i, _) in keep.iter().enumerate().filter(|(_, k)| **k) {
+                        self.bytes.extend_from_slice(events.event(i));
+                        count += 1;
+                    }
                 }
             }
         }
-    }
-
-    /// The record payload: the events' count, then the events.
-    pub fn finish(&mut self) -> &[u8] {
-        self.bytes[..4].copy_from_slice(&self.count.to_le_bytes());
+        self.bytes[..4].copy_from_slice(&count.to_le_bytes());
         &self.bytes
     }
 }
@@ -712,6 +702,32 @@ mod tests {
             received_at: 2,
             properties: props,
         })
+    }
+
+    /// A record built from requests' encoded events, some left out by a mask, is the
+    /// record `encode_events` writes of the kept events, and decodes back to them.
+    #[test]
+    fn a_record_of_encoded_requests_is_the_record_of_their_kept_events() {
+        let first = [event("a", None), event("b", Some("{\"x\":1}"))];
+        let second = [
+            event("c", Some("")),
+            event("d", None),
+            event("e", Some("{}")),
+        ];
+        let (enc1, enc2) = (EncodedEvents::new(&first), EncodedEvents::new(&second));
+        let mut payload = RecordPayload::default();
+        let keep = [true, false, true];
+        let built = payload
+            .build([(&enc1, None), (&enc2, Some(&keep[..]))])
+            .to_vec();
+        let kept = [&first[0], &first[1], &second[0], &second[2]];
+        let mut expected = Vec::new();
+        encode_events(kept.into_iter(), &mut expected);
+        assert_eq!(built, expected);
+        assert_eq!(decode_events(&built).unwrap(), kept.map(Clone::clone));
+        // The buffer is reused: a second record holds only its own events.
+        let again = payload.build([(&enc2, None)]).to_vec();
+        assert_eq!(decode_events(&again).unwrap(), second);
     }
 
     #[test]
