@@ -3,7 +3,7 @@
 #   benches/ab_ingest.sh OLD_BINARY NEW_BINARY [ROUNDS] [EVENTS]    default 3 rounds, 2,000,000 events
 # Each round runs OLD then NEW, each a fresh server on a fresh data dir taking EVENTS events
 # of benches/out/events.ndjson (written by run_ingest.sh, or generated here; keep EVENTS
-# at most its size) from 8 clients
+# at most its size) from 8 clients (CLIENTS=N for N)
 # posting 500-event batches; with RATE=N the clients offer N events/s (the half-load
 # latency run). Prints events/s and p99 from the load tool, and the server's CPU seconds
 # (user + sys, final flush included). This VM's speed drifts by 25% within minutes
@@ -21,7 +21,7 @@ for round in $(seq 1 "$ROUNDS"); do
     if [ "$name" = old ]; then server=$OLD; else server=$NEW; fi
     SERVER_BIN=$server start_server "$OUT/data-ab"
     trap 'kill "$SERVER_PID" 2>/dev/null' EXIT
-    report=$("$BIN/load" --url "$URL" --file "$OUT/events.ndjson" --batch 500 --clients 8 \
+    report=$("$BIN/load" --url "$URL" --file "$OUT/events.ndjson" --batch 500 --clients "${CLIENTS:-8}" \
       --limit "$EVENTS" ${RATE:+--rate "$RATE"} | grep -oE '"events_per_sec":[0-9]+|"p99_ms":[0-9.]+' | tr '\n' ' ')
     kill -TERM "$SERVER_PID"
     # utime + stime of the server, read until it exits
