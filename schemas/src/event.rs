@@ -2,10 +2,9 @@
 
 /// One accepted event. Timestamps are microseconds since the Unix epoch, UTC.
 ///
-/// Its six strings share one allocation: six allocations per event (made on a collector
-/// worker, then freed on the WAL writer) were most of the allocator's ~9% of the server's
-/// samples at peak ingest; one takes a fifth off decoding and batch building
-/// (benches/README.md). Make one from an [`EventRef`].
+/// Its six strings share one allocation: six allocations per event were most of the
+/// allocator's ~9% of the server's samples at peak ingest; one takes a fifth off
+/// decoding and batch building (benches/README.md). Make one from an [`EventRef`].
 #[derive(Clone, PartialEq, Eq)]
 pub struct Event {
     /// event_id, event, user_id, campaign, channel and properties, one after another.

@@ -593,19 +593,17 @@ impl Writer {
         for w in &writes {
             self.dedup.warm(&w.hashes);
         }
-        // How many events of each request are new to the dedup index (pending in it until
-        // durable), and which when not all of them are.
-        let fresh: Vec<(usize, Option<Vec<bool>>)> =
-            writes.iter().map(|w| self.insert_ids(&w.hashes)).collect();
-        if fresh.iter().all(|(accepted, _)| *accepted == 0) {
-            for (w, (accepted, _)) in writes.into_iter().zip(fresh) {
-                self.answer(w, accepted);
+        // Each request's events new to the dedup index (pending in it until durable).
+        let fresh: Vec<NewIds> = writes.iter().map(|w| self.insert_ids(&w.hashes)).collect();
+        if fresh.iter().all(|n| n.count == 0) {
+            for (w, n) in writes.into_iter().zip(fresh) {
+                self.answer(w, n.count);
             }
             return;
         }
         let parts = (writes.iter().zip(&fresh))
-            .filter(|(_, (accepted, _))| *accepted > 0)
-            .map(|(w, (_, keep))| (&w.encoded, keep.as_deref()));
+            .filter(|(_, n)| n.count > 0)
+            .map(|(w, n)| (&w.encoded, n.mask.as_deref()));
         let payload = self.payload.build(parts);
         match self.wal.append(payload) {
             Ok(fsync) => {
@@ -618,8 +616,8 @@ impl Writer {
                     .wal_bytes
                     .fetch_add(payload.len() as u64, Relaxed);
                 self.buffer.push(fresh_batches(&writes, &fresh));
-                for (w, (accepted, _)) in writes.into_iter().zip(fresh) {
-                    self.answer(w, accepted);
+                for (w, n) in writes.into_iter().zip(fresh) {
+                    self.answer(w, n.count);
                 }
             }
             Err(e) => {
@@ -635,25 +633,23 @@ impl Writer {
         }
     }
 
-    /// Insert a request's ids: how many were new, and which (`None`: all of them).
-    fn insert_ids(&mut self, hashes: &[u128]) -> (usize, Option<Vec<bool>>) {
-        let mut keep: Option<Vec<bool>> = None;
+    /// Insert a request's ids into the dedup index.
+    fn insert_ids(&mut self, hashes: &[u128]) -> NewIds {
+        let mut mask: Option<Vec<bool>> = None;
         for (i, &h) in hashes.iter().enumerate() {
             let new = self.dedup.insert(h);
-            match &mut keep {
-                Some(keep) => keep.push(new),
+            match &mut mask {
+                Some(mask) => mask.push(new),
                 None if !new => {
-                    let mut mask = vec![true; i];
-                    mask.push(false);
-                    keep = Some(mask);
+                    let mut m = vec![true; i];
+                    m.push(false);
+                    mask = Some(m);
                 }
                 None => {}
             }
         }
-        let accepted = keep
-            .as_ref()
-            .map_or(hashes.len(), |k| k.iter().filter(|k| **k).count());
-        (accepted, keep)
+        let count = (mask.as_ref()).map_or(hashes.len(), |m| m.iter().filter(|k| **k).count());
+        NewIds { count, mask }
     }
 
     /// A request's `accepted` events are durable (its others were duplicates).
@@ -701,31 +697,35 @@ impl Writer {
     }
 }
 
+/// Which events of a request were new to the dedup index.
+struct NewIds {
+    count: usize,
+    /// One flag per event; `None` when all were new (the common case: no mask is made).
+    mask: Option<Vec<bool>>,
+}
+
+impl NewIds {
+    fn is_new(&self, i: usize) -> bool {
+        self.mask.as_ref().is_none_or(|m| m[i])
+    }
+}
+
 /// The live-buffer batches of a committed group: each large request's own batch (less
 /// its duplicates), and the new events of the small ones built into one.
-fn fresh_batches(
-    writes: &[WriteRequest],
-    fresh: &[(usize, Option<Vec<bool>>)],
-) -> Vec<RecordBatch> {
+fn fresh_batches(writes: &[WriteRequest], fresh: &[NewIds]) -> Vec<RecordBatch> {
     let mut batches = Vec::new();
     let mut small: Vec<&Event> = Vec::new();
-    for (w, (accepted, keep)) in writes.iter().zip(fresh) {
-        let kept = |i: usize| keep.as_ref().is_none_or(|k| k[i]);
-        match &w.rows {
-            _ if *accepted == 0 => {}
-            Rows::Batch(batch) => batches.push(match keep {
-                None => batch.clone(),
-                Some(keep) => {
-                    let mask = BooleanArray::new(BooleanBuffer::from(keep.as_slice()), None);
-                    filter_record_batch(batch, &mask).expect("a mask as long as the batch")
-                }
-            }),
-            Rows::Events(events) => {
+    for (w, new) in writes.iter().zip(fresh).filter(|(_, n)| n.count > 0) {
+        match (&w.rows, &new.mask) {
+            (Rows::Batch(batch), None) => batches.push(batch.clone()),
+            (Rows::Batch(batch), Some(mask)) => {
+                let mask = BooleanArray::new(BooleanBuffer::from(mask.as_slice()), None);
+                batches.push(filter_record_batch(batch, &mask).expect("a mask per row"));
+            }
+            (Rows::Events(events), _) => {
                 small.extend(
-                    events
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, _)| kept(*i))
+                    (events.iter().enumerate())
+                        .filter(|(i, _)| new.is_new(*i))
                         .map(|(_, e)| e),
                 );
             }

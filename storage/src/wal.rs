@@ -557,7 +557,7 @@ fn encode_event(e: &Event, out: &mut Vec<u8>) {
 /// One request's events encoded as they go into a record, by the request's own task, so
 /// that the WAL writer only copies bytes; where each event ends lets it leave duplicates
 /// out without decoding anything.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EncodedEvents {
     bytes: Vec<u8>,
     ends: Vec<usize>,
@@ -565,7 +565,8 @@ pub struct EncodedEvents {
 
 impl EncodedEvents {
     pub fn new(events: &[Event]) -> Self {
-        let size = events.iter().map(|e| e.heap_bytes() + 40).sum();
+        // Each event: its text, six u32 lengths (or the no-properties mark), two i64 times.
+        let size = events.iter().map(|e| e.heap_bytes() + 6 * 4 + 2 * 8).sum();
         let mut out = EncodedEvents {
             bytes: Vec::with_capacity(size),
             ends: Vec::with_capacity(events.len()),
