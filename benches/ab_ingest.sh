@@ -5,9 +5,10 @@
 # of benches/out/events.ndjson (written by run_ingest.sh, or generated here; keep EVENTS
 # at most its size) from 8 clients (CLIENTS=N for N)
 # posting 500-event batches; with RATE=N the clients offer N events/s (the half-load
-# latency run). Prints events/s and p99 from the load tool, and the server's CPU seconds
-# (user + sys, final flush included). This VM's speed drifts by 25% within minutes
-# (benches/README.md): compare pairs and medians, not single runs.
+# latency run). Prints events/s and p99 from the load tool, the server's CPU seconds
+# (user + sys, final flush included) and its mean WAL fsync time (from /metrics). This
+# VM's speed drifts by 25% within minutes (benches/README.md): compare pairs and
+# medians, not single runs.
 set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: benches/ab_ingest.sh OLD_BINARY NEW_BINARY [ROUNDS] [EVENTS]" >&2; exit 2; }
 OLD="$(realpath "$1")"
@@ -20,9 +21,11 @@ for round in $(seq 1 "$ROUNDS"); do
   for name in old new; do
     if [ "$name" = old ]; then server=$OLD; else server=$NEW; fi
     SERVER_BIN=$server start_server "$OUT/data-ab"
-    trap 'kill "$SERVER_PID" 2>/dev/null' EXIT
+    trap 'kill "$SERVER_PID" 2>/dev/null || true' EXIT
     report=$("$BIN/load" --url "$URL" --file "$OUT/events.ndjson" --batch 500 --clients "${CLIENTS:-8}" \
       --limit "$EVENTS" ${RATE:+--rate "$RATE"} | grep -oE '"events_per_sec":[0-9]+|"p99_ms":[0-9.]+' | tr '\n' ' ')
+    fsync=$(curl -sf "$URL/metrics" | awk '/^funnelhouse_wal_fsync_seconds_sum/ {s=$2} /^funnelhouse_wal_fsync_seconds_count/ {n=$2}
+      END {if (n > 0) printf "fsync_mean_ms=%.3f fsyncs=%d", 1000 * s / n, n}')
     kill -TERM "$SERVER_PID"
     # utime + stime of the server, read until it exits
     cpu=""
@@ -30,6 +33,6 @@ for round in $(seq 1 "$ROUNDS"); do
       c=$(awk '{print ($14 + $15) / 100}' "/proc/$SERVER_PID/stat" 2>/dev/null) && [ -n "$c" ] && cpu=$c
       sleep 0.05
     done
-    echo "$name round $round: $report cpu_s=$cpu"
+    echo "$name round $round: $report cpu_s=$cpu $fsync"
   done
 done
