@@ -8,7 +8,10 @@
 # latency run). Prints events/s and p99 from the load tool, the server's CPU seconds
 # (user + sys, final flush included) and its mean WAL fsync time (from /metrics). This
 # VM's speed drifts by 25% within minutes (benches/README.md): compare pairs and
-# medians, not single runs.
+# medians, not single runs. NEW is usually this checkout's build (made at the start);
+# build OLD in another worktree and copy its binary out, then `touch` the files this
+# checkout changes: cargo keeps the other worktree's artifacts for sources older than
+# them, and the A/B becomes an A/A.
 set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: benches/ab_ingest.sh OLD_BINARY NEW_BINARY [ROUNDS] [EVENTS]" >&2; exit 2; }
 OLD="$(realpath "$1")"
