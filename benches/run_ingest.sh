@@ -23,12 +23,26 @@ source "$(dirname "$0")/common.sh"
 rm -f "$OUT"/ingest-anchors.json "$OUT"/ingest-peak-*.json
 
 # load_run NAME ARGS...: a fresh server takes the file; the report is $OUT/ingest-NAME.json.
+# The report also gets flush_seconds, SIGTERM to exit (the live buffer's last flush), and
+# to_parquet_per_sec: events over load plus that flush, all of them in Parquet as with
+# the anchors (the ack rate counts events durable in the WAL, some not yet in Parquet).
 load_run() {
   local name=$1
   shift
   start_server "$OUT/data-$name"
-  "$BIN/load" --url "$URL" --file "$OUT/events.ndjson" --batch 500 "$@" | tee "$OUT/ingest-$name.json"
+  "$BIN/load" --url "$URL" --file "$OUT/events.ndjson" --batch 500 "$@" > "$OUT/ingest-$name.json"
+  local stop_start
+  stop_start=$(date +%s.%N)
   stop_server
+  "$VENV/bin/python" - "$OUT/ingest-$name.json" "$stop_start" "$(date +%s.%N)" <<'PY'
+import json, sys
+path, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+r = json.load(open(path))
+r["flush_seconds"] = end - start
+r["to_parquet_per_sec"] = r["events"] / (r["seconds"] + r["flush_seconds"])
+json.dump(r, open(path, "w"))
+print(json.dumps(r))
+PY
 }
 
 for round in $(seq 1 "$ROUNDS"); do
@@ -79,6 +93,9 @@ median = lambda rs: statistics.median(map(rate, rs))
 faster_median = max(map(median, by_engine.values()))
 print(f"\nratio peak / faster anchor: {peak / best:.2f} (target >= 1.0; best runs: {peak:,.0f} / {best:,.0f})")
 print(f"ratio at 8 clients, median of rounds / the faster anchor's median: {median(rounds) / faster_median:.2f}")
+to_parquet = [r["to_parquet_per_sec"] for r in rounds]
+print(f"8 clients until all is in Parquet (acks + the flush at stop, {' / '.join(f'{t:,.0f}' for t in to_parquet)} events/s): "
+      f"median / the faster anchor's median {statistics.median(to_parquet) / faster_median:.2f}")
 print(f"p99 at half load: {half['p99_ms']:.1f} ms (target < 25)")
 print(f"ack -> visible in SQL at half load: p50 {visible.get('visible_p50_ms', float('nan')):.1f} ms, "
       f"p99 {visible.get('visible_p99_ms', float('nan')):.1f} ms ({visible.get('visible_probes', 0)} probes)")

@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arrow::array::{AsArray, RecordBatch, TimestampMicrosecondArray};
 use arrow::compute::interleave_record_batch;
@@ -196,14 +197,17 @@ fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBat
     })
 }
 
-/// Write `batches` as one sorted file per partition under `<data_dir>/events/`.
-/// Each file is fsynced and renamed into place; committing them is the caller's step.
+/// Write `batches` as one sorted file per partition under `<data_dir>/events/`, on up
+/// to `threads` threads (a file each at a time; the files are returned in partition
+/// order all the same). Each file is fsynced and renamed into place; committing them is
+/// the caller's step.
 pub fn write_partitioned(
     disk: &dyn Disk,
     data_dir: &Path,
     batches: &[RecordBatch],
     partitioning: Partitioning,
     name_prefix: &str,
+    threads: usize,
 ) -> Result<Vec<FileMeta>> {
     let unit = match partitioning {
         Partitioning::Day => DAY_US,
@@ -215,7 +219,7 @@ pub fn write_partitioned(
     }
     let sorted = sort_batches(&batches, Some(unit))?;
     let ts = ts_column(&sorted).values();
-    let mut files = Vec::new();
+    let mut parts = Vec::new();
     let mut start = 0;
     while start < sorted.num_rows() {
         let key = ts[start].div_euclid(unit);
@@ -223,17 +227,46 @@ pub fn write_partitioned(
             .iter()
             .take_while(|t| t.div_euclid(unit) == key)
             .count();
-        let part = sorted.slice(start, len);
-        files.push(write_file(
-            disk,
-            data_dir,
-            &part,
-            &partition_of(ts[start], partitioning),
-            name_prefix,
-        )?);
+        parts.push((
+            sorted.slice(start, len),
+            partition_of(ts[start], partitioning),
+        ));
         start += len;
     }
-    Ok(files)
+    let write = |(part, partition): &(RecordBatch, String)| {
+        write_file(disk, data_dir, part, partition, name_prefix)
+    };
+    if threads < 2 || parts.len() < 2 {
+        return parts.iter().map(write).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let drain = || {
+        let mut written = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(part) = parts.get(i) else {
+                return written;
+            };
+            written.push((i, write(part)));
+        }
+    };
+    let mut written = std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads.min(parts.len()))
+            .map(|_| s.spawn(drain))
+            .collect();
+        let mut written = drain();
+        for helper in helpers {
+            written.extend(
+                helper
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            );
+        }
+        written
+    });
+    // In partition order, as written one after another.
+    written.sort_unstable_by_key(|(i, _)| *i);
+    written.into_iter().map(|(_, file)| file).collect()
 }
 
 /// Sort and write one file into `partition`.
@@ -429,5 +462,60 @@ mod tests {
             rows
         };
         assert_eq!(rows(&sorted), rows(&batch));
+    }
+
+    /// A flush over more partitions than threads (written side by side) returns one file
+    /// per partition in partition order, each holding exactly its partition's rows.
+    #[test]
+    fn a_flush_over_many_partitions_writes_each_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let days = 9;
+        let events: Vec<Event> = (0..3000)
+            .map(|i| {
+                Event::from(EventRef {
+                    event_id: &format!("e{i}"),
+                    event: "scan",
+                    user_id: &format!("u{}", i % 37),
+                    campaign: "c",
+                    channel: "",
+                    // 2026-11-01 plus a day in reverse arrival order.
+                    ts: 1_793_491_200_000_000 + (days - 1 - i % days) * DAY_US + i,
+                    received_at: 0,
+                    properties: None,
+                })
+            })
+            .collect();
+        let batches = [
+            events_to_batch(&events[..1234]),
+            events_to_batch(&events[1234..]),
+        ];
+        let disk = crate::disk::OsDisk;
+        let files =
+            write_partitioned(&disk, dir.path(), &batches, Partitioning::Day, "f1", 4).unwrap();
+        let partitions: Vec<&str> = files.iter().map(|f| f.partition.as_str()).collect();
+        let expected: Vec<String> = (1..=days).map(|d| format!("date=2026-11-{d:02}")).collect();
+        assert_eq!(partitions, expected);
+        let mut ids = Vec::new();
+        for file in &files {
+            let read = read_file(&dir.path().join(&file.path), None).unwrap();
+            let rows: usize = read.iter().map(RecordBatch::num_rows).sum();
+            assert_eq!(rows as u64, file.rows, "{}", file.path);
+            for b in &read {
+                for r in 0..b.num_rows() {
+                    let ts = ts_column(b).value(r);
+                    assert_eq!(partition_of(ts, Partitioning::Day), file.partition);
+                    ids.push(
+                        b.column(col::EVENT_ID)
+                            .as_string_view()
+                            .value(r)
+                            .to_string(),
+                    );
+                }
+            }
+        }
+        ids.sort();
+        let mut all: Vec<String> = events.iter().map(|e| e.event_id().to_string()).collect();
+        all.sort();
+        assert_eq!(ids, all);
     }
 }

@@ -151,6 +151,7 @@ pub fn engine_over_layout(
                 &[batch],
                 Partitioning::Day,
                 &format!("f{place}"),
+                1,
             )
             .unwrap(),
         );
