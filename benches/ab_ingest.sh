@@ -6,13 +6,14 @@
 # at most its size) from 8 clients (CLIENTS=N for N)
 # posting 500-event batches; with RATE=N the clients offer N events/s (the half-load
 # latency run). Prints events/s and p99 from the load tool, the server's CPU seconds
-# (user + sys, final flush included), the time from SIGTERM to exit (the last flush) with
-# the rate until all events are in Parquet (events over load plus that flush), and its
-# mean WAL fsync time (from /metrics). This VM's speed drifts by 25% within minutes
-# (benches/README.md): compare pairs and medians, not single runs. NEW is usually this
-# checkout's build (made at the start); build OLD in another worktree and copy its binary
-# out, then `touch` the files this checkout changes: cargo keeps the other worktree's
-# artifacts for sources older than them, and the A/B becomes an A/A.
+# (user + sys, final flush included), the time from the load's end to the server's exit
+# (the flushes still queued, then the last one) with the rate until all events are in
+# Parquet (events over load time plus that), and its mean WAL fsync time (from
+# /metrics). This VM's speed drifts by 25% within minutes (benches/README.md): compare
+# pairs and medians, not single runs. NEW is usually this checkout's build (made at the
+# start); build OLD in another worktree and copy its binary out, then `touch` the files
+# this checkout changes: cargo keeps the other worktree's artifacts for sources older
+# than them, and the A/B becomes an A/A.
 set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: benches/ab_ingest.sh OLD_BINARY NEW_BINARY [ROUNDS] [EVENTS]" >&2; exit 2; }
 OLD="$(realpath "$1")"
@@ -31,17 +32,18 @@ for round in $(seq 1 "$ROUNDS"); do
     report=$(grep -oE '"events_per_sec":[0-9]+|"p99_ms":[0-9.]+' <<< "$json" | tr '\n' ' ')
     load_s=$(grep -oE '"seconds":[0-9.]+' <<< "$json" | cut -d: -f2)
     sent=$(grep -oE '"events":[0-9]+' <<< "$json" | cut -d: -f2)
+    # The flusher works on from here: the time until the server has exited counts.
+    load_end=$(date +%s.%N)
     fsync=$(curl -sf "$URL/metrics" | awk '/^funnelhouse_wal_fsync_seconds_sum/ {s=$2} /^funnelhouse_wal_fsync_seconds_count/ {n=$2}
       END {if (n > 0) printf "fsync_mean_ms=%.3f fsyncs=%d", 1000 * s / n, n}')
-    stop_start=$(date +%s.%N)
     kill -TERM "$SERVER_PID"
     # utime + stime of the server, read until it exits
     cpu=""
     while kill -0 "$SERVER_PID" 2>/dev/null; do
       c=$(awk '{print ($14 + $15) / 100}' "/proc/$SERVER_PID/stat" 2>/dev/null) && [ -n "$c" ] && cpu=$c
-      sleep 0.05
+      sleep 0.01
     done
-    parquet=$(awk -v n="$sent" -v l="$load_s" -v a="$stop_start" -v b="$(date +%s.%N)" \
+    parquet=$(awk -v n="$sent" -v l="$load_s" -v a="$load_end" -v b="$(date +%s.%N)" \
       'BEGIN {printf "flush_s=%.2f to_parquet=%d", b - a, n / (l + b - a)}')
     echo "$name round $round: $report cpu_s=$cpu $parquet $fsync"
   done

@@ -23,24 +23,27 @@ source "$(dirname "$0")/common.sh"
 rm -f "$OUT"/ingest-anchors.json "$OUT"/ingest-peak-*.json
 
 # load_run NAME ARGS...: a fresh server takes the file; the report is $OUT/ingest-NAME.json.
-# The report also gets flush_seconds, SIGTERM to exit (the live buffer's last flush), and
-# to_parquet_per_sec: events over load plus that flush, all of them in Parquet as with
-# the anchors (the ack rate counts events durable in the WAL, some not yet in Parquet).
+# The report also gets flush_seconds, from the load's end to the server's exit (the
+# flushes still queued at SIGTERM, then the last one), and to_parquet_per_sec: events over
+# load time plus that, all of them in Parquet as with the anchors (the acknowledged rate
+# counts events durable in the WAL, many not yet in Parquet).
 load_run() {
   local name=$1
   shift
   start_server "$OUT/data-$name"
   "$BIN/load" --url "$URL" --file "$OUT/events.ndjson" --batch 500 "$@" > "$OUT/ingest-$name.json"
-  local stop_start
-  stop_start=$(date +%s.%N)
+  local load_end
+  load_end=$(date +%s.%N)
   stop_server
-  "$VENV/bin/python" - "$OUT/ingest-$name.json" "$stop_start" "$(date +%s.%N)" <<'PY'
+  "$VENV/bin/python" - "$OUT/ingest-$name.json" "$load_end" "$(date +%s.%N)" <<'PY'
 import json, sys
 path, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
-r = json.load(open(path))
+with open(path) as f:
+    r = json.load(f)
 r["flush_seconds"] = end - start
 r["to_parquet_per_sec"] = r["events"] / (r["seconds"] + r["flush_seconds"])
-json.dump(r, open(path, "w"))
+with open(path, "w") as f:
+    json.dump(r, f)
 print(json.dumps(r))
 PY
 }

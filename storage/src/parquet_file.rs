@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use arrow::array::{AsArray, RecordBatch, TimestampMicrosecondArray};
 use arrow::compute::interleave_record_batch;
@@ -198,9 +198,11 @@ fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBat
 }
 
 /// Write `batches` as one sorted file per partition under `<data_dir>/events/`, on up
-/// to `threads` threads (a file each at a time; the files are returned in partition
-/// order all the same). Each file is fsynced and renamed into place; committing them is
-/// the caller's step.
+/// to `threads` threads, each writing one partition's file at a time; the files come
+/// back in partition order, as from one thread. Each file is fsynced and renamed into
+/// place; committing them is the caller's step. On an error no further file is started
+/// and the error is returned; files already renamed into place stay until the next
+/// start removes them (they are in no manifest).
 pub fn write_partitioned(
     disk: &dyn Disk,
     data_dir: &Path,
@@ -239,34 +241,41 @@ pub fn write_partitioned(
     if threads < 2 || parts.len() < 2 {
         return parts.iter().map(write).collect();
     }
+    // The largest partitions first, so the threads finish close together.
+    let mut order: Vec<usize> = (0..parts.len()).collect();
+    order.sort_unstable_by_key(|&i| std::cmp::Reverse(parts[i].0.num_rows()));
     let next = AtomicUsize::new(0);
-    let drain = || {
-        let mut written = Vec::new();
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(part) = parts.get(i) else {
-                return written;
+    let failed = AtomicBool::new(false);
+    let write_next_parts = || {
+        let mut files = Vec::new();
+        while !failed.load(Ordering::Relaxed) {
+            let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                break;
             };
-            written.push((i, write(part)));
+            let file = write(&parts[i]);
+            failed.fetch_or(file.is_err(), Ordering::Relaxed);
+            files.push((i, file));
         }
+        files
     };
-    let mut written = std::thread::scope(|s| {
+    let mut files = std::thread::scope(|s| {
+        // A helper the OS refuses leaves its share to the others.
         let helpers: Vec<_> = (1..threads.min(parts.len()))
-            .map(|_| s.spawn(drain))
+            .filter_map(|_| {
+                let helper = std::thread::Builder::new().name("fh-flush-writer".into());
+                helper.spawn_scoped(s, write_next_parts).ok()
+            })
             .collect();
-        let mut written = drain();
+        let mut files = write_next_parts();
         for helper in helpers {
-            written.extend(
-                helper
-                    .join()
-                    .unwrap_or_else(|p| std::panic::resume_unwind(p)),
-            );
+            let theirs = helper.join();
+            files.extend(theirs.unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
         }
-        written
+        files
     });
-    // In partition order, as written one after another.
-    written.sort_unstable_by_key(|(i, _)| *i);
-    written.into_iter().map(|(_, file)| file).collect()
+    // After a failure some partitions are missing, and the error is what comes back.
+    files.sort_unstable_by_key(|(i, _)| *i);
+    files.into_iter().map(|(_, file)| file).collect()
 }
 
 /// Sort and write one file into `partition`.
@@ -399,6 +408,8 @@ mod tests {
     use arrow::compute::concat_batches;
     use funnelhouse_schemas::{Event, EventRef, events_to_batch};
 
+    use crate::disk::{DiskOp, Errno, Fault, FaultDisk};
+
     #[test]
     fn sorting_batches_orders_like_a_plain_tuple_sort() {
         let mut x: u64 = 7;
@@ -464,8 +475,9 @@ mod tests {
         assert_eq!(rows(&sorted), rows(&batch));
     }
 
-    /// A flush over more partitions than threads (written side by side) returns one file
-    /// per partition in partition order, each holding exactly its partition's rows.
+    /// A flush over more partitions than threads (written side by side) fails as a whole
+    /// when one file fails, and otherwise returns one file per partition in partition
+    /// order, each holding exactly its partition's rows.
     #[test]
     fn a_flush_over_many_partitions_writes_each_once_in_order() {
         let dir = tempfile::tempdir().unwrap();
@@ -478,7 +490,8 @@ mod tests {
                     user_id: &format!("u{}", i % 37),
                     campaign: "c",
                     channel: "",
-                    // 2026-11-01 plus a day in reverse arrival order.
+                    // Day `days - 1 - i % days` after 2026-11-01: arrivals cycle through
+                    // the days backwards.
                     ts: 1_793_491_200_000_000 + (days - 1 - i % days) * DAY_US + i,
                     received_at: 0,
                     properties: None,
@@ -489,9 +502,14 @@ mod tests {
             events_to_batch(&events[..1234]),
             events_to_batch(&events[1234..]),
         ];
-        let disk = crate::disk::OsDisk;
-        let files =
-            write_partitioned(&disk, dir.path(), &batches, Partitioning::Day, "f1", 4).unwrap();
+        let disk = FaultDisk::new();
+        disk.inject(Fault::new(DiskOp::Write, "date=2026-11-05", Errno::NoSpace));
+        let write = || write_partitioned(&disk, dir.path(), &batches, Partitioning::Day, "f1", 4);
+        let failed = write().expect_err("a failed partition fails the flush");
+        assert!(failed.to_string().contains("No space left"), "{failed}");
+        assert_eq!(disk.injected(), 1);
+        // The retry (the fault is spent) writes every partition.
+        let files = write().unwrap();
         let partitions: Vec<&str> = files.iter().map(|f| f.partition.as_str()).collect();
         let expected: Vec<String> = (1..=days).map(|d| format!("date=2026-11-{d:02}")).collect();
         assert_eq!(partitions, expected);

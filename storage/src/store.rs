@@ -807,11 +807,12 @@ impl Flusher {
         let start = Instant::now();
         let prefix = format!("f{seq:020}");
         let disk = &*self.disk;
-        // A flush covers several partitions (a day each by default, late events add
-        // more), and encoding and compressing them is most of its work. While the
-        // collector takes events, one thread does it, at low priority: a second one
-        // took 6% of the acknowledged rate at 8 clients on 2 cores (benches/README.md).
-        // Once it stops, the flushes left are all a shutdown waits for: every core.
+        // A flush writes a file per partition (day) its events fall in: seven on the
+        // benchmark's data, mostly one for traffic stamped near now. Encoding and
+        // compressing them is most of its work. While the collector takes events one
+        // thread does it, at low priority: a second one took 6% of the acknowledged
+        // rate at 8 clients on 2 cores (benches/README.md). Flushes that start once the
+        // store is stopping are what a shutdown waits for: every core.
         let threads = if self.stopping.load(Relaxed) {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
