@@ -36,15 +36,9 @@ for round in $(seq 1 "$ROUNDS"); do
     load_end=$(date +%s.%N)
     fsync=$(curl -sf "$URL/metrics" | awk '/^funnelhouse_wal_fsync_seconds_sum/ {s=$2} /^funnelhouse_wal_fsync_seconds_count/ {n=$2}
       END {if (n > 0) printf "fsync_mean_ms=%.3f fsyncs=%d", 1000 * s / n, n}')
-    kill -TERM "$SERVER_PID"
-    # utime + stime of the server, read until it exits
-    cpu=""
-    while kill -0 "$SERVER_PID" 2>/dev/null; do
-      c=$(awk '{print ($14 + $15) / 100}' "/proc/$SERVER_PID/stat" 2>/dev/null) && [ -n "$c" ] && cpu=$c
-      sleep 0.01
-    done
-    parquet=$(awk -v n="$sent" -v l="$load_s" -v a="$load_end" -v b="$(date +%s.%N)" \
-      'BEGIN {printf "flush_s=%.2f to_parquet=%d", b - a, n / (l + b - a)}')
-    echo "$name round $round: $report cpu_s=$cpu $parquet $fsync"
+    stop_server "$load_end"
+    parquet=$(awk -v n="$sent" -v l="$load_s" -v f="$STOP_SECONDS" \
+      'BEGIN {printf "flush_s=%.2f to_parquet=%d", f, n / (l + f)}')
+    echo "$name round $round: $report cpu_s=$SERVER_CPU_S $parquet $fsync"
   done
 done

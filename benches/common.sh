@@ -33,9 +33,18 @@ start_server() {
   exit 1
 }
 
-# stop_server: SIGTERM (flushes the live buffer) and wait for the exit.
+# stop_server [SINCE]: SIGTERM (flushes the live buffer) and wait for the exit; sets
+# SERVER_CPU_S (the server's user + sys seconds, read until it exits) and STOP_SECONDS
+# (from SINCE, a `date +%s.%N` time, default now, to the exit).
 stop_server() {
+  local since=${1:-$(date +%s.%N)} c
   kill -TERM "$SERVER_PID"
+  SERVER_CPU_S=""
+  while kill -0 "$SERVER_PID" 2>/dev/null; do
+    c=$(awk '{print ($14 + $15) / 100}' "/proc/$SERVER_PID/stat" 2>/dev/null) && [ -n "$c" ] && SERVER_CPU_S=$c
+    sleep 0.01
+  done
+  STOP_SECONDS=$(awk -v a="$since" -v b="$(date +%s.%N)" 'BEGIN {print b - a}')
   wait "$SERVER_PID"
 }
 

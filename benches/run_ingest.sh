@@ -32,15 +32,13 @@ load_run() {
   shift
   start_server "$OUT/data-$name"
   "$BIN/load" --url "$URL" --file "$OUT/events.ndjson" --batch 500 "$@" > "$OUT/ingest-$name.json"
-  local load_end
-  load_end=$(date +%s.%N)
   stop_server
-  "$VENV/bin/python" - "$OUT/ingest-$name.json" "$load_end" "$(date +%s.%N)" <<'PY'
+  "$VENV/bin/python" - "$OUT/ingest-$name.json" "$STOP_SECONDS" <<'PY'
 import json, sys
-path, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+path, stop_seconds = sys.argv[1], float(sys.argv[2])
 with open(path) as f:
     r = json.load(f)
-r["flush_seconds"] = end - start
+r["flush_seconds"] = stop_seconds
 r["to_parquet_per_sec"] = r["events"] / (r["seconds"] + r["flush_seconds"])
 with open(path, "w") as f:
     json.dump(r, f)
@@ -97,8 +95,8 @@ faster_median = max(map(median, by_engine.values()))
 print(f"\nratio peak / faster anchor: {peak / best:.2f} (target >= 1.0; best runs: {peak:,.0f} / {best:,.0f})")
 print(f"ratio at 8 clients, median of rounds / the faster anchor's median: {median(rounds) / faster_median:.2f}")
 to_parquet = [r["to_parquet_per_sec"] for r in rounds]
-print(f"8 clients until all is in Parquet (acks + the flush at stop, {' / '.join(f'{t:,.0f}' for t in to_parquet)} events/s): "
-      f"median / the faster anchor's median {statistics.median(to_parquet) / faster_median:.2f}")
+print(f"ratio at 8 clients until all is in Parquet (load + the flushes after it), median of rounds / the faster "
+      f"anchor's median: {statistics.median(to_parquet) / faster_median:.2f} (rounds: {' / '.join(f'{t:,.0f}' for t in to_parquet)} events/s)")
 print(f"p99 at half load: {half['p99_ms']:.1f} ms (target < 25)")
 print(f"ack -> visible in SQL at half load: p50 {visible.get('visible_p50_ms', float('nan')):.1f} ms, "
       f"p99 {visible.get('visible_p99_ms', float('nan')):.1f} ms ({visible.get('visible_probes', 0)} probes)")

@@ -235,13 +235,8 @@ pub fn write_partitioned(
         ));
         start += len;
     }
-    let write = |(part, partition): &(RecordBatch, String)| {
-        write_file(disk, data_dir, part, partition, name_prefix)
-    };
-    if threads < 2 || parts.len() < 2 {
-        return parts.iter().map(write).collect();
-    }
-    // The largest partitions first, so the threads finish close together.
+    // The largest partitions first, so the threads finish close together (with one
+    // thread, no helper starts and this thread writes them all).
     let mut order: Vec<usize> = (0..parts.len()).collect();
     order.sort_unstable_by_key(|&i| std::cmp::Reverse(parts[i].0.num_rows()));
     let next = AtomicUsize::new(0);
@@ -252,7 +247,8 @@ pub fn write_partitioned(
             let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) else {
                 break;
             };
-            let file = write(&parts[i]);
+            let (part, partition) = &parts[i];
+            let file = write_file(disk, data_dir, part, partition, name_prefix);
             failed.fetch_or(file.is_err(), Ordering::Relaxed);
             files.push((i, file));
         }
