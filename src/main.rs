@@ -104,6 +104,7 @@ fn main() -> ExitCode {
 const HUGE_PAGES_FROM: usize = 1 << 30;
 
 fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
+    funnelhouse_storage::parquet_file::keep_c_heap();
     #[cfg(target_os = "linux")]
     if cfg.query.memory_limit.0 < HUGE_PAGES_FROM {
         // A 2 MiB page the allocator touches at all counts whole in the RSS: under a

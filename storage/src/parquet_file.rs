@@ -7,7 +7,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use arrow::array::{AsArray, RecordBatch, TimestampMicrosecondArray};
+use arrow::array::{AsArray, RecordBatch, StringViewArray, TimestampMicrosecondArray};
 use arrow::compute::interleave_record_batch;
 use chrono::DateTime;
 use funnelhouse_schemas::arrow::col;
@@ -71,6 +71,23 @@ pub fn writer_properties() -> WriterProperties {
     b.build()
 }
 
+/// Keep the memory of zstd's compression contexts in the C heap between files. Rust's
+/// allocations go to the global allocator, but zstd (under parquet) takes each column
+/// chunk's compressor and decompressor from `malloc`, and glibc gives a freed heap top
+/// above 128 KiB back to the kernel and maps large blocks fresh: every file faulted its
+/// contexts in again, zeroed page by page (half the page faults of a flush loop, and
+/// most of the flusher's; benches/README.md). Only C code allocates there, so the cost is
+/// a few idle MiB. Process-wide: call once at start.
+pub fn keep_c_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets glibc malloc's thresholds; any value is valid to pass.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        // The most glibc takes (half its 64 MiB arena heaps).
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+    }
+}
+
 /// The partition folder of an event timestamp.
 pub fn partition_of(ts: i64, partitioning: Partitioning) -> String {
     let start = ts - ts.rem_euclid(DAY_US);
@@ -87,15 +104,25 @@ fn ts_column(batch: &RecordBatch) -> &TimestampMicrosecondArray {
     batch.column(col::TS).as_primitive()
 }
 
-/// One row's sort key, packed so that most comparisons are two integer compares.
+/// One row's sort key, 40 bytes: most comparisons are three integer compares, and rows
+/// of one user (the usual tie) are ordered by their `ts` without looking anything up.
 struct SortKey {
-    /// (leading key, campaign rank) packed so they compare as one integer.
-    lead: (i64, u32),
-    user_prefix: u128,
-    user_len: u32,
+    /// The row's partition, counted from the first one in this sort, times the number
+    /// of campaigns, plus its campaign's rank: one integer in (partition, campaign) order.
+    lead: u64,
+    /// The user id as 16 big-endian bytes in two halves: its first 15 bytes, zero-padded,
+    /// then its length, or 0xFF when it is longer than 15 bytes. Ordering these orders the
+    /// ids themselves (a shorter id that is a prefix of a longer one, zero bytes and all,
+    /// has the smaller length byte), except that two long ids alike in their first 15
+    /// bytes tie and are compared in full.
+    user: [u64; 2],
+    ts: i64,
     batch: u32,
     row: u32,
 }
+
+/// The length byte of [`SortKey::user`] for ids longer than the 15 bytes it holds.
+const LONG_USER: u64 = 0xFF;
 
 impl SortKey {
     /// (batch, row) of the row this key sorts.
@@ -104,12 +131,25 @@ impl SortKey {
     }
 }
 
+fn user_key(id: &[u8]) -> [u64; 2] {
+    let mut bytes = [0u8; 16];
+    let len = id.len().min(15);
+    bytes[..len].copy_from_slice(&id[..len]);
+    bytes[15] = if id.len() > 15 {
+        LONG_USER as u8
+    } else {
+        id.len() as u8
+    };
+    let key = u128::from_be_bytes(bytes);
+    [(key >> 64) as u64, key as u64]
+}
+
 /// Sort keys, and the (batch, row) of each row in file order.
 type SortScratch = (Vec<SortKey>, Vec<(usize, usize)>);
 
 thread_local! {
     /// A writing thread's sort keys and gather indices, kept between flushes and sized
-    /// by the largest (64 bytes a row: ~35 MiB on the flusher at the default
+    /// by the largest (56 bytes a row: ~30 MiB on the flusher at the default
     /// `flush_bytes`; replay flushes are of the usual size too). Fresh vectors per flush
     /// came from fresh huge pages each time, and the kernel zeroing them was ~3% of the
     /// server's samples at peak ingest (benches/README.md).
@@ -117,14 +157,50 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// The distinct values of `campaign` columns, sorted. Within a batch equal views are
+/// equal strings, so only a change of view is compared; a value is then looked for among
+/// the few found so far (hashing each change cost 2% of a flush where campaigns
+/// interleave row by row), and hashed only once there are many.
+fn distinct_campaigns<'a>(campaign: &[&'a StringViewArray]) -> Vec<&'a str> {
+    const FEW: usize = 32;
+    let mut few: Vec<&str> = Vec::new();
+    let mut many: HashSet<&str> = HashSet::new();
+    for c in campaign {
+        let mut last_view = None;
+        for (r, &view) in c.views().iter().enumerate() {
+            if last_view == Some(view) {
+                continue;
+            }
+            last_view = Some(view);
+            let value = c.value(r);
+            if !many.is_empty() {
+                many.insert(value);
+            } else if !few.contains(&value) {
+                few.push(value);
+                if few.len() > FEW {
+                    many.extend(few.drain(..));
+                }
+            }
+        }
+    }
+    let mut campaigns: Vec<&str> = if many.is_empty() {
+        few
+    } else {
+        many.into_iter().collect()
+    };
+    campaigns.sort_unstable();
+    campaigns
+}
+
 /// The rows of `batches` as one batch sorted by (leading key, campaign, user_id, ts):
 /// the partition (`ts` divided by `unit`, when given), then the file order. Gathered
 /// straight from the batches (string values stay in their buffers; only views, numbers
 /// and keys are new memory), not concatenated first. Compared directly rather than with
 /// arrow's `lexsort_to_indices`, whose per-comparison dispatch took 40% of the flusher's
-/// CPU under load: campaigns are ranked once (there are few), user ids compare a 16-byte
-/// prefix before their bytes (an 8-byte one left counter ids like `u00000123` to
-/// `memcmp`, 4% of the flusher). `batches` must not be empty.
+/// CPU under load: campaigns are ranked once (there are few) and folded with the
+/// partition into one integer, user ids compare as a 16-byte key (an 8-byte prefix left
+/// counter ids like `u00000123` to `memcmp`, 4% of the flusher), and `ts` is in the key
+/// (looking it up for each tie was a cache miss). `batches` must not be empty.
 fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBatch> {
     debug_assert!(!batches.is_empty(), "sort_batches needs at least one batch");
     let campaign: Vec<_> = batches
@@ -136,60 +212,55 @@ fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBat
         .map(|b| b.column(col::USER_ID).as_string_view())
         .collect();
     let ts: Vec<&[i64]> = batches.iter().map(|b| &ts_column(b).values()[..]).collect();
-    // Rows come in runs of one campaign: only a change of value is worth hashing.
-    let mut seen = HashSet::new();
-    let mut last = None;
-    for c in campaign.iter().flat_map(|c| c.iter().flatten()) {
-        if last != Some(c) {
-            seen.insert(c);
-            last = Some(c);
-        }
-    }
-    let mut campaigns: Vec<&str> = seen.into_iter().collect();
-    campaigns.sort_unstable();
+    let campaigns = distinct_campaigns(&campaign);
+    let partition = |t: i64| unit.map_or(0, |unit| t.div_euclid(unit));
+    let first = ts
+        .iter()
+        .flat_map(|t| t.iter())
+        .map(|&t| partition(t))
+        .min();
+    let first = first.unwrap_or_default();
+    // Partitions from the first fit in 33 bits (hours over the whole i64 range of µs) and
+    // a flush holds far fewer than 2^31 campaigns: the product fits in a u64.
+    let lead =
+        |t: i64, rank: usize| (partition(t) - first) as u64 * campaigns.len() as u64 + rank as u64;
     SORT_SCRATCH.with_borrow_mut(|(keys, indices)| {
         keys.clear();
         keys.reserve(batches.iter().map(|b| b.num_rows()).sum());
-        // Rows come in runs of one campaign: look its rank up once per run.
-        let mut run: Option<(&str, u32)> = None;
         for (b, batch) in batches.iter().enumerate() {
+            // Look a campaign's rank up once per run of one view.
+            let views = campaign[b].views();
+            let mut run: Option<(u128, usize)> = None;
             keys.extend((0..batch.num_rows()).map(|r| {
-                let c = campaign[b].value(r);
                 let rank = match run {
-                    Some((value, rank)) if value == c => rank,
+                    Some((view, rank)) if view == views[r] => rank,
                     _ => {
-                        let rank = campaigns.binary_search(&c).unwrap_or_default() as u32;
-                        run = Some((c, rank));
+                        let c = campaign[b].value(r);
+                        let rank = campaigns.binary_search(&c).unwrap_or_default();
+                        run = Some((views[r], rank));
                         rank
                     }
                 };
-                let u = user[b].value(r).as_bytes();
-                let mut prefix = [0u8; 16];
-                let len = u.len().min(16);
-                prefix[..len].copy_from_slice(&u[..len]);
                 SortKey {
-                    lead: (unit.map_or(0, |unit| ts[b][r].div_euclid(unit)), rank),
-                    user_prefix: u128::from_be_bytes(prefix),
-                    user_len: u.len() as u32,
+                    lead: lead(ts[b][r], rank),
+                    user: user_key(user[b].value(r).as_bytes()),
+                    ts: ts[b][r],
                     batch: b as u32,
                     row: r as u32,
                 }
             }));
         }
         keys.sort_unstable_by(|a, b| {
-            (a.lead, a.user_prefix)
-                .cmp(&(b.lead, b.user_prefix))
-                .then_with(|| {
+            (a.lead, a.user).cmp(&(b.lead, b.user)).then_with(|| {
+                // Equal keys: one user, unless both ids are longer than the key holds.
+                let users = if a.user[1] & 0xFF == LONG_USER {
                     let (x, y) = (a.at(), b.at());
-                    // Equal prefixes of ids no longer than it: the shorter id (zero-padded)
-                    // comes first, ids of one length are equal (the usual case: one user).
-                    let users = if a.user_len.max(b.user_len) <= 16 {
-                        a.user_len.cmp(&b.user_len)
-                    } else {
-                        user[x.0].value(x.1).cmp(user[y.0].value(y.1))
-                    };
-                    users.then(ts[x.0][x.1].cmp(&ts[y.0][y.1]))
-                })
+                    user[x.0].value(x.1).cmp(user[y.0].value(y.1))
+                } else {
+                    std::cmp::Ordering::Equal
+                };
+                users.then(a.ts.cmp(&b.ts))
+            })
         });
         indices.clear();
         indices.extend(keys.iter().map(SortKey::at));
@@ -429,6 +500,12 @@ mod tests {
             "user-0000000000010",
             "user-00000000000101",
             "user-0000000000009",
+            // 15 bytes, and ids that extend it by zero bytes, short or long.
+            "user-0000000001",
+            "user-0000000001\0",
+            "user-0000000001\0\0",
+            "ab\0",
+            "ab\0\0",
         ];
         let events: Vec<Event> = (0..2000)
             .map(|i| {
@@ -436,7 +513,8 @@ mod tests {
                     event_id: &format!("e{i}"),
                     event: "scan",
                     user_id: users[next(users.len() as u64) as usize],
-                    campaign: &format!("c{}", next(4)),
+                    // More campaigns than `distinct_campaigns` scans for linearly.
+                    campaign: &format!("c{}", next(40)),
                     channel: "",
                     ts: next(5) as i64 * DAY_US / 2 + next(3) as i64,
                     received_at: 0,

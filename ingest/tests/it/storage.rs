@@ -7,7 +7,9 @@ use std::time::Duration;
 use funnelhouse_schemas::units::ByteSize;
 use funnelhouse_storage::{IngestConfig, Manifest, Partitioning};
 use parquet::basic::Compression;
+use parquet::file::page_index::column_index::ColumnIndexMetaData;
 use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::serialized_reader::ReadOptionsBuilder;
 use serde_json::{Value, json};
 
 use crate::support::{TestServer, committed_rows, config, event, wait_until};
@@ -54,11 +56,29 @@ async fn flush_writes_sorted_zstd_parquet_by_day_and_removes_the_wal() {
         .find(|f| f.partition == "date=2026-11-11")
         .unwrap();
     assert!(nov11.path.starts_with("events/date=2026-11-11/") && nov11.path.ends_with(".parquet"));
-    let reader =
-        SerializedFileReader::new(File::open(server.dir.join(&nov11.path)).unwrap()).unwrap();
+    // The contract's "zstd, page/row-group statistics", for every column.
+    let reader = SerializedFileReader::new_with_options(
+        File::open(server.dir.join(&nov11.path)).unwrap(),
+        ReadOptionsBuilder::new().with_page_index().build(),
+    )
+    .unwrap();
     let rg = reader.metadata().row_group(0);
-    assert!(matches!(rg.column(0).compression(), Compression::ZSTD(_)));
-    assert!(rg.column(5).statistics().is_some(), "ts statistics");
+    let page_stats = &reader.metadata().column_index().expect("a page index")[0];
+    assert_eq!(rg.num_columns(), 8);
+    assert_eq!(page_stats.len(), 8);
+    for (c, pages) in rg.columns().iter().zip(page_stats) {
+        let name = c.column_path().string();
+        assert!(matches!(c.compression(), Compression::ZSTD(_)), "{name}");
+        let stats = c
+            .statistics()
+            .unwrap_or_else(|| panic!("{name}: no statistics"));
+        assert!(stats.min_bytes_opt().is_some(), "{name}: row-group min");
+        assert!(stats.max_bytes_opt().is_some(), "{name}: row-group max");
+        assert!(
+            !matches!(pages, ColumnIndexMetaData::NONE),
+            "{name}: page statistics"
+        );
+    }
     let sorting = rg.sorting_columns().expect("declared sort order");
     assert_eq!(
         sorting.iter().map(|s| s.column_idx).collect::<Vec<_>>(),
