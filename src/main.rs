@@ -104,7 +104,6 @@ fn main() -> ExitCode {
 const HUGE_PAGES_FROM: usize = 1 << 30;
 
 fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
-    funnelhouse_storage::parquet_file::keep_c_heap();
     #[cfg(target_os = "linux")]
     if cfg.query.memory_limit.0 < HUGE_PAGES_FROM {
         // A 2 MiB page the allocator touches at all counts whole in the RSS: under a
@@ -119,6 +118,7 @@ fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
         .map_err(|e| CliError::Io(format!("cannot start the runtime: {e}")))?;
     match command {
         Command::Serve(args) => {
+            funnelhouse_storage::parquet_file::keep_c_heap();
             // Queries get their own worker threads, so a heavy scan never delays the
             // ingest handlers that acknowledge events.
             let queries = tokio::runtime::Builder::new_multi_thread()

@@ -1,10 +1,12 @@
 //! One flush of the live buffer to Parquet on one thread, as the flusher does it under
 //! load: sort by (day, campaign, user_id, ts), then encode and compress a zstd file per
-//! day partition, fsync and rename. Reports events/s. The events come from the NDJSON
-//! file in `FLUSH_BENCH_NDJSON` (e.g. `funnelhouse gen --events 400000 --out f.ndjson`,
-//! about one default-sized flush), in 4,000-event batches as group commits append them;
-//! without it, from a small built-in mix. Uses mimalloc like the server, so page faults on
-//! fresh memory are counted as they are there.
+//! day partition, fsync and rename (into a temporary dir under `$TMPDIR`; removing the
+//! files after each flush is timed too). Reports events/s. The events come from the
+//! NDJSON file in `FLUSH_BENCH_NDJSON` (e.g. `funnelhouse gen --events 400000 --out
+//! f.ndjson`, about one default-sized flush), in 4,000-event batches as group commits
+//! append them; without it, from a small built-in mix. Uses mimalloc and keeps the C heap
+//! like the server, so page faults on fresh memory count as they do there. Prints the
+//! Parquet bytes per event first.
 
 use std::time::Duration;
 
@@ -76,7 +78,6 @@ fn batches() -> Vec<RecordBatch> {
 }
 
 fn flush(c: &mut Criterion) {
-    // As the server does at start.
     keep_c_heap();
     let batches = batches();
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();

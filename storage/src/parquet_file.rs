@@ -71,19 +71,20 @@ pub fn writer_properties() -> WriterProperties {
     b.build()
 }
 
-/// Keep the memory of zstd's compression contexts in the C heap between files. Rust's
-/// allocations go to the global allocator, but zstd (under parquet) takes each column
-/// chunk's compressor and decompressor from `malloc`, and glibc gives a freed heap top
-/// above 128 KiB back to the kernel and maps large blocks fresh: every file faulted its
-/// contexts in again, zeroed page by page (half the page faults of a flush loop, and
-/// most of the flusher's; benches/README.md). Only C code allocates there, so the cost is
-/// a few idle MiB. Process-wide: call once at start.
+/// Keep the memory of zstd's contexts in the C heap between files. Rust's allocations go
+/// to the global allocator, but zstd (under parquet) takes each column chunk's compressor
+/// and decompressor from `malloc`, and glibc gives a freed heap top above 128 KiB back to
+/// the kernel and maps large blocks fresh: every file faulted its contexts in again,
+/// zeroed page by page (half the page faults of a flush loop and of the flusher;
+/// benches/README.md). Only C code allocates there (zstd on the flusher and on query
+/// threads reading Parquet): up to 64 MiB of freed C heap per malloc arena stays mapped.
+/// Process-wide: the server calls it once at start.
 pub fn keep_c_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets glibc malloc's thresholds; any value is valid to pass.
+    #[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
+    // SAFETY: mallopt only sets glibc malloc's thresholds and checks the values it is given.
     unsafe {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
-        // The most glibc takes (half its 64 MiB arena heaps).
+        // The most glibc takes on 64-bit (half its 64 MiB arena heaps).
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
     }
 }
@@ -122,7 +123,8 @@ struct SortKey {
 }
 
 /// The length byte of [`SortKey::user`] for ids longer than the 15 bytes it holds.
-const LONG_USER: u64 = 0xFF;
+const LONG_USER: u8 = 0xFF;
+const _: () = assert!(std::mem::size_of::<SortKey>() == 40);
 
 impl SortKey {
     /// (batch, row) of the row this key sorts.
@@ -136,7 +138,7 @@ fn user_key(id: &[u8]) -> [u64; 2] {
     let len = id.len().min(15);
     bytes[..len].copy_from_slice(&id[..len]);
     bytes[15] = if id.len() > 15 {
-        LONG_USER as u8
+        LONG_USER
     } else {
         id.len() as u8
     };
@@ -177,7 +179,7 @@ fn distinct_campaigns<'a>(campaign: &[&'a StringViewArray]) -> Vec<&'a str> {
                 many.insert(value);
             } else if !few.contains(&value) {
                 few.push(value);
-                if few.len() > FEW {
+                if few.len() == FEW {
                     many.extend(few.drain(..));
                 }
             }
@@ -222,6 +224,10 @@ fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBat
     let first = first.unwrap_or_default();
     // Partitions from the first fit in 33 bits (hours over the whole i64 range of µs) and
     // a flush holds far fewer than 2^31 campaigns: the product fits in a u64.
+    debug_assert!(
+        unit.is_none_or(|unit| unit >= HOUR_US),
+        "partitions of an hour or more"
+    );
     let lead =
         |t: i64, rank: usize| (partition(t) - first) as u64 * campaigns.len() as u64 + rank as u64;
     SORT_SCRATCH.with_borrow_mut(|(keys, indices)| {
@@ -253,7 +259,7 @@ fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBat
         keys.sort_unstable_by(|a, b| {
             (a.lead, a.user).cmp(&(b.lead, b.user)).then_with(|| {
                 // Equal keys: one user, unless both ids are longer than the key holds.
-                let users = if a.user[1] & 0xFF == LONG_USER {
+                let users = if a.user[1] as u8 == LONG_USER {
                     let (x, y) = (a.at(), b.at());
                     user[x.0].value(x.1).cmp(user[y.0].value(y.1))
                 } else {
@@ -486,9 +492,12 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             (x >> 33) % n
         };
-        // Shared 8+ and 16+ byte prefixes, a prefix of another id, ids of exactly 16
-        // bytes, short ids, several campaigns.
+        // Shared 8+ and 15+ byte prefixes, a prefix of another id, ids of exactly 15 and
+        // 16 bytes, short, empty and multi-byte ids.
         let users = [
+            "",
+            "é",
+            "z",
             "user-0000001",
             "user-0000002",
             "user-000000",
@@ -513,8 +522,12 @@ mod tests {
                     event_id: &format!("e{i}"),
                     event: "scan",
                     user_id: users[next(users.len() as u64) as usize],
-                    // More campaigns than `distinct_campaigns` scans for linearly.
-                    campaign: &format!("c{}", next(40)),
+                    // Mostly three campaigns, and a tail of more than
+                    // `distinct_campaigns` scans for linearly.
+                    campaign: &match next(8) {
+                        0 => format!("t{}", next(40)),
+                        _ => format!("c{}", next(3)),
+                    },
                     channel: "",
                     ts: next(5) as i64 * DAY_US / 2 + next(3) as i64,
                     received_at: 0,
@@ -527,26 +540,30 @@ mod tests {
             .map(events_to_batch)
             .into();
         let batch = concat_batches(&event_schema(), &batches).unwrap();
-        let sorted = sort_batches(&batches.iter().collect::<Vec<_>>(), Some(DAY_US)).unwrap();
-        let key = |b: &RecordBatch, r: usize| {
-            let s = |c| b.column(c).as_string_view().value(r).to_string();
-            let ts = ts_column(b).value(r);
-            (ts.div_euclid(DAY_US), s(col::CAMPAIGN), s(col::USER_ID), ts)
-        };
-        let mut expected: Vec<_> = (0..batch.num_rows()).map(|r| key(&batch, r)).collect();
-        expected.sort();
-        let got: Vec<_> = (0..sorted.num_rows()).map(|r| key(&sorted, r)).collect();
-        assert_eq!(got, expected);
-        // Whole rows moved together: each event id still has its own key.
-        let rows = |b: &RecordBatch| {
-            let ids = b.column(col::EVENT_ID).as_string_view();
-            let mut rows: Vec<_> = (0..b.num_rows())
-                .map(|r| (ids.value(r).to_string(), key(b, r)))
-                .collect();
-            rows.sort();
-            rows
-        };
-        assert_eq!(rows(&sorted), rows(&batch));
+        // By day and by hour as flushes do, and without a partition as compaction does.
+        for unit in [Some(DAY_US), Some(HOUR_US), None] {
+            let sorted = sort_batches(&batches.iter().collect::<Vec<_>>(), unit).unwrap();
+            let key = |b: &RecordBatch, r: usize| {
+                let s = |c| b.column(c).as_string_view().value(r).to_string();
+                let ts = ts_column(b).value(r);
+                let partition = unit.map_or(0, |unit| ts.div_euclid(unit));
+                (partition, s(col::CAMPAIGN), s(col::USER_ID), ts)
+            };
+            let mut expected: Vec<_> = (0..batch.num_rows()).map(|r| key(&batch, r)).collect();
+            expected.sort();
+            let got: Vec<_> = (0..sorted.num_rows()).map(|r| key(&sorted, r)).collect();
+            assert_eq!(got, expected, "{unit:?}");
+            // Whole rows moved together: each event id still has its own key.
+            let rows = |b: &RecordBatch| {
+                let ids = b.column(col::EVENT_ID).as_string_view();
+                let mut rows: Vec<_> = (0..b.num_rows())
+                    .map(|r| (ids.value(r).to_string(), key(b, r)))
+                    .collect();
+                rows.sort();
+                rows
+            };
+            assert_eq!(rows(&sorted), rows(&batch), "{unit:?}");
+        }
     }
 
     /// A flush over more partitions than threads (written side by side) fails as a whole
