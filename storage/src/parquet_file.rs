@@ -216,12 +216,10 @@ fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBat
     let ts: Vec<&[i64]> = batches.iter().map(|b| &ts_column(b).values()[..]).collect();
     let campaigns = distinct_campaigns(&campaign);
     let partition = |t: i64| unit.map_or(0, |unit| t.div_euclid(unit));
-    let first = ts
-        .iter()
-        .flat_map(|t| t.iter())
+    let first = (ts.iter().flat_map(|t| t.iter()))
         .map(|&t| partition(t))
-        .min();
-    let first = first.unwrap_or_default();
+        .min()
+        .unwrap_or_default();
     // Partitions from the first fit in 33 bits (hours over the whole i64 range of µs) and
     // a flush holds far fewer than 2^31 campaigns: the product fits in a u64.
     debug_assert!(
