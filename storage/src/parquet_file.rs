@@ -481,6 +481,20 @@ mod tests {
 
     use crate::disk::{DiskOp, Errno, Fault, FaultDisk};
 
+    /// A `scan` event with id `e<i>`, no channel and no properties.
+    fn scan(i: i64, user: &str, campaign: &str, ts: i64) -> Event {
+        Event::from(EventRef {
+            event_id: &format!("e{i}"),
+            event: "scan",
+            user_id: user,
+            campaign,
+            channel: "",
+            ts,
+            received_at: 0,
+            properties: None,
+        })
+    }
+
     #[test]
     fn sorting_batches_orders_like_a_plain_tuple_sort() {
         let mut x: u64 = 7;
@@ -516,21 +530,17 @@ mod tests {
         ];
         let events: Vec<Event> = (0..2000)
             .map(|i| {
-                Event::from(EventRef {
-                    event_id: &format!("e{i}"),
-                    event: "scan",
-                    user_id: users[next(users.len() as u64) as usize],
+                scan(
+                    i,
+                    users[next(users.len() as u64) as usize],
                     // Mostly three campaigns, and a tail of more than
                     // `distinct_campaigns` scans for linearly.
-                    campaign: &match next(8) {
+                    &match next(8) {
                         0 => format!("t{}", next(40)),
                         _ => format!("c{}", next(3)),
                     },
-                    channel: "",
-                    ts: next(5) as i64 * DAY_US / 2 + next(3) as i64,
-                    received_at: 0,
-                    properties: None,
-                })
+                    next(5) as i64 * DAY_US / 2 + next(3) as i64,
+                )
             })
             .collect();
         // Three batches of uneven sizes, gathered into one.
@@ -573,18 +583,14 @@ mod tests {
         let days = 9;
         let events: Vec<Event> = (0..3000)
             .map(|i| {
-                Event::from(EventRef {
-                    event_id: &format!("e{i}"),
-                    event: "scan",
-                    user_id: &format!("u{}", i % 37),
-                    campaign: "c",
-                    channel: "",
+                scan(
+                    i,
+                    &format!("u{}", i % 37),
+                    "c",
                     // Day `days - 1 - i % days` after 2026-11-01: arrivals cycle through
                     // the days backwards.
-                    ts: 1_793_491_200_000_000 + (days - 1 - i % days) * DAY_US + i,
-                    received_at: 0,
-                    properties: None,
-                })
+                    1_793_491_200_000_000 + (days - 1 - i % days) * DAY_US + i,
+                )
             })
             .collect();
         let batches = [
