@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end ingest benchmark (not part of the test suite).
-#   [ROUNDS=N] benches/run_ingest.sh [EVENTS]          default 3 rounds, 2000000 events
+#   [ROUNDS=N] [GEN_ARGS=--short] benches/run_ingest.sh [EVENTS]
+#                                      default 3 rounds, 2000000 events, ~280-byte lines
 # 1. `funnelhouse gen` writes EVENTS realistic events as NDJSON (see benches/README.md);
 # 2. ROUNDS times (default 3), interleaved: the anchors, DuckDB and ClickHouse (chdb),
 #    convert that file to zstd Parquet; then a release server on loopback takes the file
@@ -19,7 +20,7 @@ ROUNDS="${ROUNDS:-3}"
 [ "$ROUNDS" -ge 1 ] || { echo "ROUNDS must be at least 1" >&2; exit 2; }
 source "$(dirname "$0")/common.sh"
 
-"$BIN/funnelhouse" gen --events "$EVENTS" --out "$OUT/events.ndjson"
+"$BIN/funnelhouse" gen --events "$EVENTS" ${GEN_ARGS:-} --out "$OUT/events.ndjson"
 rm -f "$OUT"/ingest-anchors.json "$OUT"/ingest-peak-*.json
 
 # load_run NAME ARGS...: a fresh server takes the file; the report is $OUT/ingest-NAME.json.

@@ -26,6 +26,29 @@ use crate::error::CliError;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in the `mi_option_t` enum of the mimalloc v3 that Cargo.lock
+/// pins (libmimalloc-sys 0.1.49, `include/mimalloc.h`; its Rust bindings leave it out).
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+
+unsafe extern "C" {
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+    #[cfg(test)]
+    fn mi_option_get(option: std::ffi::c_int) -> std::ffi::c_long;
+}
+
+/// The server keeps the memory it has freed instead of giving it back to the kernel a
+/// second later (mimalloc's default): ingest frees each live batch after its flush and
+/// allocates the next ones at once, so every purge came back as fresh pages the kernel
+/// zeroed, 2 MiB at a time (`clear_page_erms` was 29% of the server's CPU in a load;
+/// benches/README.md). The live buffer and the query memory pool bound what is kept.
+/// `MIMALLOC_PURGE_DELAY` in the environment still decides, as mimalloc documents.
+fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one integer option of the allocator; -1 is its documented "never".
+        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "funnelhouse",
@@ -119,6 +142,7 @@ fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
     match command {
         Command::Serve(args) => {
             funnelhouse_storage::parquet_file::keep_c_heap();
+            keep_freed_memory();
             // Queries get their own worker threads, so a heavy scan never delays the
             // ingest handlers that acknowledge events.
             let queries = tokio::runtime::Builder::new_multi_thread()
@@ -175,4 +199,19 @@ fn init_tracing() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The option index is mimalloc's purge delay: its default is 1000 ms in v3, and no
+    /// neighbouring option has that default.
+    #[test]
+    fn purge_delay_option_index_is_mimallocs() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+            // SAFETY: reads one integer option of the allocator.
+            assert_eq!(unsafe { mi_option_get(MI_OPTION_PURGE_DELAY) }, 1000);
+        }
+    }
 }

@@ -319,6 +319,31 @@ async fn gen_writes_a_campaign_funnel_to_a_file_or_a_server() {
         body,
         "the same seed gives the same events"
     );
+    // --short: the same variety in shorter lines.
+    let short = run(&["gen", "--events", "5000", "--short", "--out", "-"]);
+    let short = String::from_utf8(short.stdout).unwrap();
+    let short: Vec<&str> = short.lines().collect();
+    let mean = |lines: &[&str]| lines.iter().map(|l| l.len()).sum::<usize>() / lines.len();
+    let long_mean = mean(&body.lines().collect::<Vec<_>>());
+    assert!(
+        (150..220).contains(&mean(&short)) && mean(&short) + 60 < long_mean,
+        "short lines average {} bytes, the default {long_mean}",
+        mean(&short)
+    );
+    let short: Vec<serde_json::Value> = short
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        short.iter().any(|e| e["ts"].is_i64()),
+        "epoch ms timestamps"
+    );
+    assert!(short.iter().any(|e| e["event"] == "draw"));
+    let ids: std::collections::HashSet<&str> = short
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap())
+        .collect();
+    assert!(ids.len() < short.len(), "some events are sent twice");
 
     let data = dir.path().join("data");
     let server = Server::start(&data, &[]).await;
