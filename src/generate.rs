@@ -47,7 +47,7 @@ pub struct GenArgs {
     /// Fraction of users whose events carry a ts days before --start (late arrivals).
     #[arg(long, default_value_t = 0.01)]
     late: f64,
-    /// Short lines (~180 bytes): counter user ids, `<user_id>-<n>` event ids and one or two
+    /// Short lines (~185 bytes): counter user ids, `<user_id>-<n>` event ids and one or two
     /// properties per step, with the same campaigns, channels, timestamp formats, late
     /// users, duplicates and unrelated events. The realistic set, by its DuckDB
     /// rate, has lines about this long; the default lines average ~280 bytes.
@@ -139,8 +139,7 @@ impl Generator {
         let rng = &mut self.rng;
         let short = self.args.short;
         let user_id = match rng.random_range(0..20) {
-            _ if short => format!("u{user:08}"),
-            0..14 => format!("u{user:08}"),
+            n if short || n < 14 => format!("u{user:08}"),
             14..18 => uuid(rng),
             _ => format!("oX{}", random_text(rng, 26)),
         };
