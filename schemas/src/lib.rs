@@ -11,6 +11,7 @@ pub mod auth;
 pub mod decode;
 pub mod error;
 pub mod event;
+mod plain;
 pub mod region;
 pub mod segment;
 pub mod time;

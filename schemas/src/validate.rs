@@ -61,6 +61,14 @@ pub fn validate_event(text: &str, ctx: &DecodeContext) -> Result<Event, String> 
             ctx.max_event_bytes
         ));
     }
+    match crate::plain::plain_event(text, ctx) {
+        Some(event) => Ok(event),
+        None => general_event(text, ctx),
+    }
+}
+
+/// [`validate_event`] for any form of the event object, through serde.
+pub(crate) fn general_event(text: &str, ctx: &DecodeContext) -> Result<Event, String> {
     let trimmed = text.trim_start();
     if !trimmed.starts_with('{') {
         return Err("event: not a JSON object".to_string());
@@ -185,7 +193,7 @@ pub fn clock_skew(received_at: Micros, sent_at: Micros) -> Micros {
 const TS_FLOOR: Micros = 946_684_800_000_000;
 
 /// The stored ts of an event whose `field` is `value` (absent: the receive time): parsed,
-/// refused before 2000, corrected for clock skew, refused past `max_future`.
+/// then [`checked_ts`].
 pub(crate) fn event_ts(
     field: &str,
     value: Option<&RawValue>,
@@ -195,6 +203,12 @@ pub(crate) fn event_ts(
         return Ok(ctx.received_at);
     };
     let sent = parse_ts(value).ok_or_else(|| format!("{field}: not RFC 3339 or epoch ms"))?;
+    checked_ts(field, sent, ctx)
+}
+
+/// The stored ts of an event whose `field` says `sent`: refused before 2000, corrected
+/// for clock skew, refused past `max_future`.
+pub(crate) fn checked_ts(field: &str, sent: Micros, ctx: &DecodeContext) -> Result<Micros, String> {
     if sent < TS_FLOOR {
         return Err(format!(
             "{field}: {} is before 2000-01-01 (epoch seconds sent as milliseconds?)",
