@@ -109,8 +109,8 @@ impl<'a> Cursor<'a> {
         self.eat(b'"')?;
         let start = self.i;
         let rest = &self.text.as_bytes()[start..];
-        let end = memchr::memchr2(b'"', b'\\', rest)?;
-        if rest[end] != b'"' || rest[..end].iter().any(|&b| b < 0x20) {
+        let end = string_end(rest)?;
+        if rest[end] != b'"' {
             return None;
         }
         self.i += end + 1;
@@ -203,6 +203,33 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Where the first `"`, `\\` or control character of `bytes` is: eight bytes at a time,
+/// since most strings here are short ids and names, where a search call per string and a
+/// second pass for control characters cost more than the scan.
+fn string_end(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // High bit set in each byte below `n` (exact up to the first such byte, which is all
+    // that is read: a borrow only carries into the bytes after it).
+    let below = |w: u64, n: u8| w.wrapping_sub(ONES * n as u64) & !w & HIGH;
+    let special = |w: u64| {
+        below(w ^ (ONES * b'"' as u64), 1) | below(w ^ (ONES * b'\\' as u64), 1) | below(w, 0x20)
+    };
+    let mut chunks = bytes.chunks_exact(8);
+    for (n, chunk) in chunks.by_ref().enumerate() {
+        let w = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        let found = special(w);
+        if found != 0 {
+            return Some(n * 8 + found.trailing_zeros() as usize / 8);
+        }
+    }
+    let tail = chunks.remainder();
+    let at = tail
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+    Some(bytes.len() - tail.len() + at)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,6 +296,21 @@ mod tests {
         let limit = limits::PROPERTIES_DEPTH_MAX;
         assert!(plain_event(&nested(limit - 1), &ctx()).is_some());
         assert_eq!(plain_event(&nested(limit), &ctx()), None);
+    }
+
+    #[test]
+    fn string_ends_are_found_at_any_offset() {
+        for len in 0..40 {
+            for special in [b'"', b'\\', b'\n', 0x1f, 0] {
+                let mut bytes = vec![b'a'; len];
+                bytes.extend([special, b'"', 0xe4, 0xb8, 0x8a]);
+                assert_eq!(string_end(&bytes), Some(len), "{len} {special}");
+                bytes[len] = 0x20;
+                bytes[len + 1] = b'b';
+                assert_eq!(string_end(&bytes), None, "{len}");
+            }
+        }
+        assert_eq!(string_end("上海\"".as_bytes()), Some(6));
     }
 
     /// Thousands of byte-level mutations of plain events: whatever the fast path accepts,
