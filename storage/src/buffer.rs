@@ -7,7 +7,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use arrow::array::RecordBatch;
-use funnelhouse_schemas::MemoryCounter;
 
 use crate::manifest::FileMeta;
 use crate::metrics::StoreMetrics;
@@ -142,13 +141,11 @@ impl LiveBuffer {
     }
 
     pub fn push(&self, batches: impl IntoIterator<Item = RecordBatch>) {
-        // Sized before the lock (snapshots wait on it), with one counter: the slices of
-        // one request's batch share its buffers, which count once.
-        let mut counter = MemoryCounter::default();
+        // Sized before the lock: snapshots wait on it.
         let batches: Vec<(RecordBatch, usize)> = (batches.into_iter())
             .filter(|b| b.num_rows() > 0)
             .map(|b| {
-                let bytes = b.columns().iter().map(|c| counter.add(c)).sum();
+                let bytes = funnelhouse_schemas::batch_memory_size(&b);
                 (b, bytes)
             })
             .collect();

@@ -718,7 +718,10 @@ fn fresh_batches(writes: &[WriteRequest], fresh: &[NewIds]) -> Vec<RecordBatch> 
     for (w, new) in writes.iter().zip(fresh).filter(|(_, n)| n.count > 0) {
         match (&w.rows, &new.mask) {
             (Rows::Batch(batch), None) => batches.push(batch.clone()),
-            (Rows::Batch(batch), Some(mask)) => batches.extend(without_duplicates(batch, mask)),
+            (Rows::Batch(batch), Some(mask)) => {
+                let mask = BooleanArray::new(BooleanBuffer::from(mask.as_slice()), None);
+                batches.push(filter_record_batch(batch, &mask).expect("a mask per row"));
+            }
             (Rows::Events(events), _) => {
                 small.extend(
                     (events.iter().enumerate())
@@ -732,37 +735,6 @@ fn fresh_batches(writes: &[WriteRequest], fresh: &[NewIds]) -> Vec<RecordBatch> 
         batches.push(events_to_batch(small));
     }
     batches
-}
-
-/// Most slices a request's batch is cut into to leave its duplicates out; past that its
-/// new rows are copied into a batch of their own.
-const MAX_SLICES: usize = 8;
-
-/// `batch` less the rows `keep` marks false. Resent events are rare but spread out: at 1%
-/// nearly every 500-event request holds one, and copying the other 499 rows took 5-7% of
-/// the server's CPU on the writer thread (the copy and the fresh pages it faulted in,
-/// benches/README.md). A few zero-copy slices around the duplicates cost nothing; the
-/// live buffer counts the memory they share once.
-fn without_duplicates(batch: &RecordBatch, keep: &[bool]) -> Vec<RecordBatch> {
-    let mut runs = Vec::new();
-    let mut start = None;
-    for (i, &k) in keep.iter().chain([&false]).enumerate() {
-        match (k, start) {
-            (true, None) => start = Some(i),
-            (false, Some(s)) => {
-                runs.push((s, i - s));
-                start = None;
-            }
-            _ => {}
-        }
-    }
-    if runs.len() <= MAX_SLICES {
-        return (runs.into_iter())
-            .map(|(offset, len)| batch.slice(offset, len))
-            .collect();
-    }
-    let mask = BooleanArray::new(BooleanBuffer::from(keep), None);
-    vec![filter_record_batch(batch, &mask).expect("a mask per row")]
 }
 
 // ---- the flusher thread: Parquet, commit ----
