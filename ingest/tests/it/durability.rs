@@ -250,8 +250,8 @@ async fn only_the_new_events_of_a_request_with_duplicates_are_stored() {
 }
 
 /// A request large enough for a batch of its own, with a few or many duplicates: the live
-/// buffer and the flushed files hold each of its new events once, and the buffer's byte
-/// count is that of the batches it holds.
+/// buffer holds each of its new events once, in one batch (slices around a few
+/// duplicates are put back together), counts the bytes it holds, and so do the files.
 #[tokio::test]
 async fn large_requests_with_few_or_many_duplicates_store_only_their_new_events() {
     let server = TestServer::start(config()).await;
@@ -283,9 +283,9 @@ async fn large_requests_with_few_or_many_duplicates_store_only_their_new_events(
             "round {round}: the live buffer"
         );
     }
-    let held: usize = (server.store.snapshot().batches.iter())
-        .map(batch_memory_size)
-        .sum();
+    let batches = server.store.snapshot().batches;
+    assert_eq!(batches.len(), 3, "each request's new rows in one batch");
+    let held: usize = batches.iter().map(batch_memory_size).sum();
     assert_eq!(
         server.store.metrics().buffer_bytes.load(Relaxed) as usize,
         held
