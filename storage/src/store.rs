@@ -23,9 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use arrow::array::{AsArray, BooleanArray, RecordBatch};
-use arrow::buffer::BooleanBuffer;
-use arrow::compute::{concat_batches, filter_record_batch};
+use arrow::array::{AsArray, RecordBatch};
+use arrow::compute::concat_batches;
 use arrow::datatypes::TimestampMicrosecondType;
 use funnelhouse_schemas::arrow::col;
 use funnelhouse_schemas::time::now_micros;
@@ -712,22 +711,23 @@ impl NewIds {
 
 /// The live-buffer batches of a committed group: each large request's own batch (less
 /// its duplicates), and the new events of the small ones built into one; all in one
-/// batch when some request had duplicates.
+/// batch when a request was cut around duplicates.
 ///
-/// Leaving resent events out takes a copy of the other rows, and at 1% resends nearly
-/// every 500-event request holds one. Copying the whole group into one batch costs about
-/// the same as copying those requests' rows one by one, and every query (dashboards poll)
-/// then reads one batch where it read several: each batch costs a query its own steps.
+/// At 1% resends nearly every 500-event request holds one. Cut into slices around them,
+/// a request would leave several batches, and every query (dashboards poll) pays for
+/// each batch it reads: ack -> visible doubled (benches/README.md). Put back together
+/// with the rest of its group, it leaves one batch for all, for one copy of the group's
+/// rows: about what copying each such request's new rows took before.
 fn fresh_batches(writes: &[WriteRequest], fresh: &[NewIds]) -> Vec<RecordBatch> {
     let mut batches = Vec::new();
     let mut small: Vec<&Event> = Vec::new();
-    let mut copy = false;
+    let mut cut = false;
     for (w, new) in writes.iter().zip(fresh).filter(|(_, n)| n.count > 0) {
         match (&w.rows, &new.mask) {
             (Rows::Batch(batch), None) => batches.push(batch.clone()),
             (Rows::Batch(batch), Some(mask)) => {
                 let kept = without_duplicates(batch, mask);
-                copy |= kept.len() > 1;
+                cut |= kept.len() > 1;
                 batches.extend(kept);
             }
             (Rows::Events(events), _) => {
@@ -742,19 +742,14 @@ fn fresh_batches(writes: &[WriteRequest], fresh: &[NewIds]) -> Vec<RecordBatch> 
     if !small.is_empty() {
         batches.push(events_to_batch(small));
     }
-    if copy || (batches.len() > 1 && fresh.iter().any(|n| n.mask.is_some())) {
+    if cut {
         let schema = batches[0].schema();
         return vec![concat_batches(&schema, &batches).expect("batches of the event schema")];
     }
     batches
 }
 
-/// Most slices a request's batch is cut into to leave its duplicates out; past that its
-/// new rows are copied into a batch of their own.
-const MAX_SLICES: usize = 8;
-
-/// `batch` less the rows `keep` marks false: the (zero-copy) slices between them, or
-/// one filtered copy when there would be many.
+/// `batch` less the rows `keep` marks false: the slices between them.
 fn without_duplicates(batch: &RecordBatch, keep: &[bool]) -> Vec<RecordBatch> {
     let mut runs = Vec::new();
     let mut start = None;
@@ -768,13 +763,9 @@ fn without_duplicates(batch: &RecordBatch, keep: &[bool]) -> Vec<RecordBatch> {
             _ => {}
         }
     }
-    if runs.len() <= MAX_SLICES {
-        return (runs.into_iter())
-            .map(|(offset, len)| batch.slice(offset, len))
-            .collect();
-    }
-    let mask = BooleanArray::new(BooleanBuffer::from(keep), None);
-    vec![filter_record_batch(batch, &mask).expect("a mask per row")]
+    (runs.into_iter())
+        .map(|(offset, len)| batch.slice(offset, len))
+        .collect()
 }
 
 // ---- the flusher thread: Parquet, commit ----
