@@ -250,8 +250,8 @@ async fn only_the_new_events_of_a_request_with_duplicates_are_stored() {
 }
 
 /// A request large enough for a batch of its own, with a few or many duplicates: the live
-/// buffer holds each of its new events once, in one batch (slices around a few
-/// duplicates are put back together), counts the bytes it holds, and so do the files.
+/// buffer holds each of its new events once, in one batch (the slices around its
+/// duplicates put back together) whose bytes it counts, and so do the flushed files.
 #[tokio::test]
 async fn large_requests_with_few_or_many_duplicates_store_only_their_new_events() {
     let server = TestServer::start(config()).await;
