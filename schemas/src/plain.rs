@@ -3,10 +3,10 @@
 //!
 //! Plain means compact JSON (no whitespace), only the contract's fields, each once,
 //! `event_id` among them, `event`, `user_id`, `campaign` and `channel` strings without
-//! escapes, `ts` an RFC 3339 string or an integer, and `properties` an object without
-//! escapes or exponents, its integers within i64. Such an event is decoded without serde's field matching, its raw values and
-//! a second pass over its properties, which were a fifth of the server's samples at peak
-//! ingest (benches/README.md). Anything else, and any event that would be refused, gets
+//! escapes, `ts` an RFC 3339 string or an i64 integer, and `properties` an object without
+//! escapes or exponents. Such an event is decoded without serde's field matching, its raw
+//! values and a second pass over its properties, which were a fifth of the server's
+//! samples at peak ingest (benches/README.md). Anything else, and any event that would be refused, gets
 //! `None`: the general path then decides, with errors that name the field. This path
 //! accepts nothing the general one refuses and makes the same event (a test compares both
 //! on thousands of mutated events).
@@ -43,7 +43,7 @@ pub(crate) fn plain_event(text: &str, ctx: &DecodeContext) -> Option<Event> {
         match field {
             0..=4 => strings[field] = Some(c.plain_string()?),
             5 if c.peek()? == b'"' => ts = Some(parse_rfc3339(c.plain_string()?)?),
-            5 => ts = Some(epoch_ms_to_micros(c.integer()?)?),
+            5 => ts = Some(epoch_ms_to_micros(c.integer()?.parse().ok()?)?),
             _ => properties = Some(c.properties()?),
         }
         if c.eat(b',').is_none() {
@@ -118,8 +118,8 @@ impl<'a> Cursor<'a> {
         self.text.get(start..start + end)
     }
 
-    /// A JSON integer (`-?(0|[1-9][0-9]*)`) that fits in an i64.
-    fn integer(&mut self) -> Option<i64> {
+    /// A JSON integer (`-?(0|[1-9][0-9]*)`): its text.
+    fn integer(&mut self) -> Option<&'a str> {
         let start = self.i;
         self.eat(b'-');
         let digits = self.digits();
@@ -127,7 +127,7 @@ impl<'a> Cursor<'a> {
         if digits == 0 || (first == Some(b'0') && digits > 1) {
             return None;
         }
-        self.text[start..self.i].parse().ok()
+        Some(&self.text[start..self.i])
     }
 
     fn digits(&mut self) -> usize {

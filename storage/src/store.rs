@@ -751,21 +751,19 @@ fn fresh_batches(writes: &[WriteRequest], fresh: &[NewIds]) -> Vec<RecordBatch> 
 
 /// `batch` less the rows `keep` marks false: the slices between them.
 fn without_duplicates(batch: &RecordBatch, keep: &[bool]) -> Vec<RecordBatch> {
-    let mut runs = Vec::new();
+    let mut slices = Vec::new();
     let mut start = None;
     for (i, &k) in keep.iter().chain([&false]).enumerate() {
         match (k, start) {
             (true, None) => start = Some(i),
             (false, Some(s)) => {
-                runs.push((s, i - s));
+                slices.push(batch.slice(s, i - s));
                 start = None;
             }
             _ => {}
         }
     }
-    (runs.into_iter())
-        .map(|(offset, len)| batch.slice(offset, len))
-        .collect()
+    slices
 }
 
 // ---- the flusher thread: Parquet, commit ----
