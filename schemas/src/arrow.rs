@@ -8,11 +8,13 @@ use std::sync::{Arc, LazyLock};
 
 use arrow::array::builder::make_view;
 use arrow::array::{
-    Array, ArrayData, ArrayRef, ByteView, NullBufferBuilder, RecordBatch, StringViewArray,
-    TimestampMicrosecondArray,
+    Array, ArrayData, ArrayRef, AsArray, ByteView, NullBufferBuilder, RecordBatch,
+    StringViewArray, TimestampMicrosecondArray,
 };
 use arrow::buffer::{Buffer, ScalarBuffer};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::{
+    DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
+};
 
 use crate::event::Event;
 #[cfg(test)]
@@ -172,7 +174,52 @@ impl EventBatchBuilder {
         self.ts.is_empty()
     }
 
+    /// The batch, its buffers on the heap: a request's events until its group commits.
     pub fn finish(&mut self) -> RecordBatch {
+        self.assemble(false)
+    }
+
+    /// The batch, its buffers packed into one allocation of [`region`](crate::region)
+    /// memory when large enough: the live buffer's batches, held until their flush.
+    pub fn finish_packed(&mut self) -> RecordBatch {
+        self.assemble(true)
+    }
+
+    /// The rows of `batch` (a batch of the event schema, or a slice of one). Long strings
+    /// are copied one by one, not their buffers (a slice's buffers hold the strings of the
+    /// rows cut from it), and a string in consecutive rows of a column is stored once.
+    pub fn append_batch(&mut self, batch: &RecordBatch) {
+        for (c, &column) in STRING_COLUMNS.iter().enumerate() {
+            let array = batch.column(column).as_string_view();
+            let buffers = array.data_buffers();
+            let mut last: Option<(u128, u128)> = None;
+            for &view in array.views() {
+                let stored = match last {
+                    _ if (view as u32) as usize <= INLINE_MAX => view,
+                    Some((from, to)) if from == view => to,
+                    _ => {
+                        let v = ByteView::from(view);
+                        let start = v.offset as usize;
+                        let bytes = &buffers[v.buffer_index as usize][start..][..v.length as usize];
+                        let to = self.store(bytes);
+                        last = Some((view, to));
+                        to
+                    }
+                };
+                self.views[c].push(stored);
+            }
+        }
+        match batch.column(col::PROPERTIES).nulls() {
+            Some(nulls) => self.properties_valid.append_buffer(nulls),
+            None => self.properties_valid.append_n_non_nulls(batch.num_rows()),
+        }
+        for (c, out) in [(col::TS, &mut self.ts), (col::RECEIVED_AT, &mut self.received_at)] {
+            let times = batch.column(c).as_primitive::<TimestampMicrosecondType>();
+            out.extend_from_slice(times.values());
+        }
+    }
+
+    fn assemble(&mut self, packed: bool) -> RecordBatch {
         let rows = self.len();
         let mut data = std::mem::take(&mut self.full);
         // The six columns' views, the two timestamps, the data buffer being filled: moved
@@ -185,9 +232,11 @@ impl EventBatchBuilder {
         if !self.data.is_empty() {
             own.push(Buffer::from_vec(std::mem::take(&mut self.data)));
         }
-        let parts: Vec<&[u8]> = own.iter().map(Buffer::as_slice).collect();
-        if let Some(moved) = crate::region::copy_to_region(&parts) {
-            own = moved;
+        if packed {
+            let parts: Vec<&[u8]> = own.iter().map(Buffer::as_slice).collect();
+            if let Some(moved) = crate::region::copy_to_region(&parts) {
+                own = moved;
+            }
         }
         let mut own = own.into_iter();
         let views: Vec<Buffer> = own.by_ref().take(STRING_COLUMNS.len()).collect();
@@ -233,6 +282,40 @@ where
     builder.finish()
 }
 
+/// One batch of `batches`' rows (batches of the event schema or slices of them), then
+/// `events`, packed for the live buffer ([`EventBatchBuilder::finish_packed`]): the
+/// collector's writer makes one per group commit from its requests' new events.
+pub fn pack_events(batches: &[RecordBatch], events: &[&Event]) -> RecordBatch {
+    let mut rows = events.len();
+    // Room for every data buffer the batches read from (slices of one request share
+    // its buffers) and the events' long strings.
+    let mut buffers = HashSet::new();
+    let mut data = 0;
+    for batch in batches {
+        rows += batch.num_rows();
+        for &c in &STRING_COLUMNS {
+            for b in batch.column(c).as_string_view().data_buffers() {
+                if buffers.insert(b.as_ptr() as usize) {
+                    data += b.len();
+                }
+            }
+        }
+    }
+    let mut prev = None;
+    for &e in events {
+        data += EventBatchBuilder::data_bytes(e, prev);
+        prev = Some(e);
+    }
+    let mut builder = EventBatchBuilder::with_capacity(rows, data);
+    for batch in batches {
+        builder.append_batch(batch);
+    }
+    for &e in events {
+        builder.append(e);
+    }
+    builder.finish_packed()
+}
+
 /// Memory held by `batch`, each allocation counted once however many columns or slices
 /// share it (`RecordBatch::get_array_memory_size` counts a shared buffer once per column).
 pub fn batch_memory_size(batch: &RecordBatch) -> usize {
@@ -269,8 +352,6 @@ impl MemoryCounter {
 
 #[cfg(test)]
 mod tests {
-    use arrow::array::AsArray;
-
     use super::*;
 
     fn event(i: usize) -> Event {
@@ -294,6 +375,54 @@ mod tests {
             received_at: 7,
             properties: (!i.is_multiple_of(5)).then_some(properties.as_str()),
         })
+    }
+
+    /// `batch` holds exactly `events`, in order.
+    fn assert_holds(batch: &RecordBatch, events: &[&Event]) {
+        assert_eq!(batch.num_rows(), events.len());
+        let strings = |c: usize| batch.column(c).as_string_view();
+        let times = |c: usize| batch.column(c).as_primitive::<TimestampMicrosecondType>();
+        for (r, e) in events.iter().enumerate() {
+            assert_eq!(strings(col::EVENT_ID).value(r), e.event_id());
+            assert_eq!(strings(col::EVENT).value(r), e.event());
+            assert_eq!(strings(col::USER_ID).value(r), e.user_id());
+            assert_eq!(strings(col::CAMPAIGN).value(r), e.campaign());
+            assert_eq!(strings(col::CHANNEL).value(r), e.channel());
+            let props = strings(col::PROPERTIES);
+            assert_eq!(props.is_valid(r).then(|| props.value(r)), e.properties());
+            assert_eq!(times(col::TS).value(r), e.ts);
+            assert_eq!(times(col::RECEIVED_AT).value(r), e.received_at);
+        }
+    }
+
+    /// Slices of a request's batch (the rows around its duplicates) and small requests'
+    /// events pack into one batch that holds those rows, and their bytes only: not the
+    /// cut rows' strings, as a concatenation sharing the request's buffers would.
+    #[test]
+    fn packed_pieces_hold_their_rows_and_only_their_bytes() {
+        let events: Vec<Event> = (0..3000).map(event).collect();
+        let request = events_to_batch(&events[..2000]);
+        let pieces = [request.slice(0, 500), request.slice(1500, 500)];
+        let small: Vec<&Event> = events[2000..].iter().collect();
+        let packed = pack_events(&pieces, &small);
+        let kept: Vec<&Event> = events[..500].iter().chain(&events[1500..]).collect();
+        assert_holds(&packed, &kept);
+        for c in STRING_COLUMNS {
+            let buffers = packed.column(c).as_string_view().data_buffers().len();
+            assert_eq!(buffers, 1, "column {c}: one data buffer for all");
+        }
+        let size = batch_memory_size(&packed);
+        let built = batch_memory_size(&events_to_batch(kept.iter().copied()));
+        assert!(size <= built + 256, "packed {size} bytes, built {built}");
+        let pieces: Vec<_> = pieces.iter().cloned().chain([events_to_batch(small)]).collect();
+        let concatenated = arrow::compute::concat_batches(&event_schema(), &pieces).unwrap();
+        // Half of the request's rows were cut, and with them about half of its strings.
+        let cut_strings = request.column(col::EVENT_ID).as_string_view().data_buffers()[0].len() / 2;
+        let concatenated = batch_memory_size(&concatenated);
+        assert!(
+            concatenated > size + cut_strings * 3 / 4,
+            "a concatenation holds the cut rows' strings: {concatenated} against {size} + {cut_strings}"
+        );
     }
 
     /// Two arrays over one allocation (two batches' views into one page) count once.
@@ -326,21 +455,8 @@ mod tests {
         for n in [10, 1000] {
             let events: Vec<Event> = (0..n).map(event).collect();
             let batch = events_to_batch(&events);
-            assert_eq!(batch.num_rows(), events.len());
+            assert_holds(&batch, &events.iter().collect::<Vec<_>>());
             let strings = |c: usize| batch.column(c).as_string_view();
-            for (r, e) in events.iter().enumerate() {
-                assert_eq!(strings(col::EVENT_ID).value(r), e.event_id());
-                assert_eq!(strings(col::EVENT).value(r), e.event());
-                assert_eq!(strings(col::USER_ID).value(r), e.user_id());
-                assert_eq!(strings(col::CAMPAIGN).value(r), e.campaign());
-                assert_eq!(strings(col::CHANNEL).value(r), e.channel());
-                let props = strings(col::PROPERTIES);
-                assert_eq!(props.is_valid(r).then(|| props.value(r)), e.properties());
-                let ts = batch
-                    .column(col::TS)
-                    .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
-                assert_eq!(ts.value(r), e.ts);
-            }
             // Repeated campaigns and event names are stored once per run, not per row, and
             // the buffer is sized for exactly what is stored.
             let long = |v: &str| if v.len() > INLINE_MAX { v.len() } else { 0 };

@@ -18,7 +18,7 @@ pub mod time;
 pub mod units;
 pub mod validate;
 
-pub use arrow::{MemoryCounter, batch_memory_size, event_schema, events_to_batch};
+pub use arrow::{MemoryCounter, batch_memory_size, event_schema, events_to_batch, pack_events};
 pub use auth::AuthConfig;
 pub use decode::{BodyFormat, DecodedBatch, Rejection, decode_body};
 pub use error::SchemaError;

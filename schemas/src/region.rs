@@ -10,9 +10,9 @@
 //! the kernel's warm free lists instead, but the kernel still zeroes each on first touch
 //! (9% of the server's samples at peak): so batches are packed into 4 MiB blocks, and a
 //! block whose batches are all flushed and dropped is kept for the next ones, its pages
-//! already in place, up to a flush's worth ([`keep_freed`]). Small batches (under 64 KiB:
-//! the store builds the events of small requests into one batch per group commit) stay
-//! on the heap.
+//! already in place, up to a flush's worth ([`keep_freed`]). Only the live buffer's
+//! batches come here, one per group commit (`pack_events`); under 64 KiB they stay on the
+//! heap, as do the handlers' batches, which live only until their group commits.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -24,11 +24,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use arrow::array::{AsArray, RecordBatch};
-use arrow::compute::concat_batches;
 use arrow::datatypes::TimestampMicrosecondType;
 use funnelhouse_schemas::arrow::col;
 use funnelhouse_schemas::time::now_micros;
-use funnelhouse_schemas::{Event, events_to_batch};
+use funnelhouse_schemas::{Event, events_to_batch, pack_events};
 use tokio::sync::oneshot;
 
 use crate::buffer::{LiveBuffer, Snapshot};
@@ -234,7 +233,7 @@ impl EventStore {
                     .collect();
                 let received_at = events.first().map_or(0, |e| e.received_at);
                 dedup.record(received_at, fresh.len());
-                buffer.push([events_to_batch(fresh)]);
+                buffer.push([pack_events(&[], &fresh)]);
             },
         )?;
         report.replayed_events = stats.events;
@@ -614,7 +613,7 @@ impl Writer {
                 self.metrics
                     .wal_bytes
                     .fetch_add(payload.len() as u64, Relaxed);
-                self.buffer.push(fresh_batches(&writes, &fresh));
+                self.buffer.push(fresh_batch(&writes, &fresh));
                 for (w, n) in writes.into_iter().zip(fresh) {
                     self.answer(w, n.count);
                 }
@@ -709,27 +708,24 @@ impl NewIds {
     }
 }
 
-/// The live-buffer batches of a committed group: each large request's own batch (less
-/// its duplicates), and the new events of the small ones built into one; all in one
-/// batch when a request was cut around duplicates.
+/// The live-buffer batch of a committed group: its requests' new events, packed into
+/// one batch ([`pack_events`]). A large request's batch comes from its handler (on the
+/// heap until here), less its duplicates; the small requests' events are appended as
+/// they are.
 ///
-/// At 1% resends nearly every 500-event request holds one. Cut into slices around them,
-/// a request would leave several batches, and every query (dashboards poll) pays for
-/// each batch it reads: ack -> visible doubled (benches/README.md). Put back together
-/// with the rest of its group, it leaves one batch for all, for one copy of the group's
-/// rows: about what copying each such request's new rows took before.
-fn fresh_batches(writes: &[WriteRequest], fresh: &[NewIds]) -> Vec<RecordBatch> {
-    let mut batches = Vec::new();
+/// One batch per group, whatever it holds: every query (dashboards poll) pays for each
+/// batch it reads, and at 1% resends nearly every 500-event request holds one, so
+/// slices around them doubled ack -> visible (benches/README.md). Packed, the live
+/// buffer holds each row's bytes once: a concatenation keeps the requests' string
+/// buffers (and so their views, the rows cut, everything they were packed with) until
+/// the flush, on top of its own views.
+fn fresh_batch(writes: &[WriteRequest], fresh: &[NewIds]) -> Option<RecordBatch> {
+    let mut pieces = Vec::new();
     let mut small: Vec<&Event> = Vec::new();
-    let mut cut = false;
     for (w, new) in writes.iter().zip(fresh).filter(|(_, n)| n.count > 0) {
         match (&w.rows, &new.mask) {
-            (Rows::Batch(batch), None) => batches.push(batch.clone()),
-            (Rows::Batch(batch), Some(mask)) => {
-                let kept = without_duplicates(batch, mask);
-                cut |= kept.len() > 1;
-                batches.extend(kept);
-            }
+            (Rows::Batch(batch), None) => pieces.push(batch.clone()),
+            (Rows::Batch(batch), Some(mask)) => pieces.extend(without_duplicates(batch, mask)),
             (Rows::Events(events), _) => {
                 small.extend(
                     (events.iter().enumerate())
@@ -739,14 +735,7 @@ fn fresh_batches(writes: &[WriteRequest], fresh: &[NewIds]) -> Vec<RecordBatch> 
             }
         }
     }
-    if !small.is_empty() {
-        batches.push(events_to_batch(small));
-    }
-    if cut {
-        let schema = batches[0].schema();
-        return vec![concat_batches(&schema, &batches).expect("batches of the event schema")];
-    }
-    batches
+    (!pieces.is_empty() || !small.is_empty()).then(|| pack_events(&pieces, &small))
 }
 
 /// `batch` less the rows `keep` marks false: the slices between them.
