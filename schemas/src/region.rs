@@ -157,9 +157,10 @@ mod linux {
             };
             let mut current = lock();
             if full(&current) {
-                // Requests build their batches on several threads at once: a new block is
-                // zeroed outside the lock, and one another thread installed meanwhile is
-                // used first (this one then waits in FREE).
+                // A new block is zeroed outside the lock (the collector's writer packs
+                // batches while a replay or another store's writer may too), and one
+                // another thread installed meanwhile is used first (this one then waits
+                // in FREE).
                 drop(current);
                 let fresh = Arc::new(block()?);
                 current = lock();

@@ -3,8 +3,8 @@
 //! - Each write request's task encodes its events for the WAL, builds their Arrow batch
 //!   and hashes their ids; one writer thread takes the requests in groups (group commit):
 //!   it drops duplicates against the dedup index, appends the group's events to the WAL
-//!   as one record, fsyncs, puts the requests' batches into the live buffer and only then
-//!   answers the requests.
+//!   as one record, fsyncs, packs the group's new rows into one live-buffer batch and
+//!   only then answers the requests.
 //! - When the live buffer is large or old enough, the writer rotates the WAL and hands the
 //!   sealed batches to the flusher thread, which writes sorted Parquet files, the dedup ids
 //!   file and a new manifest (the commit), swaps files and buffer for readers, and deletes
@@ -58,19 +58,19 @@ struct WriteRequest {
     hashes: Vec<u128>,
     /// The events as they go into a WAL record.
     encoded: EncodedEvents,
-    /// The events as they go into the live buffer.
+    /// The events as the writer packs them into the live buffer.
     rows: Rows,
     received_at: i64,
     reply: oneshot::Sender<Result<WriteOutcome>>,
 }
 
-/// Requests of fewer events than this go into the live buffer in one batch with the rest
-/// of their group, built by the writer: an SDK's handful of events or a scan link's one
-/// would otherwise each be a batch, and every query's snapshot takes every batch.
+/// Requests of at least this many events build their batch on their own task (in
+/// parallel, off the writer); the writer appends smaller ones' events (an SDK's handful,
+/// a scan link's one) to the group's batch itself, a batch of its own not being worth it.
 const OWN_BATCH_ROWS: usize = 256;
 
 enum Rows {
-    /// The request's own batch.
+    /// The request's batch, built by its task (on the heap until the writer packs it).
     Batch(RecordBatch),
     /// A small request's events (see [`OWN_BATCH_ROWS`]).
     Events(Vec<Event>),
@@ -585,8 +585,8 @@ impl Writer {
         }
     }
 
-    /// Dedup, one WAL record + fsync for the whole group, the requests' batches into the
-    /// buffer, reply.
+    /// Dedup, one WAL record + fsync for the whole group, its new rows into the buffer
+    /// as one batch, reply.
     fn commit(&mut self, writes: Vec<WriteRequest>) {
         for w in &writes {
             self.dedup.warm(&w.hashes);
