@@ -430,7 +430,10 @@ impl IdsFile {
 
     pub fn write(disk: &dyn Disk, dir: &Path, seq: u64, mut pairs: Vec<(i64, u128)>) -> Result<()> {
         crate::fsutil::create_dir_durable(disk, dir)?;
-        pairs.sort_unstable();
+        // By received_at only (what `load` needs): the pairs come in commit order, nearly
+        // sorted already, and a stable sort takes such runs in one pass, where ordering
+        // every request's ids by hash too was 1.3% of the server's samples at peak.
+        pairs.sort_by_key(|&(at, _)| at);
         let mut buf = Vec::with_capacity(Self::FRAME + pairs.len() * Self::ENTRY);
         buf.extend_from_slice(Self::MAGIC);
         for (at, h) in &pairs {
