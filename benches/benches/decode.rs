@@ -1,5 +1,7 @@
 //! Decode + validate + JSON -> Arrow of one 500-event NDJSON batch, the collector's
-//! per-request CPU work. Reports events/s (and MB/s in the `bytes` group).
+//! per-request CPU work. Reports events/s (and MB/s in the `bytes` group). The batch is
+//! built in, or the first 500 lines of the NDJSON file in `DECODE_BENCH_NDJSON` (e.g.
+//! `funnelhouse gen` output, whose strings are longer).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use funnelhouse_schemas::{BodyFormat, DecodeContext, decode_body, events_to_batch};
@@ -19,7 +21,15 @@ fn batch(n: usize) -> String {
 }
 
 fn decode(c: &mut Criterion) {
-    let body = batch(500);
+    let body = match std::env::var("DECODE_BENCH_NDJSON") {
+        Ok(path) => {
+            let text = std::fs::read_to_string(&path).expect("DECODE_BENCH_NDJSON is readable");
+            let lines: Vec<&str> = text.lines().take(500).collect();
+            assert_eq!(lines.len(), 500, "{path}: at least 500 lines");
+            lines.join("\n") + "\n"
+        }
+        Err(_) => batch(500),
+    };
     let ctx = DecodeContext::new(1_794_391_200_000_000);
     for (name, throughput) in [
         ("events", Throughput::Elements(500)),

@@ -300,9 +300,13 @@ mod tests {
 
     #[test]
     fn string_ends_are_found_at_any_offset() {
-        for len in 0..40 {
+        for len in 0..80 {
             for special in [b'"', b'\\', b'\n', 0x1f, 0] {
-                let mut bytes = vec![b'a'; len];
+                // Bytes that are none of them, high ones included (signed compares would
+                // take those for control characters).
+                let mut bytes: Vec<u8> = (0..len)
+                    .map(|i| [b'a', 0xe4, 0xb8, 0x8a, 0x7f, 0x20, 0xff, 0x80][i % 8])
+                    .collect();
                 bytes.extend([special, b'"', 0xe4, 0xb8, 0x8a]);
                 assert_eq!(string_end(&bytes), Some(len), "{len} {special}");
                 bytes[len] = 0x20;
