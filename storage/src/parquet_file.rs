@@ -194,17 +194,29 @@ fn distinct_campaigns<'a>(campaign: &[&'a StringViewArray]) -> Vec<&'a str> {
     campaigns
 }
 
-/// The rows of `batches` as one batch sorted by (leading key, campaign, user_id, ts):
-/// the partition (`ts` divided by `unit`, when given), then the file order. Gathered
-/// straight from the batches (string values stay in their buffers; only views, numbers
-/// and keys are new memory), not concatenated first. Compared directly rather than with
+/// The rows of `batches` as one batch in file order (see [`with_sorted_rows`]).
+fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBatch> {
+    with_sorted_rows(batches, unit, |_, rows| {
+        Ok(interleave_record_batch(batches, rows)?)
+    })
+}
+
+/// `f` of the sort keys and the (batch, row) of each row of `batches`, both sorted by
+/// (leading key, campaign, user_id, ts): the partition (`ts` divided by `unit`, when
+/// given), then the file order. The caller gathers the rows straight from the batches
+/// (string values stay in their buffers; only views, numbers and keys are new memory),
+/// not concatenated first. Compared directly rather than with
 /// arrow's `lexsort_to_indices`, whose per-comparison dispatch took 40% of the flusher's
 /// CPU under load: campaigns are ranked once (there are few) and folded with the
 /// partition into one integer, user ids compare as a 16-byte key (an 8-byte prefix left
 /// counter ids like `u00000123` to `memcmp`, 4% of the flusher), and `ts` is in the key
 /// (looking it up for each tie was a cache miss). `batches` must not be empty.
-fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBatch> {
-    debug_assert!(!batches.is_empty(), "sort_batches needs at least one batch");
+fn with_sorted_rows<T>(
+    batches: &[&RecordBatch],
+    unit: Option<i64>,
+    f: impl FnOnce(&[SortKey], &[(usize, usize)]) -> T,
+) -> T {
+    debug_assert!(!batches.is_empty(), "with_sorted_rows needs at least one batch");
     let campaign: Vec<_> = batches
         .iter()
         .map(|b| b.column(col::CAMPAIGN).as_string_view())
@@ -268,12 +280,13 @@ fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBat
         });
         indices.clear();
         indices.extend(keys.iter().map(SortKey::at));
-        Ok(interleave_record_batch(batches, indices)?)
+        f(keys, indices)
     })
 }
 
 /// Write `batches` as one sorted file per partition under `<data_dir>/events/`, on up
-/// to `threads` threads, each writing one partition's file at a time; the files come
+/// to `threads` threads, each gathering and writing one partition's file at a time (the
+/// rows are sorted once, on this thread); the files come
 /// back in partition order, as from one thread. Each file is fsynced and renamed into
 /// place; committing them is the caller's step. On an error no further file is started
 /// and the error is returned; files already renamed into place stay until the next
@@ -294,26 +307,42 @@ pub fn write_partitioned(
     if batches.is_empty() {
         return Ok(Vec::new());
     }
-    let sorted = sort_batches(&batches, Some(unit))?;
-    let ts = ts_column(&sorted).values();
-    let mut parts = Vec::new();
-    let mut start = 0;
-    while start < sorted.num_rows() {
-        let key = ts[start].div_euclid(unit);
-        let len = ts[start..]
-            .iter()
-            .take_while(|t| t.div_euclid(unit) == key)
-            .count();
-        parts.push((
-            sorted.slice(start, len),
-            partition_of(ts[start], partitioning),
-        ));
-        start += len;
-    }
+    with_sorted_rows(&batches, Some(unit), |keys, rows| {
+        // Each partition's rows, a run of the sorted ones.
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < keys.len() {
+            let key = keys[start].ts.div_euclid(unit);
+            let len = keys[start..]
+                .iter()
+                .take_while(|k| k.ts.div_euclid(unit) == key)
+                .count();
+            parts.push((
+                &rows[start..start + len],
+                partition_of(keys[start].ts, partitioning),
+            ));
+            start += len;
+        }
+        write_parts(disk, data_dir, &batches, &parts, name_prefix, threads)
+    })
+}
+
+/// Gather each part's rows (in file order) and write them as one file into its
+/// partition, on up to `threads` threads. Gathering a part at a time spreads the gathers
+/// over the threads too, and holds the sorted copy of a few partitions at once rather
+/// than of the whole flush.
+fn write_parts(
+    disk: &dyn Disk,
+    data_dir: &Path,
+    batches: &[&RecordBatch],
+    parts: &[(&[(usize, usize)], String)],
+    name_prefix: &str,
+    threads: usize,
+) -> Result<Vec<FileMeta>> {
     // The largest partitions first, so the threads finish close together (with one
     // thread, no helper starts and this thread writes them all).
     let mut order: Vec<usize> = (0..parts.len()).collect();
-    order.sort_unstable_by_key(|&i| std::cmp::Reverse(parts[i].0.num_rows()));
+    order.sort_unstable_by_key(|&i| std::cmp::Reverse(parts[i].0.len()));
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let write_next_parts = || {
@@ -322,8 +351,10 @@ pub fn write_partitioned(
             let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) else {
                 break;
             };
-            let (part, partition) = &parts[i];
-            let file = write_file(disk, data_dir, part, partition, name_prefix);
+            let (rows, partition) = &parts[i];
+            let file = interleave_record_batch(batches, rows)
+                .map_err(StorageError::from)
+                .and_then(|sorted| write_file(disk, data_dir, &sorted, partition, name_prefix));
             failed.fetch_or(file.is_err(), Ordering::Relaxed);
             files.push((i, file));
         }
