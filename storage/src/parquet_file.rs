@@ -216,7 +216,10 @@ fn with_sorted_rows<T>(
     unit: Option<i64>,
     f: impl FnOnce(&[SortKey], &[(usize, usize)]) -> T,
 ) -> T {
-    debug_assert!(!batches.is_empty(), "with_sorted_rows needs at least one batch");
+    debug_assert!(
+        !batches.is_empty(),
+        "with_sorted_rows needs at least one batch"
+    );
     let campaign: Vec<_> = batches
         .iter()
         .map(|b| b.column(col::CAMPAIGN).as_string_view())
