@@ -150,8 +150,8 @@ fn user_key(id: &[u8]) -> [u64; 2] {
 type SortScratch = (Vec<SortKey>, Vec<(usize, usize)>);
 
 thread_local! {
-    /// A writing thread's sort keys and gather indices, kept between flushes and sized
-    /// by the largest (56 bytes a row: ~30 MiB on the flusher at the default
+    /// The sorting thread's (the flusher's) sort keys and gather indices, kept between
+    /// flushes and sized by the largest (56 bytes a row: ~30 MiB at the default
     /// `flush_bytes`; replay flushes are of the usual size too). Fresh vectors per flush
     /// came from fresh huge pages each time, and the kernel zeroing them was ~3% of the
     /// server's samples at peak ingest (benches/README.md).
