@@ -97,17 +97,23 @@ impl EventBatchBuilder {
         }
     }
 
-    /// Bytes `append(e)` adds to the data buffer after `append(prev)`: its strings that
-    /// do not fit inline in a view, less the repeating ones equal to `prev`'s.
-    pub fn data_bytes(e: &Event, prev: Option<&Event>) -> usize {
+    /// Bytes appending `events` in turn adds to the data buffer: their strings that do not
+    /// fit inline in a view, less the repeating ones equal to the event before's.
+    fn data_bytes<'a>(events: impl IntoIterator<Item = &'a Event>) -> usize {
         let long = |v: &str| if v.len() > INLINE_MAX { v.len() } else { 0 };
         let repeating = |v: &str, p: Option<&str>| if p == Some(v) { 0 } else { long(v) };
-        long(e.event_id())
-            + repeating(e.event(), prev.map(Event::event))
-            + long(e.user_id())
-            + repeating(e.campaign(), prev.map(Event::campaign))
-            + repeating(e.channel(), prev.map(Event::channel))
-            + e.properties().map_or(0, long)
+        let mut prev: Option<&Event> = None;
+        let mut bytes = 0;
+        for e in events {
+            bytes += long(e.event_id())
+                + repeating(e.event(), prev.map(Event::event))
+                + long(e.user_id())
+                + repeating(e.campaign(), prev.map(Event::campaign))
+                + repeating(e.channel(), prev.map(Event::channel))
+                + e.properties().map_or(0, long);
+            prev = Some(e);
+        }
+        bytes
     }
 
     pub fn append(&mut self, e: &Event) {
@@ -153,10 +159,10 @@ impl EventBatchBuilder {
     /// The bytes of a view made by `store` that points into a data buffer; `None` for a
     /// view that holds its string inline (storing those again costs nothing).
     fn stored_bytes(&self, view: u128) -> Option<&[u8]> {
-        let v = ByteView::from(view);
-        if v.length as usize <= INLINE_MAX {
+        if is_inline(view) {
             return None;
         }
+        let v = ByteView::from(view);
         let buffer = match self.full.get(v.buffer_index as usize) {
             Some(full) => full.as_slice(),
             None => self.data.as_slice(),
@@ -271,12 +277,8 @@ where
     I::IntoIter: Clone,
 {
     let iter = events.into_iter();
-    let (mut rows, mut data, mut prev) = (0, 0, None);
-    for e in iter.clone() {
-        rows += 1;
-        data += EventBatchBuilder::data_bytes(e, prev);
-        prev = Some(e);
-    }
+    let rows = iter.clone().count();
+    let data = EventBatchBuilder::data_bytes(iter.clone());
     let mut builder = EventBatchBuilder::with_capacity(rows, data);
     for e in iter {
         builder.append(e);
@@ -316,11 +318,7 @@ pub fn pack_events(batches: &[RecordBatch], events: &[&Event]) -> RecordBatch {
             data += packed_bytes(batch.column(c).as_string_view());
         }
     }
-    let mut prev = None;
-    for &e in events {
-        data += EventBatchBuilder::data_bytes(e, prev);
-        prev = Some(e);
-    }
+    data += EventBatchBuilder::data_bytes(events.iter().copied());
     let mut builder = EventBatchBuilder::with_capacity(rows, data);
     for batch in batches {
         builder.append_batch(batch);
@@ -487,8 +485,9 @@ mod tests {
         // their own (`region`).
         for n in [10, 1000] {
             let events: Vec<Event> = (0..n).map(event).collect();
-            let batch = pack_events(&[], &events.iter().collect::<Vec<_>>());
-            assert_holds(&batch, &events.iter().collect::<Vec<_>>());
+            let events: Vec<&Event> = events.iter().collect();
+            let batch = pack_events(&[], &events);
+            assert_holds(&batch, &events);
             let strings = |c: usize| batch.column(c).as_string_view();
             // Repeated campaigns and event names are stored once per run, not per row, and
             // the buffer is sized for exactly what is stored.
