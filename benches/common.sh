@@ -16,11 +16,12 @@ if [ -z "${NO_ANCHORS:-}" ]; then
 fi
 
 # start_server DATA_DIR -> sets SERVER_PID and URL (a fresh data dir unless KEEP=1,
-# log in DATA_DIR.log, config file $CONFIG if set, binary $SERVER_BIN if set)
+# log in DATA_DIR.log at level $FUNNELHOUSE_LOG (default info), config file $CONFIG if set,
+# binary $SERVER_BIN if set)
 start_server() {
   [ -n "${KEEP:-}" ] || rm -rf "$1"
   local server="${SERVER_BIN:-$BIN/funnelhouse}"
-  FUNNELHOUSE_LOG=info "$server" ${CONFIG:+--config "$CONFIG"} serve --data-dir "$1" \
+  FUNNELHOUSE_LOG=${FUNNELHOUSE_LOG:-info} "$server" ${CONFIG:+--config "$CONFIG"} serve --data-dir "$1" \
     --http-addr 127.0.0.1:0 --pg-addr 127.0.0.1:0 2> "$1.log" &
   SERVER_PID=$!
   for _ in $(seq 1 300); do

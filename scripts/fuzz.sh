@@ -3,7 +3,7 @@
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
 #
-# Targets (fuzz/fuzz_targets): native_decode, segment_decode, gzip_body, wal_segment,
+# Targets (fuzz/fuzz_targets): native_decode, plain_event, segment_decode, gzip_body, wal_segment,
 # funnel_request. Each starts from its committed seed corpus (fuzz/corpus/<target>) and
 # writes what it learns to fuzz/work/<target>; a crash is saved under fuzz/artifacts/ and
 # stops the script with exit 1. Needs the nightly toolchain and cargo-fuzz (installed
@@ -14,7 +14,7 @@ secs=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(native_decode segment_decode gzip_body wal_segment funnel_request)
+    targets=(native_decode plain_event segment_decode gzip_body wal_segment funnel_request)
 fi
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked

@@ -25,3 +25,18 @@ pub use error::SchemaError;
 pub use event::{Event, EventRef};
 pub use segment::{MessageType, SegmentBatch, decode_segment};
 pub use validate::{DecodeContext, validate_event};
+
+/// Both decoders of one event object, for the differential fuzz target (`cargo fuzz`
+/// builds with `--cfg fuzzing`): the plain fast path's event when it takes the text, and
+/// the general path's verdict, which must then be that same event.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub fn plain_and_general(
+    text: &str,
+    ctx: &DecodeContext,
+) -> (Option<Event>, Result<Event, String>) {
+    (
+        plain::plain_event(text, ctx),
+        validate::general_event(text, ctx),
+    )
+}

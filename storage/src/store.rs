@@ -208,8 +208,7 @@ impl EventStore {
         // Replay flushes as it goes, at the end of each segment once a flush's worth is
         // held (segment N ends where every event of segments <= N is held), so that a
         // long replay becomes several flushes of the usual size: one flush of all of it
-        // would hold sort keys for all of it at once (and the sorted copy of each
-        // partition as it writes it), on top of the live buffer.
+        // would hold sort keys for all of it at once, on top of the live buffer.
         let mut replay_flushes = Vec::new();
         let mut segment = None;
         let (wal, stats) = Wal::open(
