@@ -194,13 +194,6 @@ fn distinct_campaigns<'a>(campaign: &[&'a StringViewArray]) -> Vec<&'a str> {
     campaigns
 }
 
-/// The rows of `batches` as one batch in file order (see [`with_sorted_rows`]).
-fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBatch> {
-    with_sorted_rows(batches, unit, |_, rows| {
-        Ok(interleave_record_batch(batches, rows)?)
-    })
-}
-
 /// `f` of the sort keys and the (batch, row) of each row of `batches`, both sorted by
 /// (leading key, campaign, user_id, ts): the partition (`ts` divided by `unit`, when
 /// given), then the file order. The caller gathers the rows straight from the batches
@@ -384,7 +377,7 @@ fn write_parts(
 /// Rows gathered into one sorted batch at a time while a file is written. The Parquet
 /// writer encodes each batch while its views are still in the cache, and the next batch
 /// reuses its memory: a whole partition's copy (about 100 MB for a default flush of
-/// events of one day) was fresh memory every flush.
+/// short-line events of one day) was fresh memory every flush.
 const GATHER_ROWS: usize = 16 * 1024;
 
 /// Write `rows` of `batches`, in this order, as one file into `partition`.
@@ -411,25 +404,9 @@ pub fn write_sorted_file(
     partition: &str,
     name_prefix: &str,
 ) -> Result<FileMeta> {
-    write_file(
-        disk,
-        data_dir,
-        &sort_batches(&[batch], None)?,
-        partition,
-        name_prefix,
-    )
-}
-
-fn write_file(
-    disk: &dyn Disk,
-    data_dir: &Path,
-    sorted: &RecordBatch,
-    partition: &str,
-    name_prefix: &str,
-) -> Result<FileMeta> {
-    let mut file = SortedFileWriter::create(disk, data_dir, partition, name_prefix)?;
-    file.write(sorted)?;
-    file.finish()
+    with_sorted_rows(&[batch], None, |_, rows| {
+        write_gathered(disk, data_dir, &[batch], rows, partition, name_prefix)
+    })
 }
 
 /// A Parquet file of a partition being written from batches already in file order, a
@@ -534,6 +511,13 @@ mod tests {
     use funnelhouse_schemas::{Event, EventRef, events_to_batch};
 
     use crate::disk::{DiskOp, Errno, Fault, FaultDisk, OsDisk};
+
+    /// The rows of `batches` as one batch in file order (see [`with_sorted_rows`]).
+    fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBatch> {
+        with_sorted_rows(batches, unit, |_, rows| {
+            Ok(interleave_record_batch(batches, rows)?)
+        })
+    }
 
     /// A `scan` event with id `e<i>`, no channel and no properties.
     fn scan(i: i64, user: &str, campaign: &str, ts: i64) -> Event {
@@ -653,6 +637,9 @@ mod tests {
             write_partitioned(&OsDisk, dir.path(), &batches, Partitioning::Day, "f1", 1).unwrap();
         assert_eq!(files.len(), 1);
         assert_eq!(files[0].rows, n as u64);
+        let ts = events.iter().map(|e| e.ts);
+        assert_eq!(files[0].min_ts, ts.clone().min().unwrap());
+        assert_eq!(files[0].max_ts, ts.max().unwrap());
         let read = read_file(&dir.path().join(&files[0].path), None).unwrap();
         let mut rows = Vec::new();
         for b in &read {
