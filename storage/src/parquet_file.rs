@@ -282,11 +282,11 @@ fn with_sorted_rows<T>(
 
 /// Write `batches` as one sorted file per partition under `<data_dir>/events/`, on up
 /// to `threads` threads, each gathering and writing one partition's file at a time (the
-/// rows are sorted once, on this thread); the files come
-/// back in partition order, as from one thread. Each file is fsynced and renamed into
-/// place; committing them is the caller's step. On an error no further file is started
-/// and the error is returned; files already renamed into place stay until the next
-/// start removes them (they are in no manifest).
+/// rows are sorted once, on this thread); the files come back in partition order, as
+/// from one thread. Each file is fsynced and renamed into place; committing them is the
+/// caller's step. On an error no further file is started and the error is returned;
+/// files already renamed into place stay until the next start removes them (they are in
+/// no manifest).
 pub fn write_partitioned(
     disk: &dyn Disk,
     data_dir: &Path,
@@ -307,17 +307,10 @@ pub fn write_partitioned(
         // Each partition's rows, a run of the sorted ones.
         let mut parts = Vec::new();
         let mut start = 0;
-        while start < keys.len() {
-            let key = keys[start].ts.div_euclid(unit);
-            let len = keys[start..]
-                .iter()
-                .take_while(|k| k.ts.div_euclid(unit) == key)
-                .count();
-            parts.push((
-                &rows[start..start + len],
-                partition_of(keys[start].ts, partitioning),
-            ));
-            start += len;
+        for run in keys.chunk_by(|a, b| a.ts.div_euclid(unit) == b.ts.div_euclid(unit)) {
+            let end = start + run.len();
+            parts.push((&rows[start..end], partition_of(run[0].ts, partitioning)));
+            start = end;
         }
         write_parts(disk, data_dir, &batches, &parts, name_prefix, threads)
     })
