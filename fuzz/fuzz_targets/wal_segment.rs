@@ -6,7 +6,7 @@ use funnelhouse_storage::wal::{decode_events, scan_segment};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let scan = scan_segment(data);
+    let scan = scan_segment(1, data);
     assert!(scan.valid_prefix <= data.len());
     let mut last = None;
     for (at, _) in &scan.records {

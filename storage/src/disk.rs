@@ -35,6 +35,14 @@ pub trait Disk: Send + Sync + Debug {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Make the directory's entries (creates, renames) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Rename the file `spare` to `path` and open it for writing from its first byte,
+    /// keeping its blocks: rewriting allocated blocks needs no journal commit at each
+    /// fsync, as appending to a new file does. `Unsupported` (the default) makes the
+    /// caller create a new file instead.
+    fn reuse(&self, spare: &Path, path: &Path) -> io::Result<Box<dyn DiskFile>> {
+        let _ = (spare, path);
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// The real file system.
@@ -45,7 +53,9 @@ pub struct OsDisk;
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 struct OsFile {
     file: File,
-    /// Bytes in the file (it is written in append mode).
+    /// Bytes written since it was opened: its length when created in append mode, the
+    /// bytes rewritten from its start when reused ([`Disk::reuse`]; a segment is never
+    /// written again after a failed write cuts it, so no write lands past a cut).
     len: u64,
     /// Bytes before this have been released from the page cache.
     released: u64,
@@ -123,6 +133,16 @@ impl Disk for OsDisk {
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+    fn reuse(&self, spare: &Path, path: &Path) -> io::Result<Box<dyn DiskFile>> {
+        // Opened first: a spare that cannot be written is never renamed into place.
+        let file = OpenOptions::new().write(true).open(spare)?;
+        fs::rename(spare, path)?;
+        Ok(Box::new(OsFile {
+            file,
+            len: 0,
+            released: 0,
+        }))
     }
 }
 
@@ -222,6 +242,7 @@ struct FaultState {
     files: HashMap<PathBuf, Tracked>,
     renames: Vec<PendingRename>,
     injected: usize,
+    reused: usize,
 }
 
 /// A [`Disk`] that fails on request and can lose power. Clones share one state.
@@ -252,6 +273,11 @@ impl FaultDisk {
     /// How many planned failures have happened.
     pub fn injected(&self) -> usize {
         self.lock().injected
+    }
+
+    /// How many WAL spares were reused as segments.
+    pub fn reused(&self) -> usize {
+        self.lock().reused
     }
 
     /// Fail every later operation with EIO and keep what was written, as after a
@@ -377,6 +403,29 @@ impl Disk for FaultDisk {
         self.lock()
             .files
             .insert(path.to_path_buf(), Tracked::default());
+        Ok(Box::new(FaultFile {
+            disk: self.clone(),
+            path: path.to_path_buf(),
+            file,
+        }))
+    }
+
+    /// The spare holds what it held durably (a synced segment); a power loss undoes its
+    /// rewriting since the last fsync, and loses the file if no directory fsync covered
+    /// the rename (a real disk would keep the spare under its old name: no loss either
+    /// way, as its events were flushed).
+    fn reuse(&self, spare: &Path, path: &Path) -> io::Result<Box<dyn DiskFile>> {
+        let file = self.run(DiskOp::Create, path, || {
+            OpenOptions::new().write(true).open(spare)
+        })?;
+        let durable = fs::read(spare)?;
+        self.rename(spare, path)?;
+        let mut st = self.lock();
+        st.reused += 1;
+        if let Some(t) = st.files.get_mut(path) {
+            t.durable = durable;
+        }
+        drop(st);
         Ok(Box::new(FaultFile {
             disk: self.clone(),
             path: path.to_path_buf(),

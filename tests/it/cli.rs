@@ -601,7 +601,8 @@ async fn wal_check_and_salvage_get_past_damage_before_the_tail() {
     assert_eq!(segments.len(), 1);
     let segment = segments.pop().unwrap();
     let mut bytes = std::fs::read(&segment).unwrap();
-    let second = funnelhouse_storage::wal::scan_segment(&bytes).records[1].0;
+    let seq = funnelhouse_storage::wal::segment_number(&segment).unwrap();
+    let second = funnelhouse_storage::wal::scan_segment(seq, &bytes).records[1].0;
     bytes[second + 12] ^= 0xff;
     std::fs::write(&segment, bytes).unwrap();
 

@@ -37,10 +37,12 @@ fn ids(rows: &[crate::support::Row]) -> Vec<String> {
     ids
 }
 
+/// The WAL's segments (not its spares: retired segments kept for reuse).
 fn wal_segments(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = fs::read_dir(dir.join("wal"))
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| funnelhouse_storage::wal::segment_number(p).is_some())
         .collect();
     v.sort();
     v
@@ -151,7 +153,8 @@ async fn damage_before_the_wal_tail_stops_start_up_until_salvaged() {
     copy_dir(&server.dir, crashed.path());
     let segment = wal_segments(crashed.path()).pop().unwrap();
     let mut bytes = fs::read(&segment).unwrap();
-    let second = funnelhouse_storage::wal::scan_segment(&bytes).records[1].0;
+    let seq = funnelhouse_storage::wal::segment_number(&segment).unwrap();
+    let second = funnelhouse_storage::wal::scan_segment(seq, &bytes).records[1].0;
     bytes[second + 20] ^= 0xff;
     fs::write(&segment, bytes).unwrap();
 

@@ -217,6 +217,7 @@ async fn after_a_power_loss_every_acknowledged_event_is_present_once() {
         ..config()
     };
     let mut acked = BTreeSet::new();
+    let mut spares_reused = 0;
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut rand = move |n: u64| {
         seed ^= seed << 13;
@@ -256,6 +257,7 @@ async fn after_a_power_loss_every_acknowledged_event_is_present_once() {
             PowerLoss::ZeroFill
         };
         disk.power_loss(mode);
+        spares_reused += disk.reused();
         for w in writers {
             acked.extend(w.await.unwrap());
         }
@@ -288,4 +290,5 @@ async fn after_a_power_loss_every_acknowledged_event_is_present_once() {
         "the rounds wrote something: {}",
         acked.len()
     );
+    assert!(spares_reused > 0, "the rounds rewrote flushed WAL segments");
 }

@@ -95,11 +95,22 @@ async fn flush_writes_sorted_zstd_parquet_by_day_and_removes_the_wal() {
         ["c", "b", "a"],
         "sorted by campaign, user_id, ts as declared"
     );
-    let wal_bytes: u64 = std::fs::read_dir(server.dir.join("wal"))
+    let wal: Vec<_> = std::fs::read_dir(server.dir.join("wal"))
         .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum();
-    assert_eq!(wal_bytes, 0, "flushed segments are deleted");
+        .map(|e| e.unwrap().path())
+        .collect();
+    let segments = wal
+        .iter()
+        .filter(|p| funnelhouse_storage::wal::segment_number(p).is_some());
+    let wal_bytes: u64 = segments.map(|p| p.metadata().unwrap().len()).sum();
+    assert_eq!(wal_bytes, 0, "flushed segments are retired");
+    assert!(
+        wal.iter()
+            .filter(|p| p.extension().is_some_and(|x| x == "spare"))
+            .count()
+            <= 2,
+        "at most two retired segments are kept as spares: {wal:?}"
+    );
 }
 
 #[tokio::test]
