@@ -137,7 +137,7 @@ impl Disk for OsDisk {
     fn reuse(&self, spare: &Path, path: &Path) -> io::Result<Box<dyn DiskFile>> {
         // Opened first: a spare that cannot be written is never renamed into place.
         let file = OpenOptions::new().write(true).open(spare)?;
-        fs::rename(spare, path)?;
+        self.rename(spare, path)?;
         Ok(Box::new(OsFile {
             file,
             len: 0,
@@ -420,12 +420,13 @@ impl Disk for FaultDisk {
         })?;
         let durable = fs::read(spare)?;
         self.rename(spare, path)?;
-        let mut st = self.lock();
-        st.reused += 1;
-        if let Some(t) = st.files.get_mut(path) {
-            t.durable = durable;
+        {
+            let mut st = self.lock();
+            st.reused += 1;
+            if let Some(t) = st.files.get_mut(path) {
+                t.durable = durable;
+            }
         }
-        drop(st);
         Ok(Box::new(FaultFile {
             disk: self.clone(),
             path: path.to_path_buf(),

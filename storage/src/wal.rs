@@ -584,37 +584,15 @@ fn checked_payload(
     Ok((payload, is_cut))
 }
 
-/// Whether the first events of a record's payload (after its count) are laid out as
-/// [`encode_events`] writes them, each length within the payload. A cheap test, before
+/// Whether the first events of a record's payload (after its count) read as
+/// [`encode_events`] writes them, each within the payload. A cheap test, before
 /// the checksum, of whether an offset can hold a record at all: resynchronising over a
 /// damaged or reused segment tries every byte, and the length read at most of them
 /// spans megabytes, each checksummed in full (7 s over one reused 100 MB segment).
 fn first_events_fit(mut buf: &[u8], count: usize) -> bool {
     const CHECKED: usize = 4;
-    fn skip(buf: &mut &[u8], n: usize) -> Option<()> {
-        *buf = buf.get(n..)?;
-        Some(())
-    }
-    fn skip_str(buf: &mut &[u8]) -> Option<()> {
-        let n = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?);
-        skip(buf, 4)?;
-        skip(buf, n as usize)
-    }
-    let mut fits = || {
-        for _ in 0..count.min(CHECKED) {
-            for _ in 0..5 {
-                skip_str(&mut buf)?;
-            }
-            skip(&mut buf, 2 * 8)?;
-            if buf.get(..4) == Some(&NO_PROPERTIES.to_le_bytes()[..]) {
-                skip(&mut buf, 4)?;
-            } else {
-                skip_str(&mut buf)?;
-            }
-        }
-        (count > CHECKED || buf.is_empty()).then_some(())
-    };
-    fits().is_some()
+    (0..count.min(CHECKED)).all(|_| take_event(&mut buf).is_ok())
+        && (count > CHECKED || buf.is_empty())
 }
 
 /// Read segment `seq`: records from the start until one is unreadable; then, to tell a
@@ -863,29 +841,7 @@ pub fn decode_events(mut buf: &[u8]) -> std::result::Result<Vec<Event>, String> 
     let n = take_u32(&mut buf)? as usize;
     let mut events = Vec::with_capacity(n.min(1 << 20));
     for _ in 0..n {
-        let event_id = take_str(&mut buf)?;
-        let event = take_str(&mut buf)?;
-        let user_id = take_str(&mut buf)?;
-        let campaign = take_str(&mut buf)?;
-        let channel = take_str(&mut buf)?;
-        let ts = take_i64(&mut buf)?;
-        let received_at = take_i64(&mut buf)?;
-        let properties = if buf.get(..4) == Some(&NO_PROPERTIES.to_le_bytes()[..]) {
-            buf = &buf[4..];
-            None
-        } else {
-            Some(take_str(&mut buf)?)
-        };
-        events.push(Event::from(EventRef {
-            event_id,
-            event,
-            user_id,
-            campaign,
-            channel,
-            ts,
-            received_at,
-            properties,
-        }));
+        events.push(Event::from(take_event(&mut buf)?));
     }
     if !buf.is_empty() {
         return Err(format!("{} trailing bytes in a WAL record", buf.len()));
@@ -893,26 +849,53 @@ pub fn decode_events(mut buf: &[u8]) -> std::result::Result<Vec<Event>, String> 
     Ok(events)
 }
 
-fn take<'a>(buf: &mut &'a [u8], n: usize) -> std::result::Result<&'a [u8], String> {
+/// The next event of a record's payload, as [`encode_event`] wrote it, borrowed from it.
+fn take_event<'a>(buf: &mut &'a [u8]) -> std::result::Result<EventRef<'a>, &'static str> {
+    let event_id = take_str(buf)?;
+    let event = take_str(buf)?;
+    let user_id = take_str(buf)?;
+    let campaign = take_str(buf)?;
+    let channel = take_str(buf)?;
+    let ts = take_i64(buf)?;
+    let received_at = take_i64(buf)?;
+    let properties = if buf.get(..4) == Some(&NO_PROPERTIES.to_le_bytes()[..]) {
+        *buf = &buf[4..];
+        None
+    } else {
+        Some(take_str(buf)?)
+    };
+    Ok(EventRef {
+        event_id,
+        event,
+        user_id,
+        campaign,
+        channel,
+        ts,
+        received_at,
+        properties,
+    })
+}
+
+fn take<'a>(buf: &mut &'a [u8], n: usize) -> std::result::Result<&'a [u8], &'static str> {
     if buf.len() < n {
-        return Err("truncated WAL record".to_string());
+        return Err("truncated WAL record");
     }
     let (head, tail) = buf.split_at(n);
     *buf = tail;
     Ok(head)
 }
 
-fn take_u32(buf: &mut &[u8]) -> std::result::Result<u32, String> {
+fn take_u32(buf: &mut &[u8]) -> std::result::Result<u32, &'static str> {
     Ok(u32::from_le_bytes(take(buf, 4)?.try_into().unwrap()))
 }
 
-fn take_i64(buf: &mut &[u8]) -> std::result::Result<i64, String> {
+fn take_i64(buf: &mut &[u8]) -> std::result::Result<i64, &'static str> {
     Ok(i64::from_le_bytes(take(buf, 8)?.try_into().unwrap()))
 }
 
-fn take_str<'a>(buf: &mut &'a [u8]) -> std::result::Result<&'a str, String> {
+fn take_str<'a>(buf: &mut &'a [u8]) -> std::result::Result<&'a str, &'static str> {
     let n = take_u32(buf)? as usize;
-    std::str::from_utf8(take(buf, n)?).map_err(|_| "non-UTF-8 string in a WAL record".to_string())
+    std::str::from_utf8(take(buf, n)?).map_err(|_| "non-UTF-8 string in a WAL record")
 }
 
 #[cfg(test)]
