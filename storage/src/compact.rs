@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use arrow::array::{AsArray, RecordBatch};
-use arrow::compute::interleave_record_batch;
 use arrow::datatypes::TimestampMicrosecondType;
 use funnelhouse_schemas::arrow::col;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReader;
@@ -25,6 +24,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReader;
 use crate::dedup::id_hash;
 use crate::disk::Disk;
 use crate::error::Result;
+use crate::gather::gather_rows;
 use crate::manifest::{FileMeta, Manifest};
 use crate::parquet_file::{SortedFileWriter, read_batches, read_batches_of};
 
@@ -352,7 +352,7 @@ fn emit(
 ) -> Result<()> {
     if !picked.is_empty() {
         let refs: Vec<&RecordBatch> = pool.iter().collect();
-        out.write(&interleave_record_batch(&refs, picked)?)?;
+        out.write(&gather_rows(&refs, picked)?)?;
         picked.clear();
     }
     let mut kept = Vec::with_capacity(cursors.len());

@@ -16,6 +16,7 @@ pub mod dedup;
 pub mod disk;
 pub mod error;
 pub mod fsutil;
+mod gather;
 pub mod manifest;
 pub mod metrics;
 pub mod parquet_file;

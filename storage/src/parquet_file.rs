@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use arrow::array::{AsArray, RecordBatch, StringViewArray, TimestampMicrosecondArray};
-use arrow::compute::interleave_record_batch;
 use chrono::DateTime;
 use funnelhouse_schemas::arrow::col;
 use funnelhouse_schemas::event_schema;
@@ -22,6 +21,7 @@ use crate::config::Partitioning;
 use crate::disk::{Disk, DiskFile};
 use crate::error::{Result, StorageError};
 use crate::fsutil::rename_durable;
+use crate::gather::gather_rows;
 use crate::manifest::{EVENTS_DIR, FileMeta};
 
 const DAY_US: i64 = 86_400_000_000;
@@ -384,7 +384,7 @@ fn write_gathered(
 ) -> Result<FileMeta> {
     let mut file = SortedFileWriter::create(disk, data_dir, partition, name_prefix)?;
     for chunk in rows.chunks(GATHER_ROWS) {
-        file.write(&interleave_record_batch(batches, chunk)?)?;
+        file.write(&gather_rows(batches, chunk)?)?;
     }
     file.finish()
 }
@@ -500,7 +500,7 @@ pub fn read_batches_of(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::compute::concat_batches;
+    use arrow::compute::{concat_batches, interleave_record_batch};
     use funnelhouse_schemas::{Event, EventRef, events_to_batch};
 
     use crate::disk::{DiskOp, Errno, Fault, FaultDisk, OsDisk};

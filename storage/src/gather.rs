@@ -1,0 +1,211 @@
+//! Gathering rows of many batches into one, in a given order, for the flush's sorted files.
+//!
+//! `arrow::compute::interleave_record_batch` does the same, but a flush gathers a day's rows
+//! of a whole live buffer in (campaign, user_id, ts) order: consecutive rows come from
+//! batches all over memory, and every column's read of a row is a cache miss that the
+//! core waits out one at a time (arrow's string-view gather alone was ~6% of a loaded
+//! server's samples, benches/README.md, session 28). Here each column is gathered with
+//! the source of the row [`PREFETCH_AHEAD`] rows on requested early, so the misses
+//! overlap. Columns of types other than the event schema's go to arrow's interleave.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, ByteView, NullBufferBuilder, PrimitiveArray, RecordBatch,
+    StringViewArray,
+};
+use arrow::buffer::{Buffer, NullBuffer, ScalarBuffer};
+use arrow::compute::interleave;
+use arrow::datatypes::{ArrowNativeType, DataType, TimeUnit, TimestampMicrosecondType};
+use arrow::error::ArrowError;
+
+/// How many rows ahead a source value is prefetched: a row takes a few nanoseconds and a
+/// miss to memory ~100: with 16 rows ahead the gather was 12% of the flush bench's
+/// samples, with 64 it is 7% (benches/README.md, session 28).
+const PREFETCH_AHEAD: usize = 64;
+
+/// Longest string a view holds inline; a longer one's view names a data buffer.
+const INLINE_MAX: u32 = 12;
+
+/// The rows `(batch, row)` of `batches`, in this order, as one batch with their schema.
+pub fn gather_rows(
+    batches: &[&RecordBatch],
+    rows: &[(usize, usize)],
+) -> Result<RecordBatch, ArrowError> {
+    let Some(first) = batches.first() else {
+        return Err(ArrowError::InvalidArgumentError(
+            "gather_rows needs at least one batch".into(),
+        ));
+    };
+    let schema = first.schema();
+    let columns = (0..schema.fields().len())
+        .map(|c| {
+            let arrays: Vec<&dyn Array> = batches.iter().map(|b| b.column(c).as_ref()).collect();
+            gather_column(&arrays, rows)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(schema, columns)
+}
+
+fn gather_column(arrays: &[&dyn Array], rows: &[(usize, usize)]) -> Result<ArrayRef, ArrowError> {
+    match arrays[0].data_type() {
+        DataType::Utf8View => {
+            let views: Vec<&StringViewArray> = arrays.iter().map(|a| a.as_string_view()).collect();
+            Ok(Arc::new(gather_views(
+                &views,
+                rows,
+                gather_nulls(arrays, rows),
+            )))
+        }
+        DataType::Timestamp(TimeUnit::Microsecond, _) => {
+            let values: Vec<&[i64]> = arrays
+                .iter()
+                .map(|a| {
+                    a.as_primitive::<TimestampMicrosecondType>()
+                        .values()
+                        .as_ref()
+                })
+                .collect();
+            let out = PrimitiveArray::<TimestampMicrosecondType>::new(
+                gather_values(&values, rows),
+                gather_nulls(arrays, rows),
+            );
+            Ok(Arc::new(out.with_data_type(arrays[0].data_type().clone())))
+        }
+        _ => interleave(arrays, rows),
+    }
+}
+
+/// The rows' validity, or none when no source has a null.
+fn gather_nulls(
+    arrays: &[&dyn Array],
+    rows: &[(usize, usize)],
+) -> Option<arrow::buffer::NullBuffer> {
+    if arrays.iter().all(|a| a.null_count() == 0) {
+        return None;
+    }
+    let mut nulls = NullBufferBuilder::new(rows.len());
+    for &(b, r) in rows {
+        nulls.append(arrays[b].is_valid(r));
+    }
+    nulls.finish()
+}
+
+fn gather_values<T: ArrowNativeType>(values: &[&[T]], rows: &[(usize, usize)]) -> ScalarBuffer<T> {
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, &(b, r)) in rows.iter().enumerate() {
+        if let Some(&(pb, pr)) = rows.get(i + PREFETCH_AHEAD) {
+            prefetch(values[pb][pr..].as_ptr());
+        }
+        out.push(values[b][r]);
+    }
+    ScalarBuffer::from(out)
+}
+
+/// Views are copied; a view of a string longer than its inline bytes names its data
+/// buffer, renumbered into the output's buffer list, which takes each source batch's
+/// buffers once, when the first of its rows arrives (strings themselves are not copied).
+fn gather_views(
+    arrays: &[&StringViewArray],
+    rows: &[(usize, usize)],
+    nulls: Option<NullBuffer>,
+) -> StringViewArray {
+    let views: Vec<&[u128]> = arrays.iter().map(|a| a.views().as_ref()).collect();
+    // Index of each source's first buffer in `buffers`, u32::MAX until taken.
+    let mut first_buffer = vec![u32::MAX; arrays.len()];
+    let mut buffers: Vec<Buffer> = Vec::new();
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, &(b, r)) in rows.iter().enumerate() {
+        if let Some(&(pb, pr)) = rows.get(i + PREFETCH_AHEAD) {
+            prefetch(views[pb][pr..].as_ptr());
+        }
+        let view = views[b][r];
+        if (view as u32) <= INLINE_MAX {
+            out.push(view);
+            continue;
+        }
+        if first_buffer[b] == u32::MAX {
+            first_buffer[b] = buffers.len() as u32;
+            buffers.extend(arrays[b].data_buffers().iter().cloned());
+        }
+        let view = ByteView::from(view);
+        let buffer_index = first_buffer[b] + view.buffer_index;
+        out.push(view.with_buffer_index(buffer_index).as_u128());
+    }
+    // SAFETY: every view is a valid view of its source array, and a view that names a
+    // buffer was renumbered to where that source's buffers sit in `buffers`, in their
+    // order; inline views need no buffer.
+    unsafe { StringViewArray::new_unchecked(ScalarBuffer::from(out), buffers, nulls) }
+}
+
+/// Ask for the cache line at `ptr` (a hint: never faults, no effect on results).
+#[inline(always)]
+fn prefetch<T>(ptr: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint the CPU may drop; it never reads memory architecturally.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ptr.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = ptr;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::TimestampMicrosecondArray;
+    use arrow::compute::interleave_record_batch;
+    use arrow::datatypes::{Field, Schema};
+
+    fn batch(seed: usize, n: usize) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("s", DataType::Utf8View, true),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                false,
+            ),
+            Field::new("n", DataType::Int32, false),
+        ]));
+        // Short (inline) and long strings, and a null every seventh row.
+        let s: StringViewArray = (0..n)
+            .map(|i| match (seed + i) % 7 {
+                0 => None,
+                k if k % 2 == 0 => Some(format!("s{seed}-{i}")),
+                _ => Some(format!("a string longer than twelve bytes {seed}-{i}")),
+            })
+            .collect();
+        let ts =
+            TimestampMicrosecondArray::from_iter_values((0..n).map(|i| (seed * 1000 + i) as i64))
+                .with_timezone("UTC");
+        let ints = arrow::array::Int32Array::from_iter_values((0..n).map(|i| (seed + i) as i32));
+        RecordBatch::try_new(schema, vec![Arc::new(s), Arc::new(ts), Arc::new(ints)]).unwrap()
+    }
+
+    #[test]
+    fn gathers_the_same_rows_as_arrows_interleave() {
+        let owned: Vec<RecordBatch> = (0..5).map(|s| batch(s, 40 + s * 13)).collect();
+        let batches: Vec<&RecordBatch> = owned.iter().collect();
+        // A scattered order that visits every batch, some rows twice.
+        let rows: Vec<(usize, usize)> = (0..300)
+            .map(|i| {
+                let b = (i * 7) % 5;
+                (b, (i * 31) % owned[b].num_rows())
+            })
+            .collect();
+        let ours = gather_rows(&batches, &rows).unwrap();
+        assert_eq!(ours, interleave_record_batch(&batches, &rows).unwrap());
+        assert!(ours.column(0).null_count() > 0);
+        // Only the batches whose long strings were taken lend buffers, each once.
+        let taken: std::collections::HashSet<usize> = rows.iter().map(|&(b, _)| b).collect();
+        assert!(ours.column(0).as_string_view().data_buffers().len() <= taken.len());
+    }
+
+    #[test]
+    fn gathers_no_rows() {
+        let owned = [batch(1, 10)];
+        let out = gather_rows(&[&owned[0]], &[]).unwrap();
+        assert_eq!(out.num_rows(), 0);
+        assert_eq!(out.schema(), owned[0].schema());
+    }
+}
