@@ -1,9 +1,10 @@
-//! Gathering rows of many batches into one, in a given order, for the flush's sorted files.
+//! Gathering rows of many batches into one, in a given order: the flush's and compaction's
+//! sorted files.
 //!
 //! `arrow::compute::interleave_record_batch` does the same, but a flush gathers a day's rows
 //! of a whole live buffer in (campaign, user_id, ts) order: consecutive rows come from
 //! batches all over memory, and every column's read of a row is a cache miss that the
-//! core waits out one at a time (arrow's string-view gather alone was ~6% of a loaded
+//! core waits out one at a time (arrow's string-view gather alone was ~7% of a loaded
 //! server's samples, benches/README.md, session 28). Here each column is gathered with
 //! the source of the row [`PREFETCH_AHEAD`] rows on requested early, so the misses
 //! overlap. Columns of types other than the event schema's go to arrow's interleave.
@@ -11,8 +12,8 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, ByteView, NullBufferBuilder, PrimitiveArray, RecordBatch,
-    StringViewArray,
+    Array, ArrayRef, AsArray, ByteView, MAX_INLINE_VIEW_LEN, NullBufferBuilder, PrimitiveArray,
+    RecordBatch, StringViewArray,
 };
 use arrow::buffer::{Buffer, NullBuffer, ScalarBuffer};
 use arrow::compute::interleave;
@@ -23,9 +24,6 @@ use arrow::error::ArrowError;
 /// miss to memory ~100: with 16 rows ahead the gather was 12% of the flush bench's
 /// samples, with 64 it is 7% (benches/README.md, session 28).
 const PREFETCH_AHEAD: usize = 64;
-
-/// Longest string a view holds inline; a longer one's view names a data buffer.
-const INLINE_MAX: u32 = 12;
 
 /// The rows `(batch, row)` of `batches`, in this order, as one batch with their schema.
 pub fn gather_rows(
@@ -48,7 +46,13 @@ pub fn gather_rows(
 }
 
 fn gather_column(arrays: &[&dyn Array], rows: &[(usize, usize)]) -> Result<ArrayRef, ArrowError> {
-    match arrays[0].data_type() {
+    let data_type = arrays[0].data_type();
+    // Batches whose column types differ (files of older versions, in compaction) get
+    // arrow's interleave, which says so in its error.
+    if arrays.iter().any(|a| a.data_type() != data_type) {
+        return interleave(arrays, rows);
+    }
+    match data_type {
         DataType::Utf8View => {
             let views: Vec<&StringViewArray> = arrays.iter().map(|a| a.as_string_view()).collect();
             Ok(Arc::new(gather_views(
@@ -70,17 +74,14 @@ fn gather_column(arrays: &[&dyn Array], rows: &[(usize, usize)]) -> Result<Array
                 gather_values(&values, rows),
                 gather_nulls(arrays, rows),
             );
-            Ok(Arc::new(out.with_data_type(arrays[0].data_type().clone())))
+            Ok(Arc::new(out.with_data_type(data_type.clone())))
         }
         _ => interleave(arrays, rows),
     }
 }
 
 /// The rows' validity, or none when no source has a null.
-fn gather_nulls(
-    arrays: &[&dyn Array],
-    rows: &[(usize, usize)],
-) -> Option<arrow::buffer::NullBuffer> {
+fn gather_nulls(arrays: &[&dyn Array], rows: &[(usize, usize)]) -> Option<NullBuffer> {
     if arrays.iter().all(|a| a.null_count() == 0) {
         return None;
     }
@@ -103,8 +104,11 @@ fn gather_values<T: ArrowNativeType>(values: &[&[T]], rows: &[(usize, usize)]) -
 }
 
 /// Views are copied; a view of a string longer than its inline bytes names its data
-/// buffer, renumbered into the output's buffer list, which takes each source batch's
-/// buffers once, when the first of its rows arrives (strings themselves are not copied).
+/// buffer, renumbered into the output's buffer list, which takes all of a source batch's
+/// buffers once, when the first of its long strings arrives (strings themselves are not
+/// copied). Arrow's interleave takes only the buffers named: this output may hold more
+/// memory alive, but renumbering is an addition instead of a lookup per row. A live
+/// buffer's batch has one data buffer, shared by its string columns.
 fn gather_views(
     arrays: &[&StringViewArray],
     rows: &[(usize, usize)],
@@ -120,7 +124,7 @@ fn gather_views(
             prefetch(views[pb][pr..].as_ptr());
         }
         let view = views[b][r];
-        if (view as u32) <= INLINE_MAX {
+        if (view as u32) <= MAX_INLINE_VIEW_LEN {
             out.push(view);
             continue;
         }
@@ -142,9 +146,12 @@ fn gather_views(
 #[inline(always)]
 fn prefetch<T>(ptr: *const T) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint the CPU may drop; it never reads memory architecturally.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ptr.cast());
+    {
+        // SAFETY: a prefetch is a hint the CPU may drop; it never reads memory
+        // architecturally, so any address is fine.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ptr.cast());
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = ptr;
@@ -152,8 +159,10 @@ fn prefetch<T>(ptr: *const T) {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
-    use arrow::array::TimestampMicrosecondArray;
+    use arrow::array::{Int32Array, StringArray, StringViewBuilder, TimestampMicrosecondArray};
     use arrow::compute::interleave_record_batch;
     use arrow::datatypes::{Field, Schema};
 
@@ -167,38 +176,54 @@ mod tests {
             ),
             Field::new("n", DataType::Int32, false),
         ]));
-        // Short (inline) and long strings, and a null every seventh row.
-        let s: StringViewArray = (0..n)
-            .map(|i| match (seed + i) % 7 {
-                0 => None,
-                k if k % 2 == 0 => Some(format!("s{seed}-{i}")),
-                _ => Some(format!("a string longer than twelve bytes {seed}-{i}")),
-            })
-            .collect();
+        // Short (inline) and long strings, a null every seventh row, and data buffers of
+        // 64 bytes: a source's long strings sit in many buffers.
+        let mut s = StringViewBuilder::new().with_fixed_block_size(64);
+        for i in 0..n {
+            match (seed + i) % 7 {
+                0 => s.append_null(),
+                k if k % 2 == 0 => s.append_value(format!("s{seed}-{i}")),
+                _ => s.append_value(format!("a string longer than twelve bytes {seed}-{i}")),
+            }
+        }
         let ts =
             TimestampMicrosecondArray::from_iter_values((0..n).map(|i| (seed * 1000 + i) as i64))
                 .with_timezone("UTC");
-        let ints = arrow::array::Int32Array::from_iter_values((0..n).map(|i| (seed + i) as i32));
-        RecordBatch::try_new(schema, vec![Arc::new(s), Arc::new(ts), Arc::new(ints)]).unwrap()
+        let ints = Int32Array::from_iter_values((0..n).map(|i| (seed + i) as i32));
+        let columns: Vec<ArrayRef> = vec![Arc::new(s.finish()), Arc::new(ts), Arc::new(ints)];
+        RecordBatch::try_new(schema, columns).unwrap()
     }
 
     #[test]
     fn gathers_the_same_rows_as_arrows_interleave() {
-        let owned: Vec<RecordBatch> = (0..5).map(|s| batch(s, 40 + s * 13)).collect();
+        let mut owned: Vec<RecordBatch> = (0..5).map(|s| batch(s, 40 + s * 13)).collect();
+        // A slice: its arrays start at an offset into their buffers.
+        owned.push(batch(5, 60).slice(3, 50));
         let batches: Vec<&RecordBatch> = owned.iter().collect();
         // A scattered order that visits every batch, some rows twice.
-        let rows: Vec<(usize, usize)> = (0..300)
+        let rows: Vec<(usize, usize)> = (0..400)
             .map(|i| {
-                let b = (i * 7) % 5;
+                let b = (i * 7) % owned.len();
                 (b, (i * 31) % owned[b].num_rows())
             })
             .collect();
         let ours = gather_rows(&batches, &rows).unwrap();
         assert_eq!(ours, interleave_record_batch(&batches, &rows).unwrap());
         assert!(ours.column(0).null_count() > 0);
-        // Only the batches whose long strings were taken lend buffers, each once.
-        let taken: std::collections::HashSet<usize> = rows.iter().map(|&(b, _)| b).collect();
-        assert!(ours.column(0).as_string_view().data_buffers().len() <= taken.len());
+        // The sources whose long strings were taken lend all their buffers, each once.
+        let strings = |b: usize| owned[b].column(0).as_string_view();
+        let lending: HashSet<usize> = (rows.iter())
+            .filter(|&&(b, r)| {
+                strings(b).is_valid(r) && strings(b).value(r).len() > MAX_INLINE_VIEW_LEN as usize
+            })
+            .map(|&(b, _)| b)
+            .collect();
+        let lent: usize = lending
+            .iter()
+            .map(|&b| strings(b).data_buffers().len())
+            .sum();
+        assert!(lending.iter().all(|&b| strings(b).data_buffers().len() > 1));
+        assert_eq!(ours.column(0).as_string_view().data_buffers().len(), lent);
     }
 
     #[test]
@@ -207,5 +232,15 @@ mod tests {
         let out = gather_rows(&[&owned[0]], &[]).unwrap();
         assert_eq!(out.num_rows(), 0);
         assert_eq!(out.schema(), owned[0].schema());
+    }
+
+    #[test]
+    fn columns_of_different_types_are_an_error_as_in_arrow() {
+        let views = batch(1, 10);
+        let schema = Arc::new(Schema::new(vec![Field::new("s", DataType::Utf8, true)]));
+        let strings = StringArray::from_iter_values(["a string longer than twelve bytes"]);
+        let other = RecordBatch::try_new(schema, vec![Arc::new(strings)]).unwrap();
+        let err = gather_rows(&[&views.project(&[0]).unwrap(), &other], &[(0, 1), (1, 0)]);
+        assert!(err.is_err(), "{err:?}");
     }
 }
