@@ -37,10 +37,14 @@ pub fn run(command: WalCommand, cfg: &Config) -> Result<std::process::ExitCode, 
                 };
                 println!("{}: {verdict}", summary(r));
             }
+            let noun = if reports.len() == 1 {
+                "segment"
+            } else {
+                "segments"
+            };
             println!(
-                "{} segments, {} with damage before the tail",
-                reports.len(),
-                damaged
+                "{} {noun}, {damaged} with damage before the tail",
+                reports.len()
             );
             Ok(std::process::ExitCode::from(if damaged > 0 {
                 1

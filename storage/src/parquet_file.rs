@@ -500,16 +500,14 @@ pub fn read_batches_of(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::compute::{concat_batches, interleave_record_batch};
+    use arrow::compute::concat_batches;
     use funnelhouse_schemas::{Event, EventRef, events_to_batch};
 
     use crate::disk::{DiskOp, Errno, Fault, FaultDisk, OsDisk};
 
     /// The rows of `batches` as one batch in file order (see [`with_sorted_rows`]).
     fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBatch> {
-        with_sorted_rows(batches, unit, |_, rows| {
-            Ok(interleave_record_batch(batches, rows)?)
-        })
+        with_sorted_rows(batches, unit, |_, rows| Ok(gather_rows(batches, rows)?))
     }
 
     /// A `scan` event with id `e<i>`, no channel and no properties.

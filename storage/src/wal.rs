@@ -244,9 +244,11 @@ impl Wal {
             };
             // Up to the first unreadable record: a live segment's tail is the server's to
             // judge, and a reused one's runs to the end of the file.
-            let mut events = Vec::new();
-            scan_records(seq, &data, false, |_, e| events.push(e));
-            out.extend(events.into_iter().filter(|e| !e.is_empty()));
+            scan_records(seq, &data, false, |_, events| {
+                if !events.is_empty() {
+                    out.push(events);
+                }
+            });
         }
         Ok(out)
     }
@@ -714,10 +716,10 @@ pub fn salvage(wal_dir: &Path) -> Result<Vec<SegmentReport>> {
         let path = &report.path;
         let data = fs::read(path).map_err(StorageError::io(path))?;
         let mut clean = Vec::with_capacity(data.len());
-        let checksum = Checksum::of_segment(report.seq, &data, true);
         for (at, _) in scan_segment(report.seq, &data).records {
-            let len = read_record(&data, at, checksum).map_or(0, |r| r.len);
-            clean.extend_from_slice(&data[at..at + len]);
+            // The scan read this record whole: its header's length holds.
+            let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+            clean.extend_from_slice(&data[at..at + HEADER + len]);
         }
         let mut keep = path.clone().into_os_string();
         keep.push(".damaged");
