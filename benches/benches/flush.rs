@@ -3,8 +3,9 @@
 //! day partition, fsync and rename (into a temporary dir under `$TMPDIR`; removing the
 //! files after each flush is timed too). Reports events/s. The events come from the
 //! NDJSON file in `FLUSH_BENCH_NDJSON` (e.g. `funnelhouse gen --events 400000 --out
-//! f.ndjson`, about one default-sized flush), in 4,000-event batches as group commits
-//! append them; without it, from a small built-in mix. Uses mimalloc and keeps the C heap
+//! f.ndjson`, about one default-sized flush), in batches of 4,000 events (or
+//! `FLUSH_BENCH_GROUP`) as group commits append them (at 8 clients the server's batches
+//! hold ~1,200); without it, from a small built-in mix. Uses mimalloc and keeps the C heap
 //! like the server, so page faults on fresh memory count as they do there. Prints the
 //! Parquet bytes per event first.
 
@@ -19,6 +20,7 @@ use funnelhouse_storage::{OsDisk, Partitioning};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Events per live-buffer batch unless `FLUSH_BENCH_GROUP` says otherwise.
 const GROUP: usize = 4_000;
 
 fn ndjson() -> String {
@@ -62,8 +64,9 @@ fn batches() -> Vec<RecordBatch> {
     let text = ndjson();
     let ctx = DecodeContext::new(1_794_391_200_000_000);
     let lines: Vec<&str> = text.lines().collect();
+    let group = std::env::var("FLUSH_BENCH_GROUP").map_or(GROUP, |g| g.parse().expect("a count"));
     lines
-        .chunks(GROUP)
+        .chunks(group)
         .map(|chunk| {
             let body = chunk.join("\n");
             let decoded = decode_body(body.as_bytes(), BodyFormat::Ndjson, &ctx).unwrap();

@@ -17,7 +17,7 @@ use arrow::array::{
 };
 use arrow::buffer::{Buffer, NullBuffer, ScalarBuffer};
 use arrow::compute::interleave;
-use arrow::datatypes::{ArrowNativeType, DataType, TimeUnit, TimestampMicrosecondType};
+use arrow::datatypes::{ArrowNativeType, DataType, SchemaRef, TimeUnit, TimestampMicrosecondType};
 use arrow::error::ArrowError;
 
 /// How many rows ahead a source value is prefetched: a row takes a few nanoseconds and a
@@ -30,66 +30,130 @@ pub fn gather_rows(
     batches: &[&RecordBatch],
     rows: &[(usize, usize)],
 ) -> Result<RecordBatch, ArrowError> {
-    let Some(first) = batches.first() else {
-        return Err(ArrowError::InvalidArgumentError(
-            "gather_rows needs at least one batch".into(),
-        ));
-    };
-    let schema = first.schema();
-    let columns = (0..schema.fields().len())
-        .map(|c| {
-            let arrays: Vec<&dyn Array> = batches.iter().map(|b| b.column(c).as_ref()).collect();
-            gather_column(&arrays, rows)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    RecordBatch::try_new(schema, columns)
+    RowSources::new(batches)?.gather(rows)
 }
 
-fn gather_column(arrays: &[&dyn Array], rows: &[(usize, usize)]) -> Result<ArrayRef, ArrowError> {
-    let data_type = arrays[0].data_type();
-    // Batches whose column types differ (files of older versions, in compaction) get
-    // arrow's interleave, which says so in its error.
-    if arrays.iter().any(|a| a.data_type() != data_type) {
-        return interleave(arrays, rows);
+/// The columns of many batches, ready to gather rows from, any number of times. What is
+/// per source (a type check, a downcast, its nulls) is looked at once here: a flush
+/// gathers a file 16 K rows at a time from all of a live buffer's batches (hundreds,
+/// one per group commit), and doing it per gather was ~5% of the flusher's samples
+/// (comparing column types alone 3%; benches/README.md, session 29).
+pub struct RowSources<'a> {
+    schema: SchemaRef,
+    columns: Vec<ColumnSources<'a>>,
+}
+
+/// One column of every batch.
+enum ColumnSources<'a> {
+    Views {
+        views: Vec<&'a [u128]>,
+        arrays: Vec<&'a StringViewArray>,
+        nulls: SourceNulls<'a>,
+    },
+    Micros {
+        values: Vec<&'a [i64]>,
+        data_type: DataType,
+        nulls: SourceNulls<'a>,
+    },
+    /// Other types, and columns whose types differ between batches (files of older
+    /// versions, in compaction): arrow's interleave, which says so in its error.
+    Other(Vec<&'a dyn Array>),
+}
+
+/// Each source's validity, or none when no source has a null.
+type SourceNulls<'a> = Option<Vec<Option<&'a NullBuffer>>>;
+
+impl<'a> RowSources<'a> {
+    pub fn new(batches: &[&'a RecordBatch]) -> Result<Self, ArrowError> {
+        let Some(first) = batches.first() else {
+            return Err(ArrowError::InvalidArgumentError(
+                "gathering rows needs at least one batch".into(),
+            ));
+        };
+        let schema = first.schema();
+        let columns = (0..schema.fields().len())
+            .map(|c| {
+                let arrays: Vec<&dyn Array> =
+                    batches.iter().map(|b| b.column(c).as_ref()).collect();
+                ColumnSources::new(arrays)
+            })
+            .collect();
+        Ok(Self { schema, columns })
     }
-    match data_type {
-        DataType::Utf8View => {
-            let views: Vec<&StringViewArray> = arrays.iter().map(|a| a.as_string_view()).collect();
-            Ok(Arc::new(gather_views(
-                &views,
-                rows,
-                gather_nulls(arrays, rows),
-            )))
+
+    /// The rows `(batch, row)`, in this order, as one batch.
+    pub fn gather(&self, rows: &[(usize, usize)]) -> Result<RecordBatch, ArrowError> {
+        let columns = (self.columns.iter())
+            .map(|c| c.gather(rows))
+            .collect::<Result<Vec<_>, _>>()?;
+        RecordBatch::try_new(Arc::clone(&self.schema), columns)
+    }
+}
+
+impl<'a> ColumnSources<'a> {
+    fn new(arrays: Vec<&'a dyn Array>) -> Self {
+        let data_type = arrays[0].data_type();
+        if arrays.iter().any(|a| a.data_type() != data_type) {
+            return Self::Other(arrays);
         }
-        DataType::Timestamp(TimeUnit::Microsecond, _) => {
-            let values: Vec<&[i64]> = arrays
-                .iter()
-                .map(|a| {
-                    a.as_primitive::<TimestampMicrosecondType>()
-                        .values()
-                        .as_ref()
-                })
-                .collect();
-            let out = PrimitiveArray::<TimestampMicrosecondType>::new(
-                gather_values(&values, rows),
-                gather_nulls(arrays, rows),
-            );
-            Ok(Arc::new(out.with_data_type(data_type.clone())))
+        let nulls = |arrays: &[&'a dyn Array]| {
+            (arrays.iter().any(|a| a.null_count() > 0))
+                .then(|| arrays.iter().map(|a| a.nulls()).collect())
+        };
+        match data_type {
+            DataType::Utf8View => {
+                let views = arrays.iter().map(|a| a.as_string_view());
+                Self::Views {
+                    views: views.clone().map(|a| a.views().as_ref()).collect(),
+                    arrays: views.collect(),
+                    nulls: nulls(&arrays),
+                }
+            }
+            DataType::Timestamp(TimeUnit::Microsecond, _) => Self::Micros {
+                values: (arrays.iter())
+                    .map(|a| {
+                        let a = a.as_primitive::<TimestampMicrosecondType>();
+                        a.values().as_ref()
+                    })
+                    .collect(),
+                data_type: data_type.clone(),
+                nulls: nulls(&arrays),
+            },
+            _ => Self::Other(arrays),
         }
-        _ => interleave(arrays, rows),
+    }
+
+    fn gather(&self, rows: &[(usize, usize)]) -> Result<ArrayRef, ArrowError> {
+        Ok(match self {
+            Self::Views {
+                views,
+                arrays,
+                nulls,
+            } => Arc::new(gather_views(views, arrays, rows, gather_nulls(nulls, rows))),
+            Self::Micros {
+                values,
+                data_type,
+                nulls,
+            } => Arc::new(
+                PrimitiveArray::<TimestampMicrosecondType>::new(
+                    gather_values(values, rows),
+                    gather_nulls(nulls, rows),
+                )
+                .with_data_type(data_type.clone()),
+            ),
+            Self::Other(arrays) => interleave(arrays, rows)?,
+        })
     }
 }
 
 /// The rows' validity, or none when no source has a null.
-fn gather_nulls(arrays: &[&dyn Array], rows: &[(usize, usize)]) -> Option<NullBuffer> {
-    if arrays.iter().all(|a| a.null_count() == 0) {
-        return None;
-    }
-    let mut nulls = NullBufferBuilder::new(rows.len());
+fn gather_nulls(nulls: &SourceNulls, rows: &[(usize, usize)]) -> Option<NullBuffer> {
+    let nulls = nulls.as_ref()?;
+    let mut out = NullBufferBuilder::new(rows.len());
     for &(b, r) in rows {
-        nulls.append(arrays[b].is_valid(r));
+        out.append(nulls[b].is_none_or(|n| n.is_valid(r)));
     }
-    nulls.finish()
+    out.finish()
 }
 
 fn gather_values<T: ArrowNativeType>(values: &[&[T]], rows: &[(usize, usize)]) -> ScalarBuffer<T> {
@@ -110,11 +174,11 @@ fn gather_values<T: ArrowNativeType>(values: &[&[T]], rows: &[(usize, usize)]) -
 /// memory alive, but renumbering is an addition instead of a lookup per row. A live
 /// buffer's batch has one data buffer, shared by its string columns.
 fn gather_views(
+    views: &[&[u128]],
     arrays: &[&StringViewArray],
     rows: &[(usize, usize)],
     nulls: Option<NullBuffer>,
 ) -> StringViewArray {
-    let views: Vec<&[u128]> = arrays.iter().map(|a| a.views().as_ref()).collect();
     // Index of each source's first buffer in `buffers`, u32::MAX until taken.
     let mut first_buffer = vec![u32::MAX; arrays.len()];
     let mut buffers: Vec<Buffer> = Vec::new();
@@ -144,7 +208,7 @@ fn gather_views(
 
 /// Ask for the cache line at `ptr` (a hint: never faults, no effect on results).
 #[inline(always)]
-fn prefetch<T>(ptr: *const T) {
+pub(crate) fn prefetch<T>(ptr: *const T) {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: a prefetch is a hint the CPU may drop; it never reads memory
@@ -163,7 +227,7 @@ mod tests {
 
     use super::*;
     use arrow::array::{Int32Array, StringArray, StringViewBuilder, TimestampMicrosecondArray};
-    use arrow::compute::interleave_record_batch;
+    use arrow::compute::{concat_batches, interleave_record_batch};
     use arrow::datatypes::{Field, Schema};
 
     fn batch(seed: usize, n: usize) -> RecordBatch {
@@ -199,16 +263,25 @@ mod tests {
         let mut owned: Vec<RecordBatch> = (0..5).map(|s| batch(s, 40 + s * 13)).collect();
         // A slice: its arrays start at an offset into their buffers.
         owned.push(batch(5, 60).slice(3, 50));
+        // A batch without nulls among batches with some.
+        owned.push(batch(1, 5));
+        assert_eq!(owned[6].column(0).nulls(), None);
         let batches: Vec<&RecordBatch> = owned.iter().collect();
         // A scattered order that visits every batch, some rows twice.
         let rows: Vec<(usize, usize)> = (0..400)
             .map(|i| {
-                let b = (i * 7) % owned.len();
+                let b = (i * 5) % owned.len();
                 (b, (i * 31) % owned[b].num_rows())
             })
             .collect();
         let ours = gather_rows(&batches, &rows).unwrap();
         assert_eq!(ours, interleave_record_batch(&batches, &rows).unwrap());
+        // One set of sources gathers any number of times, as a flush does.
+        let sources = RowSources::new(&batches).unwrap();
+        let chunks: Vec<RecordBatch> = (rows.chunks(64))
+            .map(|c| sources.gather(c).unwrap())
+            .collect();
+        assert_eq!(concat_batches(&ours.schema(), &chunks).unwrap(), ours);
         assert!(ours.column(0).null_count() > 0);
         // The sources whose long strings were taken lend all their buffers, each once.
         let strings = |b: usize| owned[b].column(0).as_string_view();

@@ -21,7 +21,7 @@ use crate::config::Partitioning;
 use crate::disk::{Disk, DiskFile};
 use crate::error::{Result, StorageError};
 use crate::fsutil::rename_durable;
-use crate::gather::gather_rows;
+use crate::gather::RowSources;
 use crate::manifest::{EVENTS_DIR, FileMeta};
 
 const DAY_US: i64 = 86_400_000_000;
@@ -328,6 +328,7 @@ fn write_parts(
     name_prefix: &str,
     threads: usize,
 ) -> Result<Vec<FileMeta>> {
+    let sources = RowSources::new(batches)?;
     // The largest partitions first, so the threads finish close together (with one
     // thread, no helper starts and this thread writes them all).
     let mut order: Vec<usize> = (0..parts.len()).collect();
@@ -341,7 +342,7 @@ fn write_parts(
                 break;
             };
             let (rows, partition) = &parts[i];
-            let file = write_gathered(disk, data_dir, batches, rows, partition, name_prefix);
+            let file = write_gathered(disk, data_dir, &sources, rows, partition, name_prefix);
             failed.fetch_or(file.is_err(), Ordering::Relaxed);
             files.push((i, file));
         }
@@ -373,18 +374,18 @@ fn write_parts(
 /// short-line events of one day) was fresh memory every flush.
 const GATHER_ROWS: usize = 16 * 1024;
 
-/// Write `rows` of `batches`, in this order, as one file into `partition`.
+/// Write `rows` of `sources`, in this order, as one file into `partition`.
 fn write_gathered(
     disk: &dyn Disk,
     data_dir: &Path,
-    batches: &[&RecordBatch],
+    sources: &RowSources,
     rows: &[(usize, usize)],
     partition: &str,
     name_prefix: &str,
 ) -> Result<FileMeta> {
     let mut file = SortedFileWriter::create(disk, data_dir, partition, name_prefix)?;
     for chunk in rows.chunks(GATHER_ROWS) {
-        file.write(&gather_rows(batches, chunk)?)?;
+        file.write(&sources.gather(chunk)?)?;
     }
     file.finish()
 }
@@ -398,7 +399,8 @@ pub fn write_sorted_file(
     name_prefix: &str,
 ) -> Result<FileMeta> {
     with_sorted_rows(&[batch], None, |_, rows| {
-        write_gathered(disk, data_dir, &[batch], rows, partition, name_prefix)
+        let sources = RowSources::new(&[batch])?;
+        write_gathered(disk, data_dir, &sources, rows, partition, name_prefix)
     })
 }
 
@@ -504,6 +506,7 @@ mod tests {
     use funnelhouse_schemas::{Event, EventRef, events_to_batch};
 
     use crate::disk::{DiskOp, Errno, Fault, FaultDisk, OsDisk};
+    use crate::gather::gather_rows;
 
     /// The rows of `batches` as one batch in file order (see [`with_sorted_rows`]).
     fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBatch> {
