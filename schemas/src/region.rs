@@ -10,9 +10,11 @@
 //! the kernel's warm free lists instead, but the kernel still zeroes each on first touch
 //! (9% of the server's samples at peak): so batches are packed into 4 MiB blocks, and a
 //! block whose batches are all flushed and dropped is kept for the next ones, its pages
-//! already in place, up to a flush's worth ([`keep_freed`]). Only the live buffer's
-//! batches come here, one per group commit (`pack_events`); under 64 KiB they stay on the
-//! heap, as do the handlers' batches, which live only until their group commits.
+//! already in place, up to a flush's worth ([`keep_freed`]). A background thread maps a
+//! few blocks ahead of need, so the thread packing batches (the WAL writer, which acks
+//! wait on) does not wait for the zeroing. Only the live buffer's batches come here, one
+//! per group commit (`pack_events`); under 64 KiB they stay on the heap, as do the
+//! handlers' batches, which live only until their group commits.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -39,7 +41,7 @@ pub fn keep_freed(bytes: usize) {
 #[cfg(target_os = "linux")]
 mod linux {
     use std::ptr::NonNull;
-    use std::sync::{Arc, Mutex};
+    use std::sync::{Arc, Condvar, Mutex, Once};
 
     use arrow::buffer::Buffer;
 
@@ -125,15 +127,62 @@ mod linux {
         free().len()
     }
 
+    /// Blocks kept ready in [`FREE`] ahead of need (while `KEEP_BLOCKS` allows). The
+    /// kernel zeroes a new block as it is mapped, on the thread that packs the batch:
+    /// the collector's WAL writer, which every ack waits on (the zeroing was ~5% of a
+    /// loaded server's samples, all on that thread; benches/README.md, session 29). A
+    /// background thread maps the next blocks instead while FREE runs low.
+    pub(super) const READY_AHEAD: usize = 4;
+    /// Wakes the block maker: FREE ran low.
+    static RUN_LOW: Condvar = Condvar::new();
+
     /// A block from [`FREE`], or a new one.
     fn block() -> Option<Region> {
-        let reused = free().pop();
+        let (reused, left) = {
+            let mut free = free();
+            (free.pop(), free.len())
+        };
+        if left < READY_AHEAD {
+            static MAKER: Once = Once::new();
+            MAKER.call_once(|| {
+                // Without it, blocks are mapped here as before.
+                let maker = std::thread::Builder::new().name("fh-blocks".into());
+                let _ = maker.spawn(make_blocks);
+            });
+            RUN_LOW.notify_one();
+        }
         match reused {
             Some(addr) => Some(Region {
                 ptr: NonNull::new(addr as *mut u8).expect("blocks are not null"),
                 len: BLOCK,
             }),
             None => map(BLOCK),
+        }
+    }
+
+    /// The block maker: maps blocks into FREE until it holds [`READY_AHEAD`] (or all
+    /// that `KEEP_BLOCKS` allows), then waits until it runs low again. At low priority:
+    /// it only moves work off the packing thread, and when the cores are busy the
+    /// packing thread maps what it needs itself.
+    fn make_blocks() {
+        // SAFETY: setpriority takes plain integers and touches no memory of ours; 0 is
+        // the calling thread on Linux.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+        let mut free = free();
+        loop {
+            let ready = READY_AHEAD.min(KEEP_BLOCKS.load(Ordering::Relaxed));
+            if free.len() >= ready {
+                free = RUN_LOW.wait(free).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            drop(free);
+            // Dropping a block puts it in FREE while there is room (else unmaps it).
+            let made = map(BLOCK).map(drop);
+            free = self::free();
+            if made.is_none() {
+                // No memory to be had now: try again when a block is next taken.
+                free = RUN_LOW.wait(free).unwrap_or_else(|e| e.into_inner());
+            }
         }
     }
 
@@ -231,6 +280,20 @@ mod tests {
                 "another thread wrote here"
             );
         }
+    }
+
+    /// Once blocks are taken, the maker maps the next ones ahead of need.
+    #[test]
+    fn blocks_are_made_ready_ahead_of_need() {
+        use std::time::{Duration, Instant};
+        let part = vec![7u8; 100_000];
+        let held = copy_to_region(&[&part]).expect("a region");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while super::linux::free_blocks() < super::linux::READY_AHEAD {
+            assert!(Instant::now() < deadline, "no blocks were made ahead");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(held[0].as_slice(), part.as_slice());
     }
 
     #[test]
