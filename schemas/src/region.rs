@@ -12,7 +12,7 @@
 //! block whose batches are all flushed and dropped is kept for the next ones, its pages
 //! already in place, up to a flush's worth ([`keep_freed`]). A background thread maps a
 //! few blocks ahead of need, so the thread packing batches (the WAL writer, which acks
-//! wait on) does not wait for the zeroing. Only the live buffer's batches come here, one
+//! wait on) does not wait for the faults. Only the live buffer's batches come here, one
 //! per group commit (`pack_events`); under 64 KiB they stay on the heap, as do the
 //! handlers' batches, which live only until their group commits.
 
@@ -127,11 +127,12 @@ mod linux {
         free().len()
     }
 
-    /// Blocks kept ready in [`FREE`] ahead of need (while `KEEP_BLOCKS` allows). The
-    /// kernel zeroes a new block as it is mapped, on the thread that packs the batch:
-    /// the collector's WAL writer, which every ack waits on (the zeroing was ~5% of a
-    /// loaded server's samples, all on that thread; benches/README.md, session 29). A
-    /// background thread maps the next blocks instead while FREE runs low.
+    /// Blocks kept ready in [`FREE`] ahead of need (while `KEEP_BLOCKS` allows). A new
+    /// block is faulted in as it is mapped, on the thread that packs the batch: the
+    /// collector's WAL writer, which every ack waits on (mapping blocks was ~4% of a
+    /// loaded server's samples, and moving it to a background thread raised the
+    /// 8-client rate by 18%; benches/README.md, session 29). The background thread maps
+    /// the next blocks while FREE runs low.
     pub(super) const READY_AHEAD: usize = 4;
     /// Wakes the block maker: FREE ran low.
     static RUN_LOW: Condvar = Condvar::new();
