@@ -37,14 +37,9 @@ pub fn run(command: WalCommand, cfg: &Config) -> Result<std::process::ExitCode, 
                 };
                 println!("{}: {verdict}", summary(r));
             }
-            let noun = if reports.len() == 1 {
-                "segment"
-            } else {
-                "segments"
-            };
             println!(
-                "{} {noun}, {damaged} with damage before the tail",
-                reports.len()
+                "{}, {damaged} with damage before the tail",
+                segments(reports.len())
             );
             Ok(std::process::ExitCode::from(if damaged > 0 {
                 1
@@ -62,7 +57,7 @@ pub fn run(command: WalCommand, cfg: &Config) -> Result<std::process::ExitCode, 
                     r.path.display()
                 );
             }
-            println!("{} segments salvaged", rewritten.len());
+            println!("{} salvaged", segments(rewritten.len()));
             Ok(std::process::ExitCode::SUCCESS)
         }
     }
@@ -76,4 +71,9 @@ fn summary(r: &SegmentReport) -> String {
         r.records,
         r.events
     )
+}
+
+/// "1 segment", "2 segments".
+fn segments(n: usize) -> String {
+    format!("{n} segment{}", if n == 1 { "" } else { "s" })
 }

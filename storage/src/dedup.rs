@@ -464,19 +464,16 @@ impl IdsFile {
     ) -> Result<()> {
         crate::fsutil::create_dir_durable(disk, dir)?;
         // A request's ids share one received_at and sit together: sorting the requests'
-        // runs (stable, so ids of one time stay in commit order) sorts the pairs, and
-        // pairs in order already need nothing. Ordering every request's ids by hash
-        // too was 1.3% of the server's samples at peak.
-        let mut runs: Vec<&[(i64, u128)]> = Vec::new();
-        if !pairs.is_sorted_by_key(|&(at, _)| at) {
-            runs.extend(pairs.chunk_by(|a, b| a.0 == b.0));
-            runs.sort_by_key(|run| run[0].0);
-        }
-        let sorted: &[&[(i64, u128)]] = if runs.is_empty() { &[pairs] } else { &runs };
+        // runs (stable, so ids of one time stay in commit order) sorts the pairs: a
+        // flush has a run per request, hundreds of thousands of pairs in a few thousand
+        // runs. Ordering every request's ids by hash too was 1.3% of the server's
+        // samples at peak.
+        let mut runs: Vec<&[(i64, u128)]> = pairs.chunk_by(|a, b| a.0 == b.0).collect();
+        runs.sort_by_key(|run| run[0].0);
         bytes.clear();
         bytes.reserve(Self::FRAME + pairs.len() * Self::ENTRY);
         bytes.extend_from_slice(Self::MAGIC);
-        for (at, h) in sorted.iter().flat_map(|run| run.iter()) {
+        for (at, h) in runs.iter().flat_map(|run| run.iter()) {
             bytes.extend_from_slice(&at.to_le_bytes());
             bytes.extend_from_slice(&h.to_le_bytes());
         }

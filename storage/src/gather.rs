@@ -47,7 +47,7 @@ pub struct RowSources<'a> {
 enum ColumnSources<'a> {
     Views {
         views: Vec<&'a [u128]>,
-        arrays: Vec<&'a StringViewArray>,
+        buffers: Vec<&'a [Buffer]>,
         nulls: SourceNulls<'a>,
     },
     Micros {
@@ -102,10 +102,10 @@ impl<'a> ColumnSources<'a> {
         };
         match data_type {
             DataType::Utf8View => {
-                let views = arrays.iter().map(|a| a.as_string_view());
+                let strings = arrays.iter().map(|a| a.as_string_view());
                 Self::Views {
-                    views: views.clone().map(|a| a.views().as_ref()).collect(),
-                    arrays: views.collect(),
+                    views: strings.clone().map(|a| a.views().as_ref()).collect(),
+                    buffers: strings.map(|a| a.data_buffers()).collect(),
                     nulls: nulls(&arrays),
                 }
             }
@@ -127,9 +127,14 @@ impl<'a> ColumnSources<'a> {
         Ok(match self {
             Self::Views {
                 views,
-                arrays,
+                buffers,
                 nulls,
-            } => Arc::new(gather_views(views, arrays, rows, gather_nulls(nulls, rows))),
+            } => Arc::new(gather_views(
+                views,
+                buffers,
+                rows,
+                gather_nulls(nulls, rows),
+            )),
             Self::Micros {
                 values,
                 data_type,
@@ -175,12 +180,12 @@ fn gather_values<T: ArrowNativeType>(values: &[&[T]], rows: &[(usize, usize)]) -
 /// buffer's batch has one data buffer, shared by its string columns.
 fn gather_views(
     views: &[&[u128]],
-    arrays: &[&StringViewArray],
+    source_buffers: &[&[Buffer]],
     rows: &[(usize, usize)],
     nulls: Option<NullBuffer>,
 ) -> StringViewArray {
     // Index of each source's first buffer in `buffers`, u32::MAX until taken.
-    let mut first_buffer = vec![u32::MAX; arrays.len()];
+    let mut first_buffer = vec![u32::MAX; views.len()];
     let mut buffers: Vec<Buffer> = Vec::new();
     let mut out = Vec::with_capacity(rows.len());
     for (i, &(b, r)) in rows.iter().enumerate() {
@@ -194,7 +199,7 @@ fn gather_views(
         }
         if first_buffer[b] == u32::MAX {
             first_buffer[b] = buffers.len() as u32;
-            buffers.extend(arrays[b].data_buffers().iter().cloned());
+            buffers.extend(source_buffers[b].iter().cloned());
         }
         let view = ByteView::from(view);
         let buffer_index = first_buffer[b] + view.buffer_index;

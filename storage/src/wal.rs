@@ -25,6 +25,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -601,8 +602,9 @@ fn first_events_fit(mut buf: &[u8], count: usize) -> bool {
 /// tail from damage, every later offset that holds a readable record.
 pub fn scan_segment(seq: u64, data: &[u8]) -> SegmentScan {
     let mut records = Vec::new();
-    let (valid_prefix, damage) =
-        scan_records(seq, data, true, |at, events| records.push((at, events)));
+    let (valid_prefix, damage) = scan_records(seq, data, true, |bytes, events| {
+        records.push((bytes.start, events))
+    });
     SegmentScan {
         records,
         valid_prefix,
@@ -610,14 +612,15 @@ pub fn scan_segment(seq: u64, data: &[u8]) -> SegmentScan {
     }
 }
 
-/// [`scan_segment`], handing each readable record (offset, events) to `on_record` as it
-/// is decoded instead of collecting them; returns the valid prefix and the damage.
+/// [`scan_segment`], handing each readable record (its bytes in `data`, its events) to
+/// `on_record` as it is decoded instead of collecting them; returns the valid prefix and
+/// the damage.
 /// Without `resync`, it stops at the first unreadable record (`records_after` stays 0).
 fn scan_records(
     seq: u64,
     data: &[u8],
     resync: bool,
-    mut on_record: impl FnMut(usize, Vec<Event>),
+    mut on_record: impl FnMut(Range<usize>, Vec<Event>),
 ) -> (usize, Option<Damage>) {
     let checksum = Checksum::of_segment(seq, data, resync);
     let mut pos = 0;
@@ -625,7 +628,7 @@ fn scan_records(
     while pos < data.len() {
         match read_record(data, pos, checksum) {
             Ok(r) => {
-                on_record(pos, r.events);
+                on_record(pos..pos + r.len, r.events);
                 pos += r.len;
             }
             Err(reason) => {
@@ -649,7 +652,7 @@ fn scan_records(
     while at + HEADER <= data.len() {
         match read_record(data, at, checksum) {
             Ok(r) => {
-                on_record(at, r.events);
+                on_record(at..at + r.len, r.events);
                 found.records_after += 1;
                 at += r.len;
             }
@@ -716,11 +719,9 @@ pub fn salvage(wal_dir: &Path) -> Result<Vec<SegmentReport>> {
         let path = &report.path;
         let data = fs::read(path).map_err(StorageError::io(path))?;
         let mut clean = Vec::with_capacity(data.len());
-        for (at, _) in scan_segment(report.seq, &data).records {
-            // The scan read this record whole: its header's length holds.
-            let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
-            clean.extend_from_slice(&data[at..at + HEADER + len]);
-        }
+        scan_records(report.seq, &data, true, |bytes, _| {
+            clean.extend_from_slice(&data[bytes]);
+        });
         let mut keep = path.clone().into_os_string();
         keep.push(".damaged");
         fs::copy(path, &keep).map_err(StorageError::io(PathBuf::from(&keep)))?;
