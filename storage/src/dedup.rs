@@ -23,6 +23,7 @@ use crate::disk::Disk;
 use crate::error::{Result, StorageError};
 use crate::fsutil::write_atomic;
 use crate::gather::prefetch;
+use crate::scratch::clear_for;
 
 pub fn id_hash(event_id: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128(event_id.as_bytes())
@@ -470,8 +471,7 @@ impl IdsFile {
         // samples at peak.
         let mut runs: Vec<&[(i64, u128)]> = pairs.chunk_by(|a, b| a.0 == b.0).collect();
         runs.sort_by_key(|run| run[0].0);
-        bytes.clear();
-        bytes.reserve(Self::FRAME + pairs.len() * Self::ENTRY);
+        clear_for(bytes, Self::FRAME + pairs.len() * Self::ENTRY);
         bytes.extend_from_slice(Self::MAGIC);
         for (at, h) in runs.iter().flat_map(|run| run.iter()) {
             bytes.extend_from_slice(&at.to_le_bytes());

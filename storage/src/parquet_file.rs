@@ -23,6 +23,7 @@ use crate::error::{Result, StorageError};
 use crate::fsutil::rename_durable;
 use crate::gather::RowSources;
 use crate::manifest::{EVENTS_DIR, FileMeta};
+use crate::scratch::clear_for;
 
 const DAY_US: i64 = 86_400_000_000;
 const HOUR_US: i64 = 3_600_000_000;
@@ -151,8 +152,9 @@ type SortScratch = (Vec<SortKey>, Vec<(usize, usize)>);
 
 thread_local! {
     /// The sorting thread's (the flusher's) sort keys and gather indices, kept between
-    /// flushes and sized by the largest (56 bytes a row: ~30 MiB at the default
-    /// `flush_bytes`; replay flushes are of the usual size too). Fresh vectors per flush
+    /// flushes and sized by the largest with room to spare ([`clear_for`]; 56 bytes a
+    /// row: 30-50 MiB at the default `flush_bytes`, touched as far as rows fill it; replay
+    /// flushes are of the usual size too). Fresh vectors per flush
     /// came from fresh huge pages each time, and the kernel zeroing them was ~3% of the
     /// server's samples at peak ingest (benches/README.md).
     static SORT_SCRATCH: std::cell::RefCell<SortScratch> =
@@ -237,8 +239,8 @@ fn with_sorted_rows<T>(
     let lead =
         |t: i64, rank: usize| (partition(t) - first) as u64 * campaigns.len() as u64 + rank as u64;
     SORT_SCRATCH.with_borrow_mut(|(keys, indices)| {
-        keys.clear();
-        keys.reserve(batches.iter().map(|b| b.num_rows()).sum());
+        let rows = batches.iter().map(|b| b.num_rows()).sum();
+        clear_for(keys, rows);
         for (b, batch) in batches.iter().enumerate() {
             // Look a campaign's rank up once per run of one view.
             let views = campaign[b].views();
@@ -274,7 +276,7 @@ fn with_sorted_rows<T>(
                 users.then(a.ts.cmp(&b.ts))
             })
         });
-        indices.clear();
+        clear_for(indices, rows);
         indices.extend(keys.iter().map(SortKey::at));
         f(keys, indices)
     })

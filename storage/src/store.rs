@@ -40,6 +40,7 @@ use crate::fsutil::DataDirLock;
 use crate::manifest::{FileMeta, Manifest};
 use crate::metrics::{StoreMetrics, add_duration};
 use crate::parquet_file::write_partitioned;
+use crate::scratch::clear_for;
 use crate::shared::{Published, SeenLists, SharedReader, SharedStore};
 use crate::wal::{EncodedEvents, RecordPayload, Wal};
 
@@ -1108,8 +1109,7 @@ impl Syncer {
 
 /// (received_at, id hash) of every row into `out`, for the dedup ids file.
 fn id_pairs(batches: &[RecordBatch], out: &mut Vec<(i64, u128)>) {
-    out.clear();
-    out.reserve(batches.iter().map(|b| b.num_rows()).sum());
+    clear_for(out, batches.iter().map(|b| b.num_rows()).sum());
     for b in batches {
         let ids = b.column(col::EVENT_ID).as_string_view();
         let at = b
