@@ -437,82 +437,131 @@ fn table_len(ids: usize) -> usize {
     (ids * 5 / 4 + 1).next_power_of_two()
 }
 
-/// `dedup/<seq>.ids`: the (received_at, hash) pairs of one flush, sorted by received_at.
+/// `dedup/<seq>.ids`: the id hashes of one flush with their received_at, sorted by
+/// received_at. Since session 30 (`FHIDS002`) the ids of one received_at are a run:
+/// received_at (i64) and the count (u32), then the hashes (u128), little-endian, 16
+/// bytes an id instead of `FHIDS001`'s 24 (received_at beside every hash), which is
+/// still read. The flusher writes one a flush, and it was larger than the flush's
+/// Parquet.
 pub struct IdsFile;
 
 impl IdsFile {
-    const MAGIC: &'static [u8; 8] = b"FHIDS001";
+    const MAGIC_V1: &'static [u8; 8] = b"FHIDS001";
+    const MAGIC: &'static [u8; 8] = b"FHIDS002";
     /// Bytes around the entries: the magic before them, a CRC-32 after.
     const FRAME: usize = 8 + 4;
-    /// Bytes per entry: received_at (i64) and the id's hash (u128), little-endian.
-    const ENTRY: usize = 8 + 16;
+    /// Bytes per `FHIDS001` entry: received_at and the id's hash.
+    const ENTRY_V1: usize = 8 + 16;
+    /// Bytes of a run's head (received_at and count) and of each of its hashes.
+    const RUN: usize = 8 + 4;
+    const HASH: usize = 16;
 
     pub fn path(dir: &Path, seq: u64) -> PathBuf {
         dir.join(format!("{seq:020}.ids"))
     }
 
-    /// Write `pairs` (given in commit order) stably sorted by received_at, what `load`
-    /// needs. `bytes` is the file's memory, kept by the caller between flushes, as are
-    /// the pairs: fresh memory for the pairs, a sort's scratch and the file (~40 MB a
-    /// default flush) was zeroed by the kernel at every flush, ~3% of a loaded server's
-    /// samples (benches/README.md, session 29).
+    /// Write `hashes` (in commit order) with their received_at, given as `runs` of
+    /// (received_at, count) covering them in order, stably sorted by received_at, what
+    /// `load` needs. `bytes` is the file's memory, kept by the caller between flushes, as
+    /// are the hashes: fresh memory for them and the file at every flush was zeroed by
+    /// the kernel each time (benches/README.md, sessions 29 and 30).
     pub fn write(
         disk: &dyn Disk,
         dir: &Path,
         seq: u64,
-        pairs: &[(i64, u128)],
+        runs: &[(i64, usize)],
+        hashes: &[u128],
         bytes: &mut Vec<u8>,
     ) -> Result<()> {
+        debug_assert_eq!(runs.iter().map(|r| r.1).sum::<usize>(), hashes.len());
         crate::fsutil::create_dir_durable(disk, dir)?;
         // A request's ids share one received_at and sit together: sorting the requests'
-        // runs (stable, so ids of one time stay in commit order) sorts the pairs: a
-        // flush has a run per request, hundreds of thousands of pairs in a few thousand
-        // runs. Ordering every request's ids by hash too was 1.3% of the server's
-        // samples at peak.
-        let mut runs: Vec<&[(i64, u128)]> = pairs.chunk_by(|a, b| a.0 == b.0).collect();
-        runs.sort_by_key(|run| run[0].0);
-        clear_for(bytes, Self::FRAME + pairs.len() * Self::ENTRY);
+        // runs (stable, so ids of one time stay in commit order) sorts the ids: a flush
+        // has a run per request, hundreds of thousands of ids in a few thousand runs.
+        // Ordering every request's ids by hash too was 1.3% of the server's samples at
+        // peak.
+        let mut order: Vec<(i64, &[u128])> = Vec::with_capacity(runs.len());
+        let mut rest = hashes;
+        for &(at, n) in runs {
+            let (run, after) = rest.split_at(n);
+            order.push((at, run));
+            rest = after;
+        }
+        order.sort_by_key(|run| run.0);
+        let len = Self::FRAME + runs.len() * Self::RUN + hashes.len() * Self::HASH;
+        clear_for(bytes, len);
         bytes.extend_from_slice(Self::MAGIC);
-        for (at, h) in runs.iter().flat_map(|run| run.iter()) {
+        for (at, run) in order.into_iter().filter(|run| !run.1.is_empty()) {
             bytes.extend_from_slice(&at.to_le_bytes());
-            bytes.extend_from_slice(&h.to_le_bytes());
+            bytes.extend_from_slice(&(run.len() as u32).to_le_bytes());
+            for h in run {
+                bytes.extend_from_slice(&h.to_le_bytes());
+            }
         }
         let crc = crc32fast::hash(bytes);
         bytes.extend_from_slice(&crc.to_le_bytes());
         write_atomic(disk, &Self::path(dir, seq), bytes)
     }
 
-    /// How many ids the file at `path` holds, from its size (0 when unreadable).
+    /// How many ids the file at `path` holds at most, from its size and format (0 when
+    /// unreadable): exact for `FHIDS001`, over by a run's head for `FHIDS002` (a
+    /// start-up sizes the index by it).
     pub fn ids_in(path: &Path) -> usize {
-        fs::metadata(path).map_or(0, |m| {
-            (m.len() as usize).saturating_sub(Self::FRAME) / Self::ENTRY
-        })
+        let mut magic = [0u8; 8];
+        let Ok(len) = fs::File::open(path).and_then(|mut f| {
+            std::io::Read::read_exact(&mut f, &mut magic)?;
+            Ok(f.metadata()?.len() as usize)
+        }) else {
+            return 0;
+        };
+        let entry = if &magic == Self::MAGIC_V1 {
+            Self::ENTRY_V1
+        } else {
+            Self::HASH
+        };
+        len.saturating_sub(Self::FRAME) / entry
     }
 
+    /// The (received_at, hash) pairs of the file at `path`, in file order.
     pub fn read(path: &Path) -> Result<Vec<(i64, u128)>> {
         let buf = fs::read(path).map_err(StorageError::io(path))?;
         let corrupt = |reason: &str| StorageError::Corrupt {
             path: path.to_path_buf(),
             reason: reason.into(),
         };
-        if buf.len() < Self::FRAME
-            || &buf[..8] != Self::MAGIC
-            || (buf.len() - Self::FRAME) % Self::ENTRY != 0
-        {
+        if buf.len() < Self::FRAME || (&buf[..8] != Self::MAGIC && &buf[..8] != Self::MAGIC_V1) {
             return Err(corrupt("not a dedup ids file"));
         }
         let (body, crc) = buf.split_at(buf.len() - 4);
         if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().unwrap()) {
             return Err(corrupt("checksum mismatch"));
         }
-        Ok(body[8..]
-            .chunks_exact(Self::ENTRY)
-            .map(|c| {
-                let at = i64::from_le_bytes(c[..8].try_into().unwrap());
-                let h = u128::from_le_bytes(c[8..].try_into().unwrap());
-                (at, h)
-            })
-            .collect())
+        let (magic, mut entries) = body.split_at(8);
+        let le_i64 = |b: &[u8]| i64::from_le_bytes(b.try_into().unwrap());
+        let le_u128 = |b: &[u8]| u128::from_le_bytes(b.try_into().unwrap());
+        if magic == Self::MAGIC_V1 {
+            if entries.len() % Self::ENTRY_V1 != 0 {
+                return Err(corrupt("not a dedup ids file"));
+            }
+            return Ok(entries
+                .chunks_exact(Self::ENTRY_V1)
+                .map(|c| (le_i64(&c[..8]), le_u128(&c[8..])))
+                .collect());
+        }
+        let mut pairs = Vec::with_capacity(entries.len() / Self::HASH);
+        while !entries.is_empty() {
+            let Some((head, rest)) = entries.split_at_checked(Self::RUN) else {
+                return Err(corrupt("a run's head is cut short"));
+            };
+            let at = le_i64(&head[..8]);
+            let n = u32::from_le_bytes(head[8..].try_into().unwrap()) as usize;
+            let Some((run, rest)) = rest.split_at_checked(n.saturating_mul(Self::HASH)) else {
+                return Err(corrupt("a run is cut short"));
+            };
+            pairs.extend(run.chunks_exact(Self::HASH).map(|h| (at, le_u128(h))));
+            entries = rest;
+        }
+        Ok(pairs)
     }
 
     /// All ids files with their flush sequence number, ascending.
@@ -740,7 +789,7 @@ mod tests {
         let disk = crate::disk::OsDisk;
         // Memory kept from an earlier file.
         let mut bytes = b"an earlier file".to_vec();
-        IdsFile::write(&disk, dir.path(), 6, &[(5, 50)], &mut bytes).unwrap();
+        IdsFile::write(&disk, dir.path(), 6, &[(5, 1)], &[50], &mut bytes).unwrap();
         // Requests' runs out of order (more than a small sort's 20), two runs of one
         // received_at, and hashes falling within a run: the order is by received_at
         // alone, else commit order.
@@ -750,12 +799,75 @@ mod tests {
                 (0..3).map(move |i| (at, (1000 - run * 3 - i) as u128))
             })
             .collect();
-        IdsFile::write(&disk, dir.path(), 7, &pairs, &mut bytes).unwrap();
+        let runs: Vec<(i64, usize)> = (pairs.chunk_by(|a, b| a.0 == b.0))
+            .map(|run| (run[0].0, run.len()))
+            .collect();
+        let hashes: Vec<u128> = pairs.iter().map(|p| p.1).collect();
+        IdsFile::write(&disk, dir.path(), 7, &runs, &hashes, &mut bytes).unwrap();
         let files = IdsFile::list(dir.path()).unwrap();
         assert_eq!(files.len(), 2);
         assert_eq!(IdsFile::read(&files[0].1).unwrap(), vec![(5, 50)]);
         let mut sorted = pairs.clone();
         sorted.sort_by_key(|&(at, _)| at);
         assert_eq!(IdsFile::read(&files[1].1).unwrap(), sorted);
+        // 16 bytes an id and 12 a run, and the estimate from the size is at least the ids.
+        let size = std::fs::metadata(&files[1].1).unwrap().len() as usize;
+        assert_eq!(size, IdsFile::FRAME + runs.len() * 12 + pairs.len() * 16);
+        assert!((pairs.len()..pairs.len() + runs.len()).contains(&IdsFile::ids_in(&files[1].1)));
+    }
+
+    /// Files of the first format (received_at beside each hash) are still read, and a
+    /// file cut short or changed is refused.
+    #[test]
+    fn ids_files_of_the_first_format_are_read_and_damage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pairs = [(3i64, 30u128), (3, 31), (9, u128::MAX)];
+        let mut v1 = b"FHIDS001".to_vec();
+        for (at, h) in pairs {
+            v1.extend_from_slice(&at.to_le_bytes());
+            v1.extend_from_slice(&h.to_le_bytes());
+        }
+        let crc = crc32fast::hash(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        let path = IdsFile::path(dir.path(), 1);
+        std::fs::write(&path, &v1).unwrap();
+        assert_eq!(IdsFile::read(&path).unwrap(), pairs);
+        assert_eq!(IdsFile::ids_in(&path), pairs.len());
+
+        let mut bytes = Vec::new();
+        let hashes: Vec<u128> = pairs.iter().map(|p| p.1).collect();
+        IdsFile::write(
+            &crate::disk::OsDisk,
+            dir.path(),
+            2,
+            &[(3, 2), (9, 1)],
+            &hashes,
+            &mut bytes,
+        )
+        .unwrap();
+        let path = IdsFile::path(dir.path(), 2);
+        assert_eq!(IdsFile::read(&path).unwrap(), pairs);
+        let good = std::fs::read(&path).unwrap();
+        // A run claiming more hashes than follow, with a checksum that matches.
+        let mut long = good[..good.len() - 4].to_vec();
+        long[16] += 1;
+        let crc = crc32fast::hash(&long);
+        long.extend_from_slice(&crc.to_le_bytes());
+        std::fs::write(&path, &long).unwrap();
+        assert!(
+            IdsFile::read(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("cut short")
+        );
+        let mut flipped = good.clone();
+        flipped[20] ^= 1;
+        std::fs::write(&path, &flipped).unwrap();
+        assert!(
+            IdsFile::read(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("checksum")
+        );
     }
 }

@@ -283,7 +283,8 @@ impl EventStore {
             cfg: cfg.clone(),
             compact_tx,
             publish_tx,
-            id_pairs: Vec::new(),
+            id_runs: Vec::new(),
+            id_hashes: Vec::new(),
             ids_file: Vec::new(),
         };
         let mut threads = vec![
@@ -774,9 +775,10 @@ struct Flusher {
     compact_tx: Sender<HashSet<String>>,
     /// Tells the publisher a manifest committed (with `[storage] url`).
     publish_tx: Option<Sender<()>>,
-    /// The last flush's (received_at, id hash) pairs and ids file, their memory kept
-    /// for the next (56 bytes per event flushed; see [`IdsFile::write`]).
-    id_pairs: Vec<(i64, u128)>,
+    /// The last flush's id hashes, their runs of one received_at and its ids file, their
+    /// memory kept for the next (32 bytes per event flushed; see [`IdsFile::write`]).
+    id_runs: Vec<(i64, usize)>,
+    id_hashes: Vec<u128>,
     ids_file: Vec<u8>,
 }
 
@@ -851,9 +853,10 @@ impl Flusher {
             &prefix,
             threads,
         )?;
-        id_pairs(batches, &mut self.id_pairs);
+        id_hashes(batches, &mut self.id_runs, &mut self.id_hashes);
         let dedup_dir = self.data_dir.join("dedup");
-        IdsFile::write(disk, &dedup_dir, seq, &self.id_pairs, &mut self.ids_file)?;
+        let (runs, hashes) = (&self.id_runs, &self.id_hashes);
+        IdsFile::write(disk, &dedup_dir, seq, runs, hashes, &mut self.ids_file)?;
         let touched: HashSet<String> = files.iter().map(|f| f.partition.clone()).collect();
         let rows: u64 = files.iter().map(|f| f.rows).sum();
         {
@@ -1107,20 +1110,18 @@ impl Syncer {
     }
 }
 
-/// (received_at, id hash) of every row into `out`, for the dedup ids file.
-fn id_pairs(batches: &[RecordBatch], out: &mut Vec<(i64, u128)>) {
-    clear_for(out, batches.iter().map(|b| b.num_rows()).sum());
+/// Every row's id hash into `hashes` and the runs of rows of one received_at into `runs`
+/// (received_at, rows), both in commit order, for the dedup ids file.
+fn id_hashes(batches: &[RecordBatch], runs: &mut Vec<(i64, usize)>, hashes: &mut Vec<u128>) {
+    clear_for(hashes, batches.iter().map(|b| b.num_rows()).sum());
+    runs.clear();
     for b in batches {
         let ids = b.column(col::EVENT_ID).as_string_view();
         let at = b
             .column(col::RECEIVED_AT)
             .as_primitive::<TimestampMicrosecondType>();
-        out.extend(
-            at.values()
-                .iter()
-                .zip(ids.iter())
-                .map(|(a, id)| (*a, id_hash(id.unwrap_or("")))),
-        );
+        runs.extend((at.values().chunk_by(|x, y| x == y)).map(|run| (run[0], run.len())));
+        hashes.extend(ids.iter().map(|id| id_hash(id.unwrap_or(""))));
     }
 }
 
