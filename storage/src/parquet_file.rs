@@ -147,18 +147,17 @@ fn user_key(id: &[u8]) -> [u64; 2] {
     [(key >> 64) as u64, key as u64]
 }
 
-/// Sort keys, and the (batch, row) of each row in file order.
-type SortScratch = (Vec<SortKey>, Vec<(usize, usize)>);
-
 thread_local! {
-    /// The sorting thread's (the flusher's) sort keys and gather indices, kept between
-    /// flushes and sized by the largest with room to spare ([`clear_for`]; 56 bytes a
-    /// row: 30-50 MiB at the default `flush_bytes`, touched as far as rows fill it; replay
-    /// flushes are of the usual size too). Fresh vectors per flush
+    /// The sorting thread's (the flusher's) sort keys, kept between flushes and sized by
+    /// the largest with room to spare ([`clear_for`]; 40 bytes a row: 20-40 MiB at the
+    /// default `flush_bytes`, touched as far as rows fill it; replay flushes are of the
+    /// usual size too). Each writing thread takes the (batch, row) pairs of a gathered
+    /// batch from them as it goes: a copy of all of them (16 bytes a row) was fresh
+    /// memory on a server's first flushes, faulted in on the thread that sorts. Fresh vectors per flush
     /// came from fresh huge pages each time, and the kernel zeroing them was ~3% of the
     /// server's samples at peak ingest (benches/README.md).
-    static SORT_SCRATCH: std::cell::RefCell<SortScratch> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static SORT_KEYS: std::cell::RefCell<Vec<SortKey>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The distinct values of `campaign` columns, sorted. Within a batch equal views are
@@ -196,11 +195,11 @@ fn distinct_campaigns<'a>(campaign: &[&'a StringViewArray]) -> Vec<&'a str> {
     campaigns
 }
 
-/// `f` of the sort keys and the (batch, row) of each row of `batches`, both sorted by
-/// (leading key, campaign, user_id, ts): the partition (`ts` divided by `unit`, when
-/// given), then the file order. The caller gathers the rows straight from the batches
-/// (string values stay in their buffers; only views, numbers and keys are new memory),
-/// not concatenated first. Compared directly rather than with
+/// `f` of the sort keys of the rows of `batches` (each with its (batch, row),
+/// [`SortKey::at`]) sorted by (leading key, campaign, user_id, ts): the partition (`ts`
+/// divided by `unit`, when given), then the file order. The caller gathers the rows
+/// straight from the batches (string values stay in their buffers; only views, numbers
+/// and keys are new memory), not concatenated first. Compared directly rather than with
 /// arrow's `lexsort_to_indices`, whose per-comparison dispatch took 40% of the flusher's
 /// CPU under load: campaigns are ranked once (there are few) and folded with the
 /// partition into one integer, user ids compare as a 16-byte key (an 8-byte prefix left
@@ -209,7 +208,7 @@ fn distinct_campaigns<'a>(campaign: &[&'a StringViewArray]) -> Vec<&'a str> {
 fn with_sorted_rows<T>(
     batches: &[&RecordBatch],
     unit: Option<i64>,
-    f: impl FnOnce(&[SortKey], &[(usize, usize)]) -> T,
+    f: impl FnOnce(&[SortKey]) -> T,
 ) -> T {
     debug_assert!(
         !batches.is_empty(),
@@ -238,9 +237,8 @@ fn with_sorted_rows<T>(
     );
     let lead =
         |t: i64, rank: usize| (partition(t) - first) as u64 * campaigns.len() as u64 + rank as u64;
-    SORT_SCRATCH.with_borrow_mut(|(keys, indices)| {
-        let rows = batches.iter().map(|b| b.num_rows()).sum();
-        clear_for(keys, rows);
+    SORT_KEYS.with_borrow_mut(|keys| {
+        clear_for(keys, batches.iter().map(|b| b.num_rows()).sum());
         for (b, batch) in batches.iter().enumerate() {
             // Look a campaign's rank up once per run of one view.
             let views = campaign[b].views();
@@ -276,9 +274,7 @@ fn with_sorted_rows<T>(
                 users.then(a.ts.cmp(&b.ts))
             })
         });
-        clear_for(indices, rows);
-        indices.extend(keys.iter().map(SortKey::at));
-        f(keys, indices)
+        f(keys)
     })
 }
 
@@ -305,15 +301,11 @@ pub fn write_partitioned(
     if batches.is_empty() {
         return Ok(Vec::new());
     }
-    with_sorted_rows(&batches, Some(unit), |keys, rows| {
+    with_sorted_rows(&batches, Some(unit), |keys| {
         // Each partition's rows, a run of the sorted ones.
-        let mut parts = Vec::new();
-        let mut start = 0;
-        for run in keys.chunk_by(|a, b| a.ts.div_euclid(unit) == b.ts.div_euclid(unit)) {
-            let end = start + run.len();
-            parts.push((&rows[start..end], partition_of(run[0].ts, partitioning)));
-            start = end;
-        }
+        let parts: Vec<_> = (keys.chunk_by(|a, b| a.ts.div_euclid(unit) == b.ts.div_euclid(unit)))
+            .map(|run| (run, partition_of(run[0].ts, partitioning)))
+            .collect();
         write_parts(disk, data_dir, &batches, &parts, name_prefix, threads)
     })
 }
@@ -326,7 +318,7 @@ fn write_parts(
     disk: &dyn Disk,
     data_dir: &Path,
     batches: &[&RecordBatch],
-    parts: &[(&[(usize, usize)], String)],
+    parts: &[(&[SortKey], String)],
     name_prefix: &str,
     threads: usize,
 ) -> Result<Vec<FileMeta>> {
@@ -343,8 +335,8 @@ fn write_parts(
             let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) else {
                 break;
             };
-            let (rows, partition) = &parts[i];
-            let file = write_gathered(disk, data_dir, &sources, rows, partition, name_prefix);
+            let (keys, partition) = &parts[i];
+            let file = write_gathered(disk, data_dir, &sources, keys, partition, name_prefix);
             failed.fetch_or(file.is_err(), Ordering::Relaxed);
             files.push((i, file));
         }
@@ -376,18 +368,22 @@ fn write_parts(
 /// short-line events of one day) was fresh memory every flush.
 const GATHER_ROWS: usize = 16 * 1024;
 
-/// Write `rows` of `sources`, in this order, as one file into `partition`.
+/// Write the rows of `sources` that `keys` sort, in this order, as one file into
+/// `partition`.
 fn write_gathered(
     disk: &dyn Disk,
     data_dir: &Path,
     sources: &RowSources,
-    rows: &[(usize, usize)],
+    keys: &[SortKey],
     partition: &str,
     name_prefix: &str,
 ) -> Result<FileMeta> {
     let mut file = SortedFileWriter::create(disk, data_dir, partition, name_prefix)?;
-    for chunk in rows.chunks(GATHER_ROWS) {
-        file.write(&sources.gather(chunk)?)?;
+    let mut rows = Vec::with_capacity(GATHER_ROWS.min(keys.len()));
+    for chunk in keys.chunks(GATHER_ROWS) {
+        rows.clear();
+        rows.extend(chunk.iter().map(SortKey::at));
+        file.write(&sources.gather(&rows)?)?;
     }
     file.finish()
 }
@@ -400,9 +396,9 @@ pub fn write_sorted_file(
     partition: &str,
     name_prefix: &str,
 ) -> Result<FileMeta> {
-    with_sorted_rows(&[batch], None, |_, rows| {
+    with_sorted_rows(&[batch], None, |keys| {
         let sources = RowSources::new(&[batch])?;
-        write_gathered(disk, data_dir, &sources, rows, partition, name_prefix)
+        write_gathered(disk, data_dir, &sources, keys, partition, name_prefix)
     })
 }
 
@@ -512,7 +508,10 @@ mod tests {
 
     /// The rows of `batches` as one batch in file order (see [`with_sorted_rows`]).
     fn sort_batches(batches: &[&RecordBatch], unit: Option<i64>) -> Result<RecordBatch> {
-        with_sorted_rows(batches, unit, |_, rows| Ok(gather_rows(batches, rows)?))
+        with_sorted_rows(batches, unit, |keys| {
+            let rows: Vec<_> = keys.iter().map(SortKey::at).collect();
+            Ok(gather_rows(batches, &rows)?)
+        })
     }
 
     /// A `scan` event with id `e<i>`, no channel and no properties.
