@@ -438,22 +438,25 @@ fn table_len(ids: usize) -> usize {
 }
 
 /// `dedup/<seq>.ids`: the id hashes of one flush with their received_at, sorted by
-/// received_at. Since session 30 (`FHIDS002`) the ids of one received_at are a run:
-/// received_at (i64) and the count (u32), then the hashes (u128), little-endian, 16
-/// bytes an id instead of `FHIDS001`'s 24 (received_at beside every hash), which is
-/// still read. The flusher writes one a flush, and it was larger than the flush's
-/// Parquet.
+/// received_at. `FHIDS002` (since session 30): the magic, the number of ids (u64), then
+/// runs of ids of one received_at, each its received_at (i64) and count (u32) and then
+/// the hashes (u128), and a CRC-32 of all before it; little-endian. One received_at may
+/// take several adjacent runs. 16 bytes an id instead of `FHIDS001`'s 24 (received_at
+/// beside every hash: the flusher's largest write, larger than the flush's Parquet),
+/// which is still read. A build from before session 30 refuses `FHIDS002` files: going
+/// back to one within the dedup window means deleting `dedup/*.ids` first.
 pub struct IdsFile;
 
 impl IdsFile {
     const MAGIC_V1: &'static [u8; 8] = b"FHIDS001";
-    const MAGIC: &'static [u8; 8] = b"FHIDS002";
-    /// Bytes around the entries: the magic before them, a CRC-32 after.
-    const FRAME: usize = 8 + 4;
-    /// Bytes per `FHIDS001` entry: received_at and the id's hash.
+    const MAGIC_V2: &'static [u8; 8] = b"FHIDS002";
+    /// `FHIDS001`: magic and CRC-32 around the entries, each received_at and a hash.
+    const FRAME_V1: usize = 8 + 4;
     const ENTRY_V1: usize = 8 + 16;
-    /// Bytes of a run's head (received_at and count) and of each of its hashes.
-    const RUN: usize = 8 + 4;
+    /// `FHIDS002`: magic and id count before the runs, CRC-32 after; a run's head
+    /// (received_at and count); a hash.
+    const FRAME: usize = 8 + 8 + 4;
+    const RUN_HEAD: usize = 8 + 4;
     const HASH: usize = 16;
 
     pub fn path(dir: &Path, seq: u64) -> PathBuf {
@@ -480,21 +483,25 @@ impl IdsFile {
         // has a run per request, hundreds of thousands of ids in a few thousand runs.
         // Ordering every request's ids by hash too was 1.3% of the server's samples at
         // peak.
-        let mut order: Vec<(i64, &[u128])> = Vec::with_capacity(runs.len());
+        let mut sorted_runs: Vec<(i64, &[u128])> = Vec::with_capacity(runs.len());
         let mut rest = hashes;
         for &(at, n) in runs {
             let (run, after) = rest.split_at(n);
-            order.push((at, run));
+            sorted_runs.push((at, run));
             rest = after;
         }
-        order.sort_by_key(|run| run.0);
-        let len = Self::FRAME + runs.len() * Self::RUN + hashes.len() * Self::HASH;
+        sorted_runs.sort_by_key(|run| run.0);
+        let len = Self::FRAME + runs.len() * Self::RUN_HEAD + hashes.len() * Self::HASH;
         clear_for(bytes, len);
-        bytes.extend_from_slice(Self::MAGIC);
-        for (at, run) in order.into_iter().filter(|run| !run.1.is_empty()) {
+        bytes.extend_from_slice(Self::MAGIC_V2);
+        bytes.extend_from_slice(&(hashes.len() as u64).to_le_bytes());
+        // A run's count is 32 bits: a longer one (never seen) takes several heads.
+        let parts = (sorted_runs.iter())
+            .flat_map(|&(at, run)| run.chunks(u32::MAX as usize).map(move |part| (at, part)));
+        for (at, part) in parts {
             bytes.extend_from_slice(&at.to_le_bytes());
-            bytes.extend_from_slice(&(run.len() as u32).to_le_bytes());
-            for h in run {
+            bytes.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            for h in part {
                 bytes.extend_from_slice(&h.to_le_bytes());
             }
         }
@@ -503,23 +510,22 @@ impl IdsFile {
         write_atomic(disk, &Self::path(dir, seq), bytes)
     }
 
-    /// How many ids the file at `path` holds at most, from its size and format (0 when
-    /// unreadable): exact for `FHIDS001`, over by a run's head for `FHIDS002` (a
-    /// start-up sizes the index by it).
+    /// How many ids the file at `path` holds, from its head (0 when unreadable; for
+    /// `FHIDS001`, from its size): a start-up sizes the index by it.
     pub fn ids_in(path: &Path) -> usize {
-        let mut magic = [0u8; 8];
+        let mut head = [0u8; 16];
         let Ok(len) = fs::File::open(path).and_then(|mut f| {
-            std::io::Read::read_exact(&mut f, &mut magic)?;
-            Ok(f.metadata()?.len() as usize)
+            let len = f.metadata()?.len() as usize;
+            std::io::Read::read_exact(&mut f, &mut head[..len.min(16)])?;
+            Ok(len)
         }) else {
             return 0;
         };
-        let entry = if &magic == Self::MAGIC_V1 {
-            Self::ENTRY_V1
-        } else {
-            Self::HASH
-        };
-        len.saturating_sub(Self::FRAME) / entry
+        match &head[..8] {
+            m if m == Self::MAGIC_V1 => len.saturating_sub(Self::FRAME_V1) / Self::ENTRY_V1,
+            m if m == Self::MAGIC_V2 => u64::from_le_bytes(head[8..].try_into().unwrap()) as usize,
+            _ => 0,
+        }
     }
 
     /// The (received_at, hash) pairs of the file at `path`, in file order.
@@ -529,28 +535,32 @@ impl IdsFile {
             path: path.to_path_buf(),
             reason: reason.into(),
         };
-        if buf.len() < Self::FRAME || (&buf[..8] != Self::MAGIC && &buf[..8] != Self::MAGIC_V1) {
+        let v1 = buf.starts_with(Self::MAGIC_V1) && buf.len() >= Self::FRAME_V1;
+        let v2 = buf.starts_with(Self::MAGIC_V2) && buf.len() >= Self::FRAME;
+        if !v1 && !v2 {
             return Err(corrupt("not a dedup ids file"));
         }
         let (body, crc) = buf.split_at(buf.len() - 4);
         if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().unwrap()) {
             return Err(corrupt("checksum mismatch"));
         }
-        let (magic, mut entries) = body.split_at(8);
         let le_i64 = |b: &[u8]| i64::from_le_bytes(b.try_into().unwrap());
         let le_u128 = |b: &[u8]| u128::from_le_bytes(b.try_into().unwrap());
-        if magic == Self::MAGIC_V1 {
+        if v1 {
+            let entries = &body[8..];
             if entries.len() % Self::ENTRY_V1 != 0 {
-                return Err(corrupt("not a dedup ids file"));
+                return Err(corrupt("an entry is cut short"));
             }
             return Ok(entries
                 .chunks_exact(Self::ENTRY_V1)
                 .map(|c| (le_i64(&c[..8]), le_u128(&c[8..])))
                 .collect());
         }
-        let mut pairs = Vec::with_capacity(entries.len() / Self::HASH);
+        let count = u64::from_le_bytes(body[8..16].try_into().unwrap()) as usize;
+        let mut entries = &body[16..];
+        let mut pairs = Vec::with_capacity(count.min(entries.len() / Self::HASH));
         while !entries.is_empty() {
-            let Some((head, rest)) = entries.split_at_checked(Self::RUN) else {
+            let Some((head, rest)) = entries.split_at_checked(Self::RUN_HEAD) else {
                 return Err(corrupt("a run's head is cut short"));
             };
             let at = le_i64(&head[..8]);
@@ -560,6 +570,9 @@ impl IdsFile {
             };
             pairs.extend(run.chunks_exact(Self::HASH).map(|h| (at, le_u128(h))));
             entries = rest;
+        }
+        if pairs.len() != count {
+            return Err(corrupt("the id count does not match the runs"));
         }
         Ok(pairs)
     }
@@ -790,18 +803,17 @@ mod tests {
         // Memory kept from an earlier file.
         let mut bytes = b"an earlier file".to_vec();
         IdsFile::write(&disk, dir.path(), 6, &[(5, 1)], &[50], &mut bytes).unwrap();
-        // Requests' runs out of order (more than a small sort's 20), two runs of one
-        // received_at, and hashes falling within a run: the order is by received_at
+        // Requests' runs out of order (more than a small sort's 20), runs of one
+        // received_at apart and side by side (a request split over two live batches),
+        // an empty run, and hashes falling within a run: the order is by received_at
         // alone, else commit order.
-        let pairs: Vec<(i64, u128)> = (0..40)
-            .flat_map(|run: i64| {
-                let at = (run * 7) % 13;
-                (0..3).map(move |i| (at, (1000 - run * 3 - i) as u128))
-            })
-            .collect();
-        let runs: Vec<(i64, usize)> = (pairs.chunk_by(|a, b| a.0 == b.0))
-            .map(|run| (run[0].0, run.len()))
-            .collect();
+        let mut runs: Vec<(i64, usize)> = (0..40).map(|run: i64| ((run * 7) % 13, 3)).collect();
+        runs.extend([(4, 2), (4, 1), (2, 0), (11, 2)]);
+        let mut pairs: Vec<(i64, u128)> = Vec::new();
+        for &(at, n) in &runs {
+            let first = 1000 - pairs.len() as u128;
+            pairs.extend((0..n as u128).map(|i| (at, first - i)));
+        }
         let hashes: Vec<u128> = pairs.iter().map(|p| p.1).collect();
         IdsFile::write(&disk, dir.path(), 7, &runs, &hashes, &mut bytes).unwrap();
         let files = IdsFile::list(dir.path()).unwrap();
@@ -810,64 +822,68 @@ mod tests {
         let mut sorted = pairs.clone();
         sorted.sort_by_key(|&(at, _)| at);
         assert_eq!(IdsFile::read(&files[1].1).unwrap(), sorted);
-        // 16 bytes an id and 12 a run, and the estimate from the size is at least the ids.
+        assert_eq!(IdsFile::ids_in(&files[1].1), pairs.len());
+        // 16 bytes an id and 12 a (non-empty) run.
         let size = std::fs::metadata(&files[1].1).unwrap().len() as usize;
-        assert_eq!(size, IdsFile::FRAME + runs.len() * 12 + pairs.len() * 16);
-        assert!((pairs.len()..pairs.len() + runs.len()).contains(&IdsFile::ids_in(&files[1].1)));
+        assert_eq!(
+            size,
+            IdsFile::FRAME + (runs.len() - 1) * 12 + pairs.len() * 16
+        );
     }
 
     /// Files of the first format (received_at beside each hash) are still read, and a
-    /// file cut short or changed is refused.
+    /// file changed or cut short is refused, whatever part was hit.
     #[test]
     fn ids_files_of_the_first_format_are_read_and_damage_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let pairs = [(3i64, 30u128), (3, 31), (9, u128::MAX)];
-        let mut v1 = b"FHIDS001".to_vec();
-        for (at, h) in pairs {
-            v1.extend_from_slice(&at.to_le_bytes());
-            v1.extend_from_slice(&h.to_le_bytes());
-        }
-        let crc = crc32fast::hash(&v1);
-        v1.extend_from_slice(&crc.to_le_bytes());
         let path = IdsFile::path(dir.path(), 1);
-        std::fs::write(&path, &v1).unwrap();
+        // A body (after the magic) with its checksum, written as the file.
+        let write = |magic: &[u8], body: &[u8]| {
+            let mut file = [magic, body].concat();
+            let crc = crc32fast::hash(&file);
+            file.extend_from_slice(&crc.to_le_bytes());
+            std::fs::write(&path, &file).unwrap();
+        };
+        let refused = |reason: &str| {
+            let err = IdsFile::read(&path).unwrap_err().to_string();
+            assert!(err.contains(reason), "{err}");
+        };
+        let pairs = [(3i64, 30u128), (3, 31), (9, 32)];
+        let v1: Vec<u8> = (pairs.iter())
+            .flat_map(|(at, h)| [&at.to_le_bytes()[..], &h.to_le_bytes()[..]].concat())
+            .collect();
+        write(b"FHIDS001", &v1);
         assert_eq!(IdsFile::read(&path).unwrap(), pairs);
         assert_eq!(IdsFile::ids_in(&path), pairs.len());
+        write(b"FHIDS001", &v1[..v1.len() - 1]);
+        refused("an entry is cut short");
 
         let mut bytes = Vec::new();
         let hashes: Vec<u128> = pairs.iter().map(|p| p.1).collect();
-        IdsFile::write(
-            &crate::disk::OsDisk,
-            dir.path(),
-            2,
-            &[(3, 2), (9, 1)],
-            &hashes,
-            &mut bytes,
-        )
-        .unwrap();
-        let path = IdsFile::path(dir.path(), 2);
+        let disk = crate::disk::OsDisk;
+        IdsFile::write(&disk, dir.path(), 1, &[(3, 2), (9, 1)], &hashes, &mut bytes).unwrap();
         assert_eq!(IdsFile::read(&path).unwrap(), pairs);
         let good = std::fs::read(&path).unwrap();
-        // A run claiming more hashes than follow, with a checksum that matches.
-        let mut long = good[..good.len() - 4].to_vec();
-        long[16] += 1;
-        let crc = crc32fast::hash(&long);
-        long.extend_from_slice(&crc.to_le_bytes());
-        std::fs::write(&path, &long).unwrap();
-        assert!(
-            IdsFile::read(&path)
-                .unwrap_err()
-                .to_string()
-                .contains("cut short")
-        );
+        let body = &good[8..good.len() - 4];
+        // The first run claims 100 hashes; a head left without its count; one id more
+        // counted than the runs hold.
+        let mut long = body.to_vec();
+        long[16..20].copy_from_slice(&100u32.to_le_bytes());
+        write(b"FHIDS002", &long);
+        refused("a run is cut short");
+        write(b"FHIDS002", &[body, &[0; 4]].concat());
+        refused("a run's head is cut short");
+        let mut counted = body.to_vec();
+        counted[..8].copy_from_slice(&4u64.to_le_bytes());
+        write(b"FHIDS002", &counted);
+        refused("the id count");
         let mut flipped = good.clone();
-        flipped[20] ^= 1;
+        flipped[30] ^= 1;
         std::fs::write(&path, &flipped).unwrap();
-        assert!(
-            IdsFile::read(&path)
-                .unwrap_err()
-                .to_string()
-                .contains("checksum")
-        );
+        refused("checksum");
+        std::fs::write(&path, &good[..good.len() - 5]).unwrap();
+        refused("checksum");
+        std::fs::write(&path, b"FHIDS002").unwrap();
+        refused("not a dedup ids file");
     }
 }

@@ -151,11 +151,11 @@ thread_local! {
     /// The sorting thread's (the flusher's) sort keys, kept between flushes and sized by
     /// the largest with room to spare ([`clear_for`]; 40 bytes a row: 20-40 MiB at the
     /// default `flush_bytes`, touched as far as rows fill it; replay flushes are of the
-    /// usual size too). Each writing thread takes the (batch, row) pairs of a gathered
-    /// batch from them as it goes: a copy of all of them (16 bytes a row) was fresh
-    /// memory on a server's first flushes, faulted in on the thread that sorts. Fresh vectors per flush
-    /// came from fresh huge pages each time, and the kernel zeroing them was ~3% of the
-    /// server's samples at peak ingest (benches/README.md).
+    /// usual size too). Fresh vectors per flush came from fresh huge pages each time,
+    /// and the kernel zeroing them was ~3% of the server's samples at peak ingest
+    /// (benches/README.md). Each writing thread takes the (batch, row) pairs of a
+    /// gathered batch from the keys as it goes: a copy of all of them (16 bytes a row)
+    /// was more fresh memory on a server's first flushes.
     static SORT_KEYS: std::cell::RefCell<Vec<SortKey>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }

@@ -1,5 +1,5 @@
-//! Vectors a flush keeps for the next one (sort keys, gather indices, the dedup ids
-//! file's pairs and bytes).
+//! Vectors a flush keeps for the next one (sort keys, the dedup ids file's hashes and
+//! bytes).
 
 /// Empty `v` and make room for `n` items. When it must grow it is replaced, not grown,
 /// with half as much again: a server's flushes come in about one size (`flush_bytes`),

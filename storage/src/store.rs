@@ -853,7 +853,7 @@ impl Flusher {
             &prefix,
             threads,
         )?;
-        id_hashes(batches, &mut self.id_runs, &mut self.id_hashes);
+        id_runs_and_hashes(batches, &mut self.id_runs, &mut self.id_hashes);
         let dedup_dir = self.data_dir.join("dedup");
         let (runs, hashes) = (&self.id_runs, &self.id_hashes);
         IdsFile::write(disk, &dedup_dir, seq, runs, hashes, &mut self.ids_file)?;
@@ -1112,7 +1112,11 @@ impl Syncer {
 
 /// Every row's id hash into `hashes` and the runs of rows of one received_at into `runs`
 /// (received_at, rows), both in commit order, for the dedup ids file.
-fn id_hashes(batches: &[RecordBatch], runs: &mut Vec<(i64, usize)>, hashes: &mut Vec<u128>) {
+fn id_runs_and_hashes(
+    batches: &[RecordBatch],
+    runs: &mut Vec<(i64, usize)>,
+    hashes: &mut Vec<u128>,
+) {
     clear_for(hashes, batches.iter().map(|b| b.num_rows()).sum());
     runs.clear();
     for b in batches {
