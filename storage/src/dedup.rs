@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use crate::disk::Disk;
 use crate::error::{Result, StorageError};
-use crate::fsutil::write_atomic;
+use crate::fsutil::write_atomic_with;
 use crate::gather::prefetch;
 use crate::scratch::clear_for;
 
@@ -463,51 +463,60 @@ impl IdsFile {
         dir.join(format!("{seq:020}.ids"))
     }
 
-    /// Write `hashes` (in commit order) with their received_at, given as `runs` of
-    /// (received_at, count) covering them in order, stably sorted by received_at, what
-    /// `load` needs. `bytes` is the file's memory, kept by the caller between flushes, as
-    /// are the hashes: fresh memory for them and the file at every flush was zeroed by
-    /// the kernel each time (benches/README.md, sessions 29 and 30).
-    pub fn write(
+    /// Write the ids of `runs`, each (received_at, the run's hashes), given in commit
+    /// order, stably sorted by received_at: what `load` needs. The hashes are taken as the
+    /// file is written, a piece at a time through `buf` (kept by the caller between
+    /// flushes): the file and the flush's hashes held whole were ~30 MB of fresh memory
+    /// at a server's first flushes, which the kernel zeroed (benches/README.md, sessions
+    /// 29 and 30).
+    pub fn write<I>(
         disk: &dyn Disk,
         dir: &Path,
         seq: u64,
-        runs: &[(i64, usize)],
-        hashes: &[u128],
-        bytes: &mut Vec<u8>,
-    ) -> Result<()> {
-        debug_assert_eq!(runs.iter().map(|r| r.1).sum::<usize>(), hashes.len());
+        runs: &mut [(i64, I)],
+        buf: &mut Vec<u8>,
+    ) -> Result<()>
+    where
+        I: ExactSizeIterator<Item = u128>,
+    {
+        /// Bytes gathered before each write.
+        const PIECE: usize = 64 << 10;
         crate::fsutil::create_dir_durable(disk, dir)?;
         // A request's ids share one received_at and sit together: sorting the requests'
         // runs (stable, so ids of one time stay in commit order) sorts the ids: a flush
         // has a run per request, hundreds of thousands of ids in a few thousand runs.
         // Ordering every request's ids by hash too was 1.3% of the server's samples at
         // peak.
-        let mut sorted_runs: Vec<(i64, &[u128])> = Vec::with_capacity(runs.len());
-        let mut rest = hashes;
-        for &(at, n) in runs {
-            let (run, after) = rest.split_at(n);
-            sorted_runs.push((at, run));
-            rest = after;
-        }
-        sorted_runs.sort_by_key(|run| run.0);
-        let len = Self::FRAME + runs.len() * Self::RUN_HEAD + hashes.len() * Self::HASH;
-        clear_for(bytes, len);
-        bytes.extend_from_slice(Self::MAGIC_V2);
-        bytes.extend_from_slice(&(hashes.len() as u64).to_le_bytes());
-        // A run's count is 32 bits: a longer one (never seen) takes several heads.
-        let parts = (sorted_runs.iter())
-            .flat_map(|&(at, run)| run.chunks(u32::MAX as usize).map(move |part| (at, part)));
-        for (at, part) in parts {
-            bytes.extend_from_slice(&at.to_le_bytes());
-            bytes.extend_from_slice(&(part.len() as u32).to_le_bytes());
-            for h in part {
-                bytes.extend_from_slice(&h.to_le_bytes());
+        runs.sort_by_key(|run| run.0);
+        let ids: usize = runs.iter().map(|run| run.1.len()).sum();
+        write_atomic_with(disk, &Self::path(dir, seq), |file| {
+            let mut crc = crc32fast::Hasher::new();
+            let mut flush = |buf: &mut Vec<u8>| {
+                crc.update(buf);
+                let written = file.write_all(buf);
+                buf.clear();
+                written
+            };
+            clear_for(buf, PIECE + Self::FRAME + Self::RUN_HEAD + Self::HASH);
+            buf.extend_from_slice(Self::MAGIC_V2);
+            buf.extend_from_slice(&(ids as u64).to_le_bytes());
+            for (at, run) in runs.iter_mut() {
+                // A run's count is 32 bits: a longer one (never seen) takes several heads.
+                while run.len() > 0 {
+                    let n = run.len().min(u32::MAX as usize);
+                    buf.extend_from_slice(&at.to_le_bytes());
+                    buf.extend_from_slice(&(n as u32).to_le_bytes());
+                    for h in run.by_ref().take(n) {
+                        buf.extend_from_slice(&h.to_le_bytes());
+                        if buf.len() >= PIECE {
+                            flush(buf)?;
+                        }
+                    }
+                }
             }
-        }
-        let crc = crc32fast::hash(bytes);
-        bytes.extend_from_slice(&crc.to_le_bytes());
-        write_atomic(disk, &Self::path(dir, seq), bytes)
+            flush(buf)?;
+            file.write_all(&crc.finalize().to_le_bytes())
+        })
     }
 
     /// How many ids the file at `path` holds, from its head (0 when unreadable; for
@@ -802,20 +811,34 @@ mod tests {
         let disk = crate::disk::OsDisk;
         // Memory kept from an earlier file.
         let mut bytes = b"an earlier file".to_vec();
-        IdsFile::write(&disk, dir.path(), 6, &[(5, 1)], &[50], &mut bytes).unwrap();
+        IdsFile::write(
+            &disk,
+            dir.path(),
+            6,
+            &mut [(5, [50].into_iter())],
+            &mut bytes,
+        )
+        .unwrap();
         // Requests' runs out of order (more than a small sort's 20), runs of one
         // received_at apart and side by side (a request split over two live batches),
         // an empty run, and hashes falling within a run: the order is by received_at
-        // alone, else commit order.
+        // alone, else commit order. More than one piece of the file's writes.
         let mut runs: Vec<(i64, usize)> = (0..40).map(|run: i64| ((run * 7) % 13, 3)).collect();
-        runs.extend([(4, 2), (4, 1), (2, 0), (11, 2)]);
+        runs.extend([(4, 2), (4, 1), (2, 0), (11, 2), (12, 5000)]);
         let mut pairs: Vec<(i64, u128)> = Vec::new();
         for &(at, n) in &runs {
-            let first = 1000 - pairs.len() as u128;
+            let first = 10_000 - pairs.len() as u128;
             pairs.extend((0..n as u128).map(|i| (at, first - i)));
         }
-        let hashes: Vec<u128> = pairs.iter().map(|p| p.1).collect();
-        IdsFile::write(&disk, dir.path(), 7, &runs, &hashes, &mut bytes).unwrap();
+        let mut rest = &pairs[..];
+        let mut hashed: Vec<_> = (runs.iter())
+            .map(|&(at, n)| {
+                let (run, after) = rest.split_at(n);
+                rest = after;
+                (at, run.iter().map(|p| p.1))
+            })
+            .collect();
+        IdsFile::write(&disk, dir.path(), 7, &mut hashed, &mut bytes).unwrap();
         let files = IdsFile::list(dir.path()).unwrap();
         assert_eq!(files.len(), 2);
         assert_eq!(IdsFile::read(&files[0].1).unwrap(), vec![(5, 50)]);
@@ -859,9 +882,10 @@ mod tests {
         refused("an entry is cut short");
 
         let mut bytes = Vec::new();
-        let hashes: Vec<u128> = pairs.iter().map(|p| p.1).collect();
         let disk = crate::disk::OsDisk;
-        IdsFile::write(&disk, dir.path(), 1, &[(3, 2), (9, 1)], &hashes, &mut bytes).unwrap();
+        let mut runs = [(3, pairs[..2].iter()), (9, pairs[2..].iter())]
+            .map(|(at, run)| (at, run.map(|p| p.1)));
+        IdsFile::write(&disk, dir.path(), 1, &mut runs, &mut bytes).unwrap();
         assert_eq!(IdsFile::read(&path).unwrap(), pairs);
         let good = std::fs::read(&path).unwrap();
         let body = &good[8..good.len() - 4];

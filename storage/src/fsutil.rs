@@ -35,11 +35,21 @@ pub fn create_dir_durable(disk: &dyn Disk, dir: &Path) -> Result<()> {
 
 /// Replace `path` with `bytes` atomically: readers and crashes see the old or the new file.
 pub fn write_atomic(disk: &dyn Disk, path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(disk, path, |f| f.write_all(bytes))
+}
+
+/// Replace `path` atomically with what `write` writes, as [`write_atomic`] does: for a
+/// file written as it is made, not held whole in memory first.
+pub fn write_atomic_with(
+    disk: &dyn Disk,
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let tmp = path.with_extension("tmp");
     // Left by a crash, or by an earlier attempt that failed.
     let _ = fs::remove_file(&tmp);
     let mut f = disk.create(&tmp).map_err(StorageError::io(&tmp))?;
-    f.write_all(bytes)
+    write(&mut *f)
         .and_then(|()| f.sync())
         .map_err(StorageError::io(&tmp))?;
     rename_durable(disk, &tmp, path)

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use arrow::array::{AsArray, RecordBatch};
+use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::TimestampMicrosecondType;
 use funnelhouse_schemas::arrow::col;
 use funnelhouse_schemas::time::now_micros;
@@ -40,7 +40,6 @@ use crate::fsutil::DataDirLock;
 use crate::manifest::{FileMeta, Manifest};
 use crate::metrics::{StoreMetrics, add_duration};
 use crate::parquet_file::write_partitioned;
-use crate::scratch::clear_for;
 use crate::shared::{Published, SeenLists, SharedReader, SharedStore};
 use crate::wal::{EncodedEvents, RecordPayload, Wal};
 
@@ -283,8 +282,6 @@ impl EventStore {
             cfg: cfg.clone(),
             compact_tx,
             publish_tx,
-            id_runs: Vec::new(),
-            id_hashes: Vec::new(),
             ids_file: Vec::new(),
         };
         let mut threads = vec![
@@ -775,10 +772,7 @@ struct Flusher {
     compact_tx: Sender<HashSet<String>>,
     /// Tells the publisher a manifest committed (with `[storage] url`).
     publish_tx: Option<Sender<()>>,
-    /// The last flush's id hashes, their runs of one received_at and its ids file, their
-    /// memory kept for the next (32 bytes per event flushed; see [`IdsFile::write`]).
-    id_runs: Vec<(i64, usize)>,
-    id_hashes: Vec<u128>,
+    /// The memory the ids file is written through, kept for the next flush.
     ids_file: Vec<u8>,
 }
 
@@ -853,10 +847,9 @@ impl Flusher {
             &prefix,
             threads,
         )?;
-        id_runs_and_hashes(batches, &mut self.id_runs, &mut self.id_hashes);
         let dedup_dir = self.data_dir.join("dedup");
-        let (runs, hashes) = (&self.id_runs, &self.id_hashes);
-        IdsFile::write(disk, &dedup_dir, seq, runs, hashes, &mut self.ids_file)?;
+        let mut runs = id_runs(batches);
+        IdsFile::write(disk, &dedup_dir, seq, &mut runs, &mut self.ids_file)?;
         let touched: HashSet<String> = files.iter().map(|f| f.partition.clone()).collect();
         let rows: u64 = files.iter().map(|f| f.rows).sum();
         {
@@ -1110,23 +1103,24 @@ impl Syncer {
     }
 }
 
-/// Every row's id hash into `hashes` and the runs of rows of one received_at into `runs`
-/// (received_at, rows), both in commit order, for the dedup ids file.
-fn id_runs_and_hashes(
-    batches: &[RecordBatch],
-    runs: &mut Vec<(i64, usize)>,
-    hashes: &mut Vec<u128>,
-) {
-    clear_for(hashes, batches.iter().map(|b| b.num_rows()).sum());
-    runs.clear();
+/// The rows of `batches` in runs of one received_at, in commit order, each with its
+/// received_at and its ids' hashes (taken as the ids file is written).
+fn id_runs(batches: &[RecordBatch]) -> Vec<(i64, impl ExactSizeIterator<Item = u128>)> {
+    let mut runs = Vec::new();
     for b in batches {
         let ids = b.column(col::EVENT_ID).as_string_view();
         let at = b
             .column(col::RECEIVED_AT)
             .as_primitive::<TimestampMicrosecondType>();
-        runs.extend((at.values().chunk_by(|x, y| x == y)).map(|run| (run[0], run.len())));
-        hashes.extend(ids.iter().map(|id| id_hash(id.unwrap_or(""))));
+        let mut start = 0;
+        for run in at.values().chunk_by(|x, y| x == y) {
+            let rows = start..start + run.len();
+            let hash = move |r| id_hash(if ids.is_null(r) { "" } else { ids.value(r) });
+            runs.push((run[0], rows.map(hash)));
+            start += run.len();
+        }
     }
+    runs
 }
 
 /// Offline compaction of a data dir (refused while a server holds it).
