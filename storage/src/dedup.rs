@@ -23,7 +23,6 @@ use crate::disk::Disk;
 use crate::error::{Result, StorageError};
 use crate::fsutil::write_atomic_with;
 use crate::gather::prefetch;
-use crate::scratch::clear_for;
 
 pub fn id_hash(event_id: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128(event_id.as_bytes())
@@ -465,17 +464,10 @@ impl IdsFile {
 
     /// Write the ids of `runs`, each (received_at, the run's hashes), given in commit
     /// order, stably sorted by received_at: what `load` needs. The hashes are taken as the
-    /// file is written, a piece at a time through `buf` (kept by the caller between
-    /// flushes): the file and the flush's hashes held whole were ~30 MB of fresh memory
-    /// at a server's first flushes, which the kernel zeroed (benches/README.md, sessions
-    /// 29 and 30).
-    pub fn write<I>(
-        disk: &dyn Disk,
-        dir: &Path,
-        seq: u64,
-        runs: &mut [(i64, I)],
-        buf: &mut Vec<u8>,
-    ) -> Result<()>
+    /// file is written, 64 KiB at a time: the file and the flush's hashes held whole were
+    /// ~30 MB of fresh memory at a server's first flushes, which the kernel zeroed
+    /// (benches/README.md, sessions 29 and 30).
+    pub fn write<I>(disk: &dyn Disk, dir: &Path, seq: u64, runs: &mut [(i64, I)]) -> Result<()>
     where
         I: ExactSizeIterator<Item = u128>,
     {
@@ -497,7 +489,7 @@ impl IdsFile {
                 buf.clear();
                 written
             };
-            clear_for(buf, PIECE + Self::FRAME + Self::RUN_HEAD + Self::HASH);
+            let buf = &mut Vec::with_capacity(PIECE + Self::FRAME + Self::RUN_HEAD + Self::HASH);
             buf.extend_from_slice(Self::MAGIC_V2);
             buf.extend_from_slice(&(ids as u64).to_le_bytes());
             for (at, run) in runs.iter_mut() {
@@ -809,16 +801,7 @@ mod tests {
     fn ids_file_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let disk = crate::disk::OsDisk;
-        // Memory kept from an earlier file.
-        let mut bytes = b"an earlier file".to_vec();
-        IdsFile::write(
-            &disk,
-            dir.path(),
-            6,
-            &mut [(5, [50].into_iter())],
-            &mut bytes,
-        )
-        .unwrap();
+        IdsFile::write(&disk, dir.path(), 6, &mut [(5, [50].into_iter())]).unwrap();
         // Requests' runs out of order (more than a small sort's 20), runs of one
         // received_at apart and side by side (a request split over two live batches),
         // an empty run, and hashes falling within a run: the order is by received_at
@@ -838,7 +821,7 @@ mod tests {
                 (at, run.iter().map(|p| p.1))
             })
             .collect();
-        IdsFile::write(&disk, dir.path(), 7, &mut hashed, &mut bytes).unwrap();
+        IdsFile::write(&disk, dir.path(), 7, &mut hashed).unwrap();
         let files = IdsFile::list(dir.path()).unwrap();
         assert_eq!(files.len(), 2);
         assert_eq!(IdsFile::read(&files[0].1).unwrap(), vec![(5, 50)]);
@@ -881,11 +864,10 @@ mod tests {
         write(b"FHIDS001", &v1[..v1.len() - 1]);
         refused("an entry is cut short");
 
-        let mut bytes = Vec::new();
         let disk = crate::disk::OsDisk;
         let mut runs = [(3, pairs[..2].iter()), (9, pairs[2..].iter())]
             .map(|(at, run)| (at, run.map(|p| p.1)));
-        IdsFile::write(&disk, dir.path(), 1, &mut runs, &mut bytes).unwrap();
+        IdsFile::write(&disk, dir.path(), 1, &mut runs).unwrap();
         assert_eq!(IdsFile::read(&path).unwrap(), pairs);
         let good = std::fs::read(&path).unwrap();
         let body = &good[8..good.len() - 4];

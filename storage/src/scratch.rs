@@ -1,5 +1,4 @@
-//! Vectors a flush keeps for the next one (sort keys, the dedup ids file's hashes and
-//! bytes).
+//! Vectors a flush keeps for the next one (the sort keys).
 
 /// Empty `v` and make room for `n` items. When it must grow it is replaced, not grown,
 /// with half as much again: a server's flushes come in about one size (`flush_bytes`),

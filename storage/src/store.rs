@@ -282,7 +282,6 @@ impl EventStore {
             cfg: cfg.clone(),
             compact_tx,
             publish_tx,
-            ids_file: Vec::new(),
         };
         let mut threads = vec![
             std::thread::Builder::new()
@@ -772,8 +771,6 @@ struct Flusher {
     compact_tx: Sender<HashSet<String>>,
     /// Tells the publisher a manifest committed (with `[storage] url`).
     publish_tx: Option<Sender<()>>,
-    /// The memory the ids file is written through, kept for the next flush.
-    ids_file: Vec<u8>,
 }
 
 impl Flusher {
@@ -849,7 +846,7 @@ impl Flusher {
         )?;
         let dedup_dir = self.data_dir.join("dedup");
         let mut runs = id_runs(batches);
-        IdsFile::write(disk, &dedup_dir, seq, &mut runs, &mut self.ids_file)?;
+        IdsFile::write(disk, &dedup_dir, seq, &mut runs)?;
         let touched: HashSet<String> = files.iter().map(|f| f.partition.clone()).collect();
         let rows: u64 = files.iter().map(|f| f.rows).sum();
         {
