@@ -466,8 +466,9 @@ impl IdsFile {
     /// order, stably sorted by received_at: what `load` needs. The hashes are taken as the
     /// file is written, 64 KiB at a time: the file and the flush's hashes held whole were
     /// ~30 MB of fresh memory at a server's first flushes, which the kernel zeroed
-    /// (benches/README.md, sessions 29 and 30).
-    pub fn write<I>(disk: &dyn Disk, dir: &Path, seq: u64, runs: &mut [(i64, I)]) -> Result<()>
+    /// (benches/README.md, sessions 29 and 30). A run of 2^32 ids or more (a flush holds
+    /// far fewer) is refused.
+    pub fn write<I>(disk: &dyn Disk, dir: &Path, seq: u64, mut runs: Vec<(i64, I)>) -> Result<()>
     where
         I: ExactSizeIterator<Item = u128>,
     {
@@ -492,17 +493,15 @@ impl IdsFile {
             let buf = &mut Vec::with_capacity(PIECE + Self::FRAME + Self::RUN_HEAD + Self::HASH);
             buf.extend_from_slice(Self::MAGIC_V2);
             buf.extend_from_slice(&(ids as u64).to_le_bytes());
-            for (at, run) in runs.iter_mut() {
-                // A run's count is 32 bits: a longer one (never seen) takes several heads.
-                while run.len() > 0 {
-                    let n = run.len().min(u32::MAX as usize);
-                    buf.extend_from_slice(&at.to_le_bytes());
-                    buf.extend_from_slice(&(n as u32).to_le_bytes());
-                    for h in run.by_ref().take(n) {
-                        buf.extend_from_slice(&h.to_le_bytes());
-                        if buf.len() >= PIECE {
-                            flush(buf)?;
-                        }
+            for (at, run) in runs.into_iter().filter(|run| run.1.len() > 0) {
+                let n = u32::try_from(run.len())
+                    .map_err(|_| std::io::Error::other("a run of 2^32 ids or more"))?;
+                buf.extend_from_slice(&at.to_le_bytes());
+                buf.extend_from_slice(&n.to_le_bytes());
+                for h in run {
+                    buf.extend_from_slice(&h.to_le_bytes());
+                    if buf.len() >= PIECE {
+                        flush(buf)?;
                     }
                 }
             }
@@ -801,7 +800,7 @@ mod tests {
     fn ids_file_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let disk = crate::disk::OsDisk;
-        IdsFile::write(&disk, dir.path(), 6, &mut [(5, [50].into_iter())]).unwrap();
+        IdsFile::write(&disk, dir.path(), 6, vec![(5, [50].into_iter())]).unwrap();
         // Requests' runs out of order (more than a small sort's 20), runs of one
         // received_at apart and side by side (a request split over two live batches),
         // an empty run, and hashes falling within a run: the order is by received_at
@@ -814,14 +813,14 @@ mod tests {
             pairs.extend((0..n as u128).map(|i| (at, first - i)));
         }
         let mut rest = &pairs[..];
-        let mut hashed: Vec<_> = (runs.iter())
+        let hashed: Vec<_> = (runs.iter())
             .map(|&(at, n)| {
                 let (run, after) = rest.split_at(n);
                 rest = after;
                 (at, run.iter().map(|p| p.1))
             })
             .collect();
-        IdsFile::write(&disk, dir.path(), 7, &mut hashed).unwrap();
+        IdsFile::write(&disk, dir.path(), 7, hashed).unwrap();
         let files = IdsFile::list(dir.path()).unwrap();
         assert_eq!(files.len(), 2);
         assert_eq!(IdsFile::read(&files[0].1).unwrap(), vec![(5, 50)]);
@@ -865,9 +864,9 @@ mod tests {
         refused("an entry is cut short");
 
         let disk = crate::disk::OsDisk;
-        let mut runs = [(3, pairs[..2].iter()), (9, pairs[2..].iter())]
+        let runs = [(3, pairs[..2].iter()), (9, pairs[2..].iter())]
             .map(|(at, run)| (at, run.map(|p| p.1)));
-        IdsFile::write(&disk, dir.path(), 1, &mut runs).unwrap();
+        IdsFile::write(&disk, dir.path(), 1, runs.into()).unwrap();
         assert_eq!(IdsFile::read(&path).unwrap(), pairs);
         let good = std::fs::read(&path).unwrap();
         let body = &good[8..good.len() - 4];

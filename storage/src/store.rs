@@ -845,8 +845,7 @@ impl Flusher {
             threads,
         )?;
         let dedup_dir = self.data_dir.join("dedup");
-        let mut runs = id_runs(batches);
-        IdsFile::write(disk, &dedup_dir, seq, &mut runs)?;
+        IdsFile::write(disk, &dedup_dir, seq, id_runs(batches))?;
         let touched: HashSet<String> = files.iter().map(|f| f.partition.clone()).collect();
         let rows: u64 = files.iter().map(|f| f.rows).sum();
         {
@@ -1139,4 +1138,45 @@ pub fn compact_data_dir(
         std::fs::remove_file(&path).map_err(StorageError::io(&path))?;
     }
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use funnelhouse_schemas::{Event, EventRef, events_to_batch};
+
+    use super::*;
+
+    /// Every row of every batch, sliced ones too, is in one run, with its received_at
+    /// and its id's hash, in commit order.
+    #[test]
+    fn id_runs_cover_every_row_once_with_its_received_at() {
+        let batch = |rows: &[(i64, &str)]| {
+            let events: Vec<Event> = (rows.iter())
+                .map(|&(received_at, id)| {
+                    Event::from(EventRef {
+                        event_id: id,
+                        event: "scan",
+                        user_id: "u",
+                        campaign: "c",
+                        channel: "",
+                        ts: 0,
+                        received_at,
+                        properties: None,
+                    })
+                })
+                .collect();
+            events_to_batch(&events)
+        };
+        let first = batch(&[(1, "a"), (1, "b"), (2, "c"), (2, "d"), (2, "e")]);
+        let second = batch(&[(9, "x"), (2, "f"), (3, "g"), (3, "h")]).slice(1, 3);
+        let pairs: Vec<(i64, u128)> = (id_runs(&[first, second]).into_iter())
+            .flat_map(|(at, run)| run.map(move |h| (at, h)))
+            .collect();
+        let want: Vec<(i64, u128)> = [(1, "a"), (1, "b"), (2, "c"), (2, "d"), (2, "e")]
+            .into_iter()
+            .chain([(2, "f"), (3, "g"), (3, "h")])
+            .map(|(at, id)| (at, id_hash(id)))
+            .collect();
+        assert_eq!(pairs, want);
+    }
 }
