@@ -1142,30 +1142,24 @@ pub fn compact_data_dir(
 
 #[cfg(test)]
 mod tests {
-    use funnelhouse_schemas::{Event, EventRef, events_to_batch};
+    use arrow::array::TimestampMicrosecondArray;
+    use funnelhouse_schemas::{Event, events_to_batch};
 
     use super::*;
+    use crate::wal::tests::event;
 
     /// Every row of every batch, sliced ones too, is in one run, with its received_at
     /// and its id's hash, in commit order.
     #[test]
     fn id_runs_cover_every_row_once_with_its_received_at() {
         let batch = |rows: &[(i64, &str)]| {
-            let events: Vec<Event> = (rows.iter())
-                .map(|&(received_at, id)| {
-                    Event::from(EventRef {
-                        event_id: id,
-                        event: "scan",
-                        user_id: "u",
-                        campaign: "c",
-                        channel: "",
-                        ts: 0,
-                        received_at,
-                        properties: None,
-                    })
-                })
-                .collect();
-            events_to_batch(&events)
+            let events: Vec<Event> = rows.iter().map(|&(_, id)| event(id, None)).collect();
+            let batch = events_to_batch(&events);
+            let mut columns = batch.columns().to_vec();
+            let at = TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.0))
+                .with_data_type(columns[col::RECEIVED_AT].data_type().clone());
+            columns[col::RECEIVED_AT] = Arc::new(at);
+            RecordBatch::try_new(batch.schema(), columns).unwrap()
         };
         let first = batch(&[(1, "a"), (1, "b"), (2, "c"), (2, "d"), (2, "e")]);
         let second = batch(&[(9, "x"), (2, "f"), (3, "g"), (3, "h")]).slice(1, 3);

@@ -902,10 +902,11 @@ fn take_str<'a>(buf: &mut &'a [u8]) -> std::result::Result<&'a str, &'static str
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn event(id: &str, props: Option<&str>) -> Event {
+    /// A `scan` event with id `id` (also the storage crate's other tests' event).
+    pub(crate) fn event(id: &str, props: Option<&str>) -> Event {
         Event::from(EventRef {
             event_id: id,
             event: "scan",
