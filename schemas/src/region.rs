@@ -38,6 +38,21 @@ pub fn keep_freed(bytes: usize) {
     KEEP_BLOCKS.store(bytes.div_ceil(BLOCK), Ordering::Relaxed);
 }
 
+/// Run the calling thread at nice 10, for background work that must not delay acks on a
+/// small machine (the block maker, the collector's flusher and compactor); `false` when
+/// refused. On Linux `PRIO_PROCESS` with `who = 0` sets the calling thread's nice value.
+#[cfg(target_os = "linux")]
+pub fn background_priority() -> bool {
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) == 0 }
+}
+
+/// Elsewhere threads keep their priority.
+#[cfg(not(target_os = "linux"))]
+pub fn background_priority() -> bool {
+    true
+}
+
 #[cfg(target_os = "linux")]
 mod linux {
     use std::ptr::NonNull;
@@ -166,9 +181,7 @@ mod linux {
     /// it only moves work off the packing thread, and when the cores are busy the
     /// packing thread maps what it needs itself.
     fn make_blocks() {
-        // SAFETY: setpriority takes plain integers and touches no memory of ours; 0 is
-        // the calling thread on Linux.
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+        super::background_priority();
         let mut free = free();
         loop {
             let ready = READY_AHEAD.min(KEEP_BLOCKS.load(Ordering::Relaxed));

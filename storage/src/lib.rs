@@ -20,7 +20,6 @@ mod gather;
 pub mod manifest;
 pub mod metrics;
 pub mod parquet_file;
-mod scratch;
 pub mod shared;
 pub mod store;
 pub mod wal;

@@ -23,7 +23,6 @@ use crate::error::{Result, StorageError};
 use crate::fsutil::rename_durable;
 use crate::gather::RowSources;
 use crate::manifest::{EVENTS_DIR, FileMeta};
-use crate::scratch::clear_for;
 
 const DAY_US: i64 = 86_400_000_000;
 const HOUR_US: i64 = 3_600_000_000;
@@ -158,6 +157,22 @@ thread_local! {
     /// was more fresh memory on a server's first flushes.
     static SORT_KEYS: std::cell::RefCell<Vec<SortKey>> =
         const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Empty `v` and make room for `n` items. When it must grow it is replaced, not grown,
+/// with half as much again: a server's flushes come in about one size (`flush_bytes`),
+/// and growing the kept keys by even one row (`reserve`) was a `realloc` to twice the
+/// size that copied the whole old capacity into fresh memory, which the kernel then
+/// zeroed (the second flush of a load spent ~40% of its time faulting in memory the first
+/// one had already faulted in; benches/README.md, session 30). Room never touched costs
+/// address space only.
+fn clear_for<T>(v: &mut Vec<T>, n: usize) {
+    v.clear();
+    if v.capacity() < n {
+        // Free the old allocation first, so the allocator may hand its memory back.
+        drop(std::mem::take(v));
+        *v = Vec::with_capacity(n.saturating_add(n / 2));
+    }
 }
 
 /// The distinct values of `campaign` columns, sorted. Within a batch equal views are
@@ -526,6 +541,22 @@ mod tests {
             received_at: 0,
             properties: None,
         })
+    }
+
+    #[test]
+    fn kept_keys_keep_their_room_and_grow_with_headroom() {
+        let mut v: Vec<u64> = Vec::new();
+        clear_for(&mut v, 1000);
+        assert!(v.is_empty());
+        assert!(v.capacity() >= 1500);
+        v.extend(0..1000);
+        let (cap, ptr) = (v.capacity(), v.as_ptr());
+        // A slightly larger flush fits in the room already there.
+        clear_for(&mut v, 1001);
+        assert!(v.is_empty());
+        assert_eq!((v.capacity(), v.as_ptr()), (cap, ptr));
+        clear_for(&mut v, 4000);
+        assert!(v.capacity() >= 6000);
     }
 
     #[test]

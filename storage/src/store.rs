@@ -524,15 +524,10 @@ struct Writer {
 }
 
 /// Flushes and compactions are background work that takes a core for seconds; on a
-/// small machine they must not delay acks, so the flusher thread runs at nice 10
-/// (on Linux `PRIO_PROCESS` with `who = 0` sets the calling thread's nice value).
+/// small machine they must not delay acks.
 fn background_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: setpriority takes plain integers and touches no memory of ours.
-    unsafe {
-        if libc::setpriority(libc::PRIO_PROCESS, 0, 10) != 0 {
-            tracing::debug!("could not lower the flusher's priority");
-        }
+    if !funnelhouse_schemas::region::background_priority() {
+        tracing::debug!("could not lower the flusher's priority");
     }
 }
 
@@ -844,8 +839,7 @@ impl Flusher {
             &prefix,
             threads,
         )?;
-        let dedup_dir = self.data_dir.join("dedup");
-        IdsFile::write(disk, &dedup_dir, seq, id_runs(batches))?;
+        IdsFile::write(disk, &self.data_dir.join("dedup"), seq, id_runs(batches))?;
         let touched: HashSet<String> = files.iter().map(|f| f.partition.clone()).collect();
         let rows: u64 = files.iter().map(|f| f.rows).sum();
         {
