@@ -18,6 +18,15 @@ pub enum WalCommand {
 }
 
 pub fn run(command: WalCommand, cfg: &Config) -> Result<std::process::ExitCode, CliError> {
+    // Without this, salvage's lock would fail on `data/LOCK` and check would report an
+    // empty WAL: neither says that the data dir itself is not where it was looked for.
+    if !cfg.data_dir.is_dir() {
+        return Err(CliError::Io(format!(
+            "no data dir at {}: pass --data-dir (or set data_dir in the config) to the \
+             directory the server writes",
+            cfg.data_dir.display()
+        )));
+    }
     let dir = cfg.data_dir.join("wal");
     match command {
         WalCommand::Check => {

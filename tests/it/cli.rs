@@ -640,6 +640,20 @@ async fn wal_check_and_salvage_get_past_damage_before_the_tail() {
         .flat_map(|p| (0..4).map(move |i| format!("{p}-{i}")))
         .collect();
     assert_eq!(ids, expected);
+
+    // A mistyped data dir is named as such, not as a missing LOCK file or an empty WAL.
+    let missing = dir.path().join("no-such-dir");
+    for command in ["check", "salvage"] {
+        let out = run(&["wal", command, "--data-dir", missing.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        let said = text(&out);
+        assert!(
+            said.contains(&format!("no data dir at {}", missing.display()))
+                && said.contains("--data-dir"),
+            "{said}"
+        );
+        assert!(!missing.exists(), "wal {command} made the data dir");
+    }
 }
 
 #[tokio::test]
