@@ -293,21 +293,50 @@ fn with_sorted_rows<T>(
     })
 }
 
-/// Write `batches` as one sorted file per partition under `<data_dir>/events/`, on up
-/// to `threads` threads, each gathering and writing one partition's file at a time (the
-/// rows are sorted once, on this thread); the files come back in partition order, as
-/// from one thread. Each file is fsynced and renamed into place; committing them is the
+/// The threads a flush writes its partitions' files on: `start` at once (the caller's
+/// among them), and `standby` more that wait and take the partitions not yet started once
+/// `join_when` says so (asked every [`STANDBY_POLL`]). The flusher writes on one thread
+/// while the collector takes events (a second one costs acknowledged throughput on 2
+/// cores) and lets the others join when ingest goes quiet or the server stops: the
+/// flush that was running when a load ended went on alone for a quarter of a second
+/// while the other core idled (benches/README.md, session 31).
+#[derive(Clone, Copy)]
+pub struct WriteThreads<'a> {
+    pub start: usize,
+    pub standby: usize,
+    pub join_when: &'a (dyn Fn() -> bool + Sync),
+}
+
+/// `n` threads from the start, none waiting.
+impl From<usize> for WriteThreads<'_> {
+    fn from(n: usize) -> Self {
+        WriteThreads {
+            start: n,
+            standby: 0,
+            join_when: &|| false,
+        }
+    }
+}
+
+/// How often a standby writing thread asks whether to join.
+pub const STANDBY_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Write `batches` as one sorted file per partition under `<data_dir>/events/`, on the
+/// `threads`, each gathering and writing one partition's file at a time (the rows are
+/// sorted once, on this thread); the files come back in partition order, as from one
+/// thread. Each file is fsynced and renamed into place; committing them is the
 /// caller's step. On an error no further file is started and the error is returned;
 /// files already renamed into place stay until the next start removes them (they are in
 /// no manifest).
-pub fn write_partitioned(
+pub fn write_partitioned<'a>(
     disk: &dyn Disk,
     data_dir: &Path,
     batches: &[RecordBatch],
     partitioning: Partitioning,
     name_prefix: &str,
-    threads: usize,
+    threads: impl Into<WriteThreads<'a>>,
 ) -> Result<Vec<FileMeta>> {
+    let threads = threads.into();
     let unit = match partitioning {
         Partitioning::Day => DAY_US,
         Partitioning::Hour => HOUR_US,
@@ -326,16 +355,16 @@ pub fn write_partitioned(
 }
 
 /// Gather each part's rows (in file order) and write them as one file into its
-/// partition, on up to `threads` threads. Each thread gathers the rows it writes, a
-/// batch of them at a time ([`write_gathered`]): the gathers are spread over the threads,
-/// and the sorted copy held is a batch per thread, not a partition or the whole flush.
+/// partition, on the `threads`. Each thread gathers the rows it writes, a batch of them
+/// at a time ([`write_gathered`]): the gathers are spread over the threads, and the
+/// sorted copy held is a batch per thread, not a partition or the whole flush.
 fn write_parts(
     disk: &dyn Disk,
     data_dir: &Path,
     batches: &[&RecordBatch],
     parts: &[(&[SortKey], String)],
     name_prefix: &str,
-    threads: usize,
+    threads: WriteThreads,
 ) -> Result<Vec<FileMeta>> {
     let sources = RowSources::new(batches)?;
     // The largest partitions first, so the threads finish close together (with one
@@ -357,12 +386,27 @@ fn write_parts(
         }
         files
     };
+    // A standby thread takes no part until it is told to join, and leaves once every
+    // part is taken (or one failed).
+    let standby = || {
+        while !failed.load(Ordering::Relaxed) && next.load(Ordering::Relaxed) < order.len() {
+            if (threads.join_when)() {
+                return write_next_parts();
+            }
+            std::thread::sleep(STANDBY_POLL);
+        }
+        Vec::new()
+    };
     let mut files = std::thread::scope(|s| {
         // A helper the OS refuses leaves its share to the others.
-        let helpers: Vec<_> = (1..threads.min(parts.len()))
-            .filter_map(|_| {
+        let start = threads.start.min(parts.len());
+        let standby_helpers = threads.standby.min(parts.len() - start);
+        type Work<'w> = &'w (dyn Fn() -> Vec<(usize, Result<FileMeta>)> + Sync);
+        let helpers: Vec<_> = ((1..start).map(|_| &write_next_parts as Work))
+            .chain((0..standby_helpers).map(|_| &standby as Work))
+            .filter_map(|work| {
                 let helper = std::thread::Builder::new().name("fh-flush-writer".into());
-                helper.spawn_scoped(s, write_next_parts).ok()
+                helper.spawn_scoped(s, work).ok()
             })
             .collect();
         let mut files = write_next_parts();
@@ -748,5 +792,31 @@ mod tests {
         let mut all: Vec<String> = events.iter().map(|e| e.event_id().to_string()).collect();
         all.sort();
         assert_eq!(ids, all);
+
+        // Standby threads that are told to join at once, or never are, change nothing
+        // written; the write returns either way.
+        for join in [false, true] {
+            let join_when = || join;
+            let threads = WriteThreads {
+                start: 1,
+                standby: 2,
+                join_when: &join_when,
+            };
+            let files = write_partitioned(
+                &disk,
+                dir.path(),
+                &batches,
+                Partitioning::Day,
+                "f2",
+                threads,
+            )
+            .unwrap();
+            let partitions: Vec<&str> = files.iter().map(|f| f.partition.as_str()).collect();
+            assert_eq!(partitions, expected);
+            assert_eq!(
+                files.iter().map(|f| f.rows).sum::<u64>(),
+                events.len() as u64
+            );
+        }
     }
 }

@@ -39,7 +39,7 @@ use crate::error::{Result, StorageError};
 use crate::fsutil::DataDirLock;
 use crate::manifest::{FileMeta, Manifest};
 use crate::metrics::{StoreMetrics, add_duration};
-use crate::parquet_file::write_partitioned;
+use crate::parquet_file::{WriteThreads, write_partitioned};
 use crate::shared::{Published, SeenLists, SharedReader, SharedStore};
 use crate::wal::{EncodedEvents, RecordPayload, Wal};
 
@@ -751,6 +751,11 @@ fn without_duplicates(batch: &RecordBatch, keep: &[bool]) -> Vec<RecordBatch> {
 
 // ---- the flusher thread: Parquet, commit ----
 
+/// How long no commit must have written the WAL before a running flush takes the other
+/// cores. Shorter gaps come and go under load: with 10 ms a second thread joined while
+/// 8 clients still posted, and cost acknowledged throughput (benches/README.md, session 31).
+const QUIET: Duration = Duration::from_millis(50);
+
 struct Flusher {
     disk: Arc<dyn Disk>,
     /// Set by [`EventStore::shutdown`].
@@ -824,12 +829,29 @@ impl Flusher {
         // rows), mostly one for traffic stamped near now. Encoding and compressing them
         // is most of its work. While the collector takes events one thread does it, at
         // low priority: a second one took 6% of the acknowledged rate at 8 clients on 2
-        // cores (benches/README.md). Flushes that start once the store is stopping are
-        // what a shutdown waits for: every core.
-        let threads = if self.stopping.load(Relaxed) {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+        // cores (benches/README.md). The other cores join once no commit has written
+        // the WAL for [`QUIET`], or the store is stopping (a shutdown waits for the
+        // flush): flushes that start then take every core from the start.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let wal_bytes = || self.metrics.wal_bytes.load(Relaxed);
+        let last_commit = Mutex::new((wal_bytes(), Instant::now()));
+        let quiet = || {
+            let mut last = last_commit.lock().expect("last commit lock");
+            let now = wal_bytes();
+            if now != last.0 {
+                *last = (now, Instant::now());
+            }
+            self.stopping.load(Relaxed) || last.1.elapsed() >= QUIET
+        };
+        let at_once = if self.stopping.load(Relaxed) {
+            cores
         } else {
             1
+        };
+        let threads = WriteThreads {
+            start: at_once,
+            standby: cores - at_once,
+            join_when: &quiet,
         };
         let files = write_partitioned(
             disk,
