@@ -298,7 +298,7 @@ fn with_sorted_rows<T>(
 /// `join_when` says so (asked every [`STANDBY_POLL`]). The flusher writes on one thread
 /// while the collector takes events (a second one costs acknowledged throughput on 2
 /// cores) and lets the others join when ingest goes quiet or the server stops: the
-/// flush that was running when a load ended went on alone for a quarter of a second
+/// flush that was running when a load ended went on alone for up to a quarter of a second
 /// while the other core idled (benches/README.md, session 31).
 #[derive(Clone, Copy)]
 pub struct WriteThreads<'a> {
@@ -368,7 +368,7 @@ fn write_parts(
 ) -> Result<Vec<FileMeta>> {
     let sources = RowSources::new(batches)?;
     // The largest partitions first, so the threads finish close together (with one
-    // thread, no helper starts and this thread writes them all).
+    // thread and none on standby, no helper starts and this thread writes them all).
     let mut order: Vec<usize> = (0..parts.len()).collect();
     order.sort_unstable_by_key(|&i| std::cmp::Reverse(parts[i].0.len()));
     let next = AtomicUsize::new(0);
@@ -387,13 +387,14 @@ fn write_parts(
         files
     };
     // A standby thread takes no part until it is told to join, and leaves once every
-    // part is taken (or one failed).
+    // part is taken (or one failed): this thread wakes it then, so that a flush whose
+    // standby never joined does not wait out a poll.
     let standby = || {
         while !failed.load(Ordering::Relaxed) && next.load(Ordering::Relaxed) < order.len() {
             if (threads.join_when)() {
                 return write_next_parts();
             }
-            std::thread::sleep(STANDBY_POLL);
+            std::thread::park_timeout(STANDBY_POLL);
         }
         Vec::new()
     };
@@ -410,6 +411,9 @@ fn write_parts(
             })
             .collect();
         let mut files = write_next_parts();
+        for helper in &helpers {
+            helper.thread().unpark();
+        }
         for helper in helpers {
             let theirs = helper.join();
             files.extend(theirs.unwrap_or_else(|panic| std::panic::resume_unwind(panic)));

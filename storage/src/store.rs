@@ -834,9 +834,9 @@ impl Flusher {
         // flush): flushes that start then take every core from the start.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let wal_bytes = || self.metrics.wal_bytes.load(Relaxed);
-        let last_commit = Mutex::new((wal_bytes(), Instant::now()));
+        let wal_growth_seen = Mutex::new((wal_bytes(), Instant::now()));
         let quiet = || {
-            let mut last = last_commit.lock().expect("last commit lock");
+            let mut last = wal_growth_seen.lock().expect("wal growth lock");
             let now = wal_bytes();
             if now != last.0 {
                 *last = (now, Instant::now());
@@ -853,15 +853,38 @@ impl Flusher {
             standby: cores - at_once,
             join_when: &quiet,
         };
-        let files = write_partitioned(
-            disk,
-            &self.data_dir,
-            batches,
-            self.cfg.partition,
-            &prefix,
-            threads,
-        )?;
-        IdsFile::write(disk, &self.data_dir.join("dedup"), seq, id_runs(batches))?;
+        // The ids file goes beside the Parquet files, on a thread of its own: hashing the
+        // ids is little work, and its writes and fsync wait on the disk while the
+        // Parquet files are encoded (the rate until all is in Parquet +9%, benches/README.md,
+        // session 31). Neither counts until the manifest commits.
+        let write_ids =
+            || IdsFile::write(disk, &self.data_dir.join("dedup"), seq, id_runs(batches));
+        let (files, ids) = std::thread::scope(|s| {
+            let ids = std::thread::Builder::new()
+                .name("fh-ids-writer".into())
+                .spawn_scoped(s, write_ids);
+            let files = write_partitioned(
+                disk,
+                &self.data_dir,
+                batches,
+                self.cfg.partition,
+                &prefix,
+                threads,
+            );
+            // A thread the OS refuses leaves the ids file to this one.
+            let ids = match ids {
+                Ok(thread) => thread
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(_) => write_ids(),
+            };
+            (files, ids)
+        });
+        if let (Err(_), Err(e)) = (&files, &ids) {
+            tracing::warn!(seq, error = %e, "writing the flush's ids file failed too");
+        }
+        let files = files?;
+        ids?;
         let touched: HashSet<String> = files.iter().map(|f| f.partition.clone()).collect();
         let rows: u64 = files.iter().map(|f| f.rows).sum();
         {
