@@ -769,36 +769,36 @@ mod tests {
         let failed = write().expect_err("a failed partition fails the flush");
         assert!(failed.to_string().contains("No space left"), "{failed}");
         assert_eq!(disk.injected(), 1);
-        // The retry (the fault is spent) writes every partition.
-        let files = write().unwrap();
-        let partitions: Vec<&str> = files.iter().map(|f| f.partition.as_str()).collect();
         let expected: Vec<String> = (1..=days).map(|d| format!("date=2026-11-{d:02}")).collect();
-        assert_eq!(partitions, expected);
-        let mut ids = Vec::new();
-        for file in &files {
-            let read = read_file(&dir.path().join(&file.path), None).unwrap();
-            let rows: usize = read.iter().map(RecordBatch::num_rows).sum();
-            assert_eq!(rows as u64, file.rows, "{}", file.path);
-            for b in &read {
-                for r in 0..b.num_rows() {
-                    let ts = ts_column(b).value(r);
-                    assert_eq!(partition_of(ts, Partitioning::Day), file.partition);
-                    ids.push(
-                        b.column(col::EVENT_ID)
-                            .as_string_view()
-                            .value(r)
-                            .to_string(),
-                    );
-                }
-            }
-        }
-        ids.sort();
         let mut all: Vec<String> = events.iter().map(|e| e.event_id().to_string()).collect();
         all.sort();
-        assert_eq!(ids, all);
+        // Every partition in order, each file holding exactly its partition's rows, every
+        // event once.
+        let check = |files: &[FileMeta]| {
+            let partitions: Vec<&str> = files.iter().map(|f| f.partition.as_str()).collect();
+            assert_eq!(partitions, expected);
+            let mut ids = Vec::new();
+            for file in files {
+                let read = read_file(&dir.path().join(&file.path), None).unwrap();
+                let rows: usize = read.iter().map(RecordBatch::num_rows).sum();
+                assert_eq!(rows as u64, file.rows, "{}", file.path);
+                for b in &read {
+                    for r in 0..b.num_rows() {
+                        let ts = ts_column(b).value(r);
+                        assert_eq!(partition_of(ts, Partitioning::Day), file.partition);
+                        let id = b.column(col::EVENT_ID).as_string_view().value(r);
+                        ids.push(id.to_string());
+                    }
+                }
+            }
+            ids.sort();
+            assert_eq!(ids, all);
+        };
+        // The retry (the fault is spent) writes every partition.
+        check(&write().unwrap());
 
         // Standby threads that are told to join at once, or never are, change nothing
-        // written; the write returns either way.
+        // written; the write returns either way, and a failure with them joined fails it.
         for join in [false, true] {
             let join_when = || join;
             let threads = WriteThreads {
@@ -806,21 +806,20 @@ mod tests {
                 standby: 2,
                 join_when: &join_when,
             };
-            let files = write_partitioned(
-                &disk,
-                dir.path(),
-                &batches,
-                Partitioning::Day,
-                "f2",
-                threads,
-            )
-            .unwrap();
-            let partitions: Vec<&str> = files.iter().map(|f| f.partition.as_str()).collect();
-            assert_eq!(partitions, expected);
-            assert_eq!(
-                files.iter().map(|f| f.rows).sum::<u64>(),
-                events.len() as u64
-            );
+            let write = || {
+                write_partitioned(
+                    &disk,
+                    dir.path(),
+                    &batches,
+                    Partitioning::Day,
+                    "f2",
+                    threads,
+                )
+            };
+            check(&write().unwrap());
+            disk.inject(Fault::new(DiskOp::Write, "date=2026-11-02", Errno::Io));
+            write().expect_err("a failed partition fails the flush");
         }
+        assert_eq!(disk.injected(), 3);
     }
 }
