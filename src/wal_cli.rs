@@ -18,10 +18,8 @@ pub enum WalCommand {
 }
 
 pub fn run(command: WalCommand, cfg: &Config) -> Result<std::process::ExitCode, CliError> {
-    // Without this, salvage's lock would fail on `data/LOCK` and check would report an
-    // empty WAL: neither says that the data dir itself is not where it was looked for.
-    // Only a dir that is not there (or not a dir) gets this: other errors, such as a
-    // denied permission, surface from the commands below with their own reason.
+    // A missing data dir made salvage fail on `data/LOCK` and check report an empty WAL,
+    // neither naming the dir. Other errors (a denied permission) keep their own reason.
     let missing = match std::fs::metadata(&cfg.data_dir) {
         Ok(meta) => !meta.is_dir(),
         Err(e) => e.kind() == std::io::ErrorKind::NotFound,

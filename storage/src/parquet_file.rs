@@ -295,11 +295,8 @@ fn with_sorted_rows<T>(
 
 /// The threads a flush writes its partitions' files on: `start` at once (the caller's
 /// among them), and `standby` more that wait and take the partitions not yet started once
-/// `join_when` says so (asked every [`STANDBY_POLL`]). The flusher writes on one thread
-/// while the collector takes events (a second one costs acknowledged throughput on 2
-/// cores) and lets the others join when ingest goes quiet or the server stops: the
-/// flush that was running when a load ended went on alone for up to a quarter of a second
-/// while the other core idled (benches/README.md, session 31).
+/// `join_when` says so (asked every [`STANDBY_POLL`]; they leave when the parts run
+/// out). Why the flusher uses them: `Flusher::flush` in `store.rs`.
 #[derive(Clone, Copy)]
 pub struct WriteThreads<'a> {
     pub start: usize,

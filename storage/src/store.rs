@@ -829,28 +829,27 @@ impl Flusher {
         // rows), mostly one for traffic stamped near now. Encoding and compressing them
         // is most of its work. While the collector takes events one thread does it, at
         // low priority: a second one took 6% of the acknowledged rate at 8 clients on 2
-        // cores (benches/README.md). The other cores join once no commit has written
-        // the WAL for [`QUIET`], or the store is stopping (a shutdown waits for the
-        // flush): flushes that start then take every core from the start.
+        // cores (benches/README.md). The other cores stand by and join once no commit
+        // has written the WAL for [`QUIET`], or at once when the store is stopping (a
+        // shutdown waits for the flush): the flush still running when a load ended went
+        // on alone for up to a quarter of a second while the other core idled
+        // (benches/README.md, session 31).
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let wal_bytes = || self.metrics.wal_bytes.load(Relaxed);
         let wal_growth_seen = Mutex::new((wal_bytes(), Instant::now()));
         let quiet = || {
-            let mut last = wal_growth_seen.lock().expect("wal growth lock");
-            let now = wal_bytes();
-            if now != last.0 {
-                *last = (now, Instant::now());
+            self.stopping.load(Relaxed) || {
+                let mut last = wal_growth_seen.lock().expect("wal growth lock");
+                let now = wal_bytes();
+                if now != last.0 {
+                    *last = (now, Instant::now());
+                }
+                last.1.elapsed() >= QUIET
             }
-            self.stopping.load(Relaxed) || last.1.elapsed() >= QUIET
-        };
-        let at_once = if self.stopping.load(Relaxed) {
-            cores
-        } else {
-            1
         };
         let threads = WriteThreads {
-            start: at_once,
-            standby: cores - at_once,
+            start: 1,
+            standby: cores - 1,
             join_when: &quiet,
         };
         // The ids file goes beside the Parquet files, on a thread of its own: hashing the
