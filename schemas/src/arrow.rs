@@ -61,7 +61,7 @@ const STRING_COLUMNS: [usize; 6] = [
 /// Columns whose values mostly repeat row to row.
 const REPEATING: [usize; 3] = [col::EVENT, col::CAMPAIGN, col::CHANNEL];
 /// Longest string a view holds inline; longer ones live in a data buffer.
-const INLINE_MAX: usize = 12;
+pub const INLINE_MAX: usize = 12;
 /// Data buffers are addressed by u32 offsets.
 const BUFFER_MAX: usize = u32::MAX as usize;
 
@@ -286,7 +286,9 @@ where
     builder.finish()
 }
 
-fn is_inline(view: u128) -> bool {
+/// Whether a string view holds its value whole (at most [`INLINE_MAX`] bytes): such a
+/// view is its value in any batch.
+pub fn is_inline(view: u128) -> bool {
     (view as u32) as usize <= INLINE_MAX
 }
 

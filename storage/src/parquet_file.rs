@@ -7,9 +7,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use arrow::array::builder::make_view;
 use arrow::array::{AsArray, RecordBatch, StringViewArray, TimestampMicrosecondArray};
 use chrono::DateTime;
-use funnelhouse_schemas::arrow::col;
+use funnelhouse_schemas::arrow::{INLINE_MAX, col, is_inline};
 use funnelhouse_schemas::event_schema;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
@@ -175,14 +176,22 @@ fn clear_for<T>(v: &mut Vec<T>, n: usize) {
     }
 }
 
+/// Campaigns a flush looks for linearly: among the values found so far in
+/// [`distinct_campaigns`], and by their views when inline ([`is_inline`]). Campaigns
+/// interleave row by row, and looking each change of view up by its string was a
+/// `memcmp` per row, twice (the distinct values, then the ranks): ~4% of a loaded
+/// server's samples, on the flusher (benches/README.md, session 32).
+const FEW_CAMPAIGNS: usize = 32;
+
 /// The distinct values of `campaign` columns, sorted. Within a batch equal views are
-/// equal strings, so only a change of view is compared; a value is then looked for among
-/// the few found so far (hashing each change cost 2% of a flush where campaigns
-/// interleave row by row), and hashed only once there are many.
+/// equal strings, so only a change of view is compared, and an inline view already seen
+/// is skipped in any batch; a value is then looked for among the few found so far
+/// (hashing each change cost 2% of a flush where campaigns interleave row by row), and
+/// hashed only once there are many.
 fn distinct_campaigns<'a>(campaign: &[&'a StringViewArray]) -> Vec<&'a str> {
-    const FEW: usize = 32;
     let mut few: Vec<&str> = Vec::new();
     let mut many: HashSet<&str> = HashSet::new();
+    let mut seen_inline: Vec<u128> = Vec::new();
     for c in campaign {
         let mut last_view = None;
         for (r, &view) in c.views().iter().enumerate() {
@@ -190,12 +199,20 @@ fn distinct_campaigns<'a>(campaign: &[&'a StringViewArray]) -> Vec<&'a str> {
                 continue;
             }
             last_view = Some(view);
+            if is_inline(view) {
+                if seen_inline.contains(&view) {
+                    continue;
+                }
+                if seen_inline.len() < FEW_CAMPAIGNS {
+                    seen_inline.push(view);
+                }
+            }
             let value = c.value(r);
             if !many.is_empty() {
                 many.insert(value);
             } else if !few.contains(&value) {
                 few.push(value);
-                if few.len() == FEW {
+                if few.len() == FEW_CAMPAIGNS {
                     many.extend(few.drain(..));
                 }
             }
@@ -239,6 +256,17 @@ fn with_sorted_rows<T>(
         .collect();
     let ts: Vec<&[i64]> = batches.iter().map(|b| &ts_column(b).values()[..]).collect();
     let campaigns = distinct_campaigns(&campaign);
+    let inline_ranks: Vec<(u128, usize)> = if campaigns.len() <= FEW_CAMPAIGNS {
+        let inline = campaigns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.len() <= INLINE_MAX);
+        inline
+            .map(|(rank, c)| (make_view(c.as_bytes(), 0, 0), rank))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let partition = |t: i64| unit.map_or(0, |unit| t.div_euclid(unit));
     let first = (ts.iter().flat_map(|t| t.iter()))
         .map(|&t| partition(t))
@@ -255,16 +283,22 @@ fn with_sorted_rows<T>(
     SORT_KEYS.with_borrow_mut(|keys| {
         clear_for(keys, batches.iter().map(|b| b.num_rows()).sum());
         for (b, batch) in batches.iter().enumerate() {
-            // Look a campaign's rank up once per run of one view.
+            // Look a campaign's rank up once per run of one view: by the view when it
+            // is one of the few inline ones, else by its string.
             let views = campaign[b].views();
             let mut run: Option<(u128, usize)> = None;
             keys.extend((0..batch.num_rows()).map(|r| {
+                let view = views[r];
                 let rank = match run {
-                    Some((view, rank)) if view == views[r] => rank,
+                    Some((last, rank)) if last == view => rank,
                     _ => {
-                        let c = campaign[b].value(r);
-                        let rank = campaigns.binary_search(&c).unwrap_or_default();
-                        run = Some((views[r], rank));
+                        let rank = match inline_ranks.iter().find(|&&(v, _)| v == view) {
+                            Some(&(_, rank)) => rank,
+                            None => {
+                                (campaigns.binary_search(&campaign[b].value(r))).unwrap_or_default()
+                            }
+                        };
+                        run = Some((view, rank));
                         rank
                     }
                 };
@@ -637,22 +671,32 @@ mod tests {
             "ab\0",
             "ab\0\0",
         ];
-        let events: Vec<Event> = (0..2000)
-            .map(|i| {
-                scan(
-                    i,
-                    users[next(users.len() as u64) as usize],
-                    // Mostly three campaigns, and a tail of more than
-                    // `distinct_campaigns` scans for linearly.
-                    &match next(8) {
-                        0 => format!("t{}", next(40)),
-                        _ => format!("c{}", next(3)),
-                    },
-                    next(5) as i64 * DAY_US / 2 + next(3) as i64,
-                )
-            })
-            .collect();
-        // Three batches of uneven sizes, gathered into one.
+        // Few campaigns (found by their views when inline, by their strings when longer
+        // than a view holds), then also a tail of more than `distinct_campaigns` and the
+        // ranks look for linearly.
+        for tail in [false, true] {
+            let events: Vec<Event> = (0..2000)
+                .map(|i| {
+                    scan(
+                        i,
+                        users[next(users.len() as u64) as usize],
+                        &match next(8) {
+                            0 if tail => format!("t{}", next(40)),
+                            1 => format!("campaign-longer-{}", next(2)),
+                            2 => ["", "é"][next(2) as usize].to_string(),
+                            _ => format!("c{}", next(3)),
+                        },
+                        next(5) as i64 * DAY_US / 2 + next(3) as i64,
+                    )
+                })
+                .collect();
+            check_sorted(&events);
+        }
+    }
+
+    /// Sorting `events` in three batches of uneven sizes gives the rows of a plain tuple
+    /// sort, whole.
+    fn check_sorted(events: &[Event]) {
         let batches: Vec<RecordBatch> = [&events[..700], &events[700..701], &events[701..]]
             .map(events_to_batch)
             .into();
