@@ -286,8 +286,9 @@ where
     builder.finish()
 }
 
-/// Whether a string view holds its value whole (at most [`INLINE_MAX`] bytes): such a
-/// view is its value in any batch.
+/// Whether a string view holds its value whole (at most [`INLINE_MAX`] bytes): equal
+/// inline views are equal strings in any batch (one string may still be padded
+/// differently by other writers).
 pub fn is_inline(view: u128) -> bool {
     (view as u32) as usize <= INLINE_MAX
 }

@@ -176,11 +176,9 @@ fn clear_for<T>(v: &mut Vec<T>, n: usize) {
     }
 }
 
-/// Campaigns a flush looks for linearly: among the values found so far in
-/// [`distinct_campaigns`], and by their views when inline ([`is_inline`]). Campaigns
-/// interleave row by row, and looking each change of view up by its string was a
-/// `memcmp` per row, twice (the distinct values, then the ranks): ~4% of a loaded
-/// server's samples, on the flusher (benches/README.md, session 32).
+/// How many campaigns a flush looks for linearly: among the values found so far in
+/// [`distinct_campaigns`], and by their views when inline ([`is_inline`]), before it
+/// hashes them and ranks each row by its string.
 const FEW_CAMPAIGNS: usize = 32;
 
 /// The distinct values of `campaign` columns, sorted. Within a batch equal views are
@@ -256,12 +254,12 @@ fn with_sorted_rows<T>(
         .collect();
     let ts: Vec<&[i64]> = batches.iter().map(|b| &ts_column(b).values()[..]).collect();
     let campaigns = distinct_campaigns(&campaign);
+    // The inline campaigns' views (zero-padded, as arrow makes them) and ranks: campaigns
+    // interleave row by row, and comparing their strings at each change of view was a
+    // `memcmp` call per row.
     let inline_ranks: Vec<(u128, usize)> = if campaigns.len() <= FEW_CAMPAIGNS {
-        let inline = campaigns
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.len() <= INLINE_MAX);
-        inline
+        (campaigns.iter().enumerate())
+            .filter(|(_, c)| c.len() <= INLINE_MAX)
             .map(|(rank, c)| (make_view(c.as_bytes(), 0, 0), rank))
             .collect()
     } else {
@@ -294,9 +292,9 @@ fn with_sorted_rows<T>(
                     _ => {
                         let rank = match inline_ranks.iter().find(|&&(v, _)| v == view) {
                             Some(&(_, rank)) => rank,
-                            None => {
-                                (campaigns.binary_search(&campaign[b].value(r))).unwrap_or_default()
-                            }
+                            None => campaigns
+                                .binary_search(&campaign[b].value(r))
+                                .unwrap_or_default(),
                         };
                         run = Some((view, rank));
                         rank
@@ -672,8 +670,8 @@ mod tests {
             "ab\0\0",
         ];
         // Few campaigns (found by their views when inline, by their strings when longer
-        // than a view holds), then also a tail of more than `distinct_campaigns` and the
-        // ranks look for linearly.
+        // than a view holds), then with a tail of more than `FEW_CAMPAIGNS` (hashed, and
+        // ranked by their strings).
         for tail in [false, true] {
             let events: Vec<Event> = (0..2000)
                 .map(|i| {
