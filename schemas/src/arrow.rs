@@ -61,7 +61,7 @@ const STRING_COLUMNS: [usize; 6] = [
 /// Columns whose values mostly repeat row to row.
 const REPEATING: [usize; 3] = [col::EVENT, col::CAMPAIGN, col::CHANNEL];
 /// Longest string a view holds inline; longer ones live in a data buffer.
-pub const INLINE_MAX: usize = 12;
+const INLINE_MAX: usize = 12;
 /// Data buffers are addressed by u32 offsets.
 const BUFFER_MAX: usize = u32::MAX as usize;
 
@@ -286,7 +286,7 @@ where
     builder.finish()
 }
 
-/// Whether a string view holds its value whole (at most [`INLINE_MAX`] bytes): equal
+/// Whether a string view holds its value whole (at most 12 bytes, `INLINE_MAX`): equal
 /// inline views are equal strings in any batch (one string may still be padded
 /// differently by other writers).
 pub fn is_inline(view: u128) -> bool {

@@ -7,10 +7,9 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use arrow::array::builder::make_view;
 use arrow::array::{AsArray, RecordBatch, StringViewArray, TimestampMicrosecondArray};
 use chrono::DateTime;
-use funnelhouse_schemas::arrow::{INLINE_MAX, col, is_inline};
+use funnelhouse_schemas::arrow::{col, is_inline};
 use funnelhouse_schemas::event_schema;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
@@ -176,53 +175,75 @@ fn clear_for<T>(v: &mut Vec<T>, n: usize) {
     }
 }
 
-/// How many campaigns a flush looks for linearly: among the values found so far in
-/// [`distinct_campaigns`], and by their views when inline ([`is_inline`]), before it
-/// hashes them and ranks each row by its string.
+/// How many campaigns a flush looks for linearly: among the values found so far, and
+/// by their views when inline ([`is_inline`]), before it hashes them and ranks each row
+/// by its string.
 const FEW_CAMPAIGNS: usize = 32;
 
-/// The distinct values of `campaign` columns, sorted. Within a batch equal views are
-/// equal strings, so only a change of view is compared, and an inline view already seen
-/// is skipped in any batch; a value is then looked for among the few found so far
-/// (hashing each change cost 2% of a flush where campaigns interleave row by row), and
-/// hashed only once there are many.
-fn distinct_campaigns<'a>(campaign: &[&'a StringViewArray]) -> Vec<&'a str> {
-    let mut few: Vec<&str> = Vec::new();
-    let mut many: HashSet<&str> = HashSet::new();
-    let mut seen_inline: Vec<u128> = Vec::new();
-    for c in campaign {
-        let mut last_view = None;
-        for (r, &view) in c.views().iter().enumerate() {
-            if last_view == Some(view) {
-                continue;
-            }
-            last_view = Some(view);
-            if is_inline(view) {
-                if seen_inline.contains(&view) {
+/// The distinct campaigns of a flush, sorted (a row's rank is its campaign's index), and
+/// the views of up to [`FEW_CAMPAIGNS`] inline ones with their ranks. Campaigns interleave
+/// row by row; an inline view holds its whole string, so two equal inline views are equal
+/// strings in any batch, and one integer compare finds the rank where comparing strings
+/// was a `memcmp` call per row.
+struct Campaigns<'a> {
+    sorted: Vec<&'a str>,
+    inline: Vec<(u128, usize)>,
+}
+
+impl<'a> Campaigns<'a> {
+    /// Collects them from `campaign` columns. Within a batch equal views are equal
+    /// strings, so only a change of view is looked at, and an inline view already seen is
+    /// skipped in any batch; a value is then looked for among the few found so far
+    /// (hashing each change cost 2% of a flush), and hashed only once there are many.
+    fn collect(campaign: &[&'a StringViewArray]) -> Self {
+        let mut few: Vec<&str> = Vec::new();
+        let mut many: HashSet<&str> = HashSet::new();
+        let mut inline: Vec<(u128, &str)> = Vec::new();
+        for c in campaign {
+            let mut last_view = None;
+            for (r, &view) in c.views().iter().enumerate() {
+                if last_view == Some(view) {
                     continue;
                 }
-                if seen_inline.len() < FEW_CAMPAIGNS {
-                    seen_inline.push(view);
+                last_view = Some(view);
+                if is_inline(view) && inline.iter().any(|&(v, _)| v == view) {
+                    continue;
                 }
-            }
-            let value = c.value(r);
-            if !many.is_empty() {
-                many.insert(value);
-            } else if !few.contains(&value) {
-                few.push(value);
-                if few.len() == FEW_CAMPAIGNS {
-                    many.extend(few.drain(..));
+                let value = c.value(r);
+                if is_inline(view) && inline.len() < FEW_CAMPAIGNS {
+                    inline.push((view, value));
+                }
+                if !many.is_empty() {
+                    many.insert(value);
+                } else if !few.contains(&value) {
+                    few.push(value);
+                    if few.len() == FEW_CAMPAIGNS {
+                        many.extend(few.drain(..));
+                    }
                 }
             }
         }
+        let mut sorted: Vec<&str> = if many.is_empty() {
+            few
+        } else {
+            // Many campaigns: ranked by their strings (the table would hold only some).
+            inline.clear();
+            many.into_iter().collect()
+        };
+        sorted.sort_unstable();
+        let inline = (inline.into_iter())
+            .map(|(view, value)| (view, sorted.binary_search(&value).unwrap_or_default()))
+            .collect();
+        Campaigns { sorted, inline }
     }
-    let mut campaigns: Vec<&str> = if many.is_empty() {
-        few
-    } else {
-        many.into_iter().collect()
-    };
-    campaigns.sort_unstable();
-    campaigns
+
+    /// The rank of the campaign at row `r` of `c`, whose view is `view`.
+    fn rank(&self, c: &StringViewArray, r: usize, view: u128) -> usize {
+        match self.inline.iter().find(|&&(v, _)| v == view) {
+            Some(&(_, rank)) => rank,
+            None => self.sorted.binary_search(&c.value(r)).unwrap_or_default(),
+        }
+    }
 }
 
 /// `f` of the sort keys of the rows of `batches` (each with its (batch, row),
@@ -253,18 +274,7 @@ fn with_sorted_rows<T>(
         .map(|b| b.column(col::USER_ID).as_string_view())
         .collect();
     let ts: Vec<&[i64]> = batches.iter().map(|b| &ts_column(b).values()[..]).collect();
-    let campaigns = distinct_campaigns(&campaign);
-    // The inline campaigns' views (zero-padded, as arrow makes them) and ranks: campaigns
-    // interleave row by row, and comparing their strings at each change of view was a
-    // `memcmp` call per row.
-    let inline_ranks: Vec<(u128, usize)> = if campaigns.len() <= FEW_CAMPAIGNS {
-        (campaigns.iter().enumerate())
-            .filter(|(_, c)| c.len() <= INLINE_MAX)
-            .map(|(rank, c)| (make_view(c.as_bytes(), 0, 0), rank))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let campaigns = Campaigns::collect(&campaign);
     let partition = |t: i64| unit.map_or(0, |unit| t.div_euclid(unit));
     let first = (ts.iter().flat_map(|t| t.iter()))
         .map(|&t| partition(t))
@@ -276,8 +286,8 @@ fn with_sorted_rows<T>(
         unit.is_none_or(|unit| unit >= HOUR_US),
         "partitions of an hour or more"
     );
-    let lead =
-        |t: i64, rank: usize| (partition(t) - first) as u64 * campaigns.len() as u64 + rank as u64;
+    let n_campaigns = campaigns.sorted.len() as u64;
+    let lead = |t: i64, rank: usize| (partition(t) - first) as u64 * n_campaigns + rank as u64;
     SORT_KEYS.with_borrow_mut(|keys| {
         clear_for(keys, batches.iter().map(|b| b.num_rows()).sum());
         for (b, batch) in batches.iter().enumerate() {
@@ -290,12 +300,7 @@ fn with_sorted_rows<T>(
                 let rank = match run {
                     Some((last, rank)) if last == view => rank,
                     _ => {
-                        let rank = match inline_ranks.iter().find(|&&(v, _)| v == view) {
-                            Some(&(_, rank)) => rank,
-                            None => campaigns
-                                .binary_search(&campaign[b].value(r))
-                                .unwrap_or_default(),
-                        };
+                        let rank = campaigns.rank(campaign[b], r, view);
                         run = Some((view, rank));
                         rank
                     }
