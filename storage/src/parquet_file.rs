@@ -55,8 +55,12 @@ pub fn writer_properties() -> WriterProperties {
     // small within 2%): its reader copies the values out, where a plain or length-encoded
     // column is read as views into whole decompressed pages, and the funnel engine keeps
     // each batch's event ids: views would keep the pages of rows no step matched.
-    // Properties rarely repeat: plain. Timestamps delta-encode; `received_at` takes one
-    // value per request, a dictionary.
+    // Properties keep parquet's dictionary: where whole objects repeat (a card and a
+    // carrier, say) it stores each once (1.75 against 3.98 bytes/event on `gen --short`'s
+    // events, 12% of whose objects are distinct), and where nearly every object is unique
+    // it soon fills its 1 MiB and the rest of the column chunk is plain (12.64 against
+    // 12.50 on the default lines). Timestamps delta-encode; `received_at` takes one value
+    // per request, a dictionary.
     b = b
         .set_column_dictionary_enabled(ColumnPath::from("event_id"), false)
         .set_column_encoding(ColumnPath::from("event_id"), Encoding::DELTA_BYTE_ARRAY)
@@ -65,7 +69,6 @@ pub fn writer_properties() -> WriterProperties {
             ColumnPath::from("user_id"),
             Encoding::DELTA_LENGTH_BYTE_ARRAY,
         )
-        .set_column_dictionary_enabled(ColumnPath::from("properties"), false)
         .set_column_dictionary_enabled(ColumnPath::from("ts"), false)
         .set_column_encoding(ColumnPath::from("ts"), Encoding::DELTA_BINARY_PACKED);
     b.build()
