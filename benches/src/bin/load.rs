@@ -132,7 +132,8 @@ async fn main() {
         ))
     });
     let mut tasks = Vec::new();
-    for _ in 0..args.clients {
+    for client in 0..args.clients {
+        let clients = args.clients;
         let (http, next, bodies, url) = (
             http.clone(),
             Arc::clone(&next),
@@ -141,9 +142,14 @@ async fn main() {
         );
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
+            // Each client's ticks are offset by its share of the interval and stay on that
+            // grid (a tick missed while a request was out is skipped, not moved): in
+            // phase, every client's batch arrived at once, once per interval, and a stall
+            // of the server (a missed tick moved to its end) put them back in phase.
             let mut ticker = interval.map(|i| {
-                let mut t = tokio::time::interval(i);
-                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let phase = i.mul_f64(client as f64 / clients as f64);
+                let mut t = tokio::time::interval_at(tokio::time::Instant::now() + phase, i);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 t
             });
             loop {
