@@ -49,7 +49,7 @@ pub fn writer_properties() -> WriterProperties {
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_sorting_columns(Some(sorting));
     // Encodings per column, each the smallest measured on the benchmark's data as flushed
-    // (benches/README.md, "Where the bytes go"). Ids are nearly unique within a file: a
+    // (benches/README.md, "Where the bytes go"), but for properties (below). Ids are nearly unique within a file: a
     // dictionary only costs the flusher hashing, and their lengths delta-encode well (user
     // ids 4.8 B/row against 6.8 with a dictionary). Event ids stay DELTA_BYTE_ARRAY (as
     // small within 2%): its reader copies the values out, where a plain or length-encoded
@@ -184,10 +184,10 @@ fn clear_for<T>(v: &mut Vec<T>, n: usize) {
 const FEW_CAMPAIGNS: usize = 32;
 
 /// The distinct campaigns of a flush, sorted (a row's rank is its campaign's index), and
-/// the views of up to [`FEW_CAMPAIGNS`] inline ones with their ranks. Campaigns interleave
+/// up to [`FEW_CAMPAIGNS`] inline views with their campaigns' ranks. Campaigns interleave
 /// row by row; an inline view holds its whole string, so two equal inline views are equal
-/// strings in any batch, and one integer compare finds the rank where comparing strings
-/// was a `memcmp` call per row.
+/// strings in any batch, and a scan of a few integers finds the rank where comparing
+/// strings was a `memcmp` call per row.
 struct Campaigns<'a> {
     sorted: Vec<&'a str>,
     inline: Vec<(u128, usize)>,
@@ -229,7 +229,7 @@ impl<'a> Campaigns<'a> {
         let mut sorted: Vec<&str> = if many.is_empty() {
             few
         } else {
-            // Many campaigns: ranked by their strings (the table would hold only some).
+            // Many campaigns: ranked by their strings alone.
             inline.clear();
             many.into_iter().collect()
         };

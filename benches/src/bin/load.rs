@@ -132,6 +132,7 @@ async fn main() {
         ))
     });
     let mut tasks = Vec::new();
+    let start = tokio::time::Instant::now();
     for client in 0..args.clients {
         let clients = args.clients;
         let (http, next, bodies, url) = (
@@ -142,13 +143,13 @@ async fn main() {
         );
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
-            // Each client's ticks are offset by its share of the interval and stay on that
-            // grid (a tick missed while a request was out is skipped, not moved): in
-            // phase, every client's batch arrived at once, once per interval, and a stall
-            // of the server (a missed tick moved to its end) put them back in phase.
+            // Each client's ticks are offset by its share of the interval from one start
+            // and stay on that grid: after a stall a late tick fires once, then the next
+            // ones keep their slots. In phase (and with `Delay`, which moved every client's
+            // ticks to the end of a stall), every client's batch arrived at once.
             let mut ticker = interval.map(|i| {
                 let phase = i.mul_f64(client as f64 / clients as f64);
-                let mut t = tokio::time::interval_at(tokio::time::Instant::now() + phase, i);
+                let mut t = tokio::time::interval_at(start + phase, i);
                 t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 t
             });
