@@ -49,9 +49,9 @@ pub fn writer_properties() -> WriterProperties {
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_sorting_columns(Some(sorting));
     // Encodings per column, each the smallest measured on the benchmark's data as flushed
-    // (benches/README.md, "Where the bytes go"), but for properties (below). Ids are nearly unique within a file: a
-    // dictionary only costs the flusher hashing, and their lengths delta-encode well (user
-    // ids 4.8 B/row against 6.8 with a dictionary). Event ids stay DELTA_BYTE_ARRAY (as
+    // (benches/README.md, "Where the bytes go"), but for properties (below). Ids are
+    // nearly unique within a file: a dictionary only costs the flusher hashing, and their
+    // lengths delta-encode well (user ids 4.8 B/row against 6.8 with a dictionary). Event ids stay DELTA_BYTE_ARRAY (as
     // small within 2%): its reader copies the values out, where a plain or length-encoded
     // column is read as views into whole decompressed pages, and the funnel engine keeps
     // each batch's event ids: views would keep the pages of rows no step matched.
@@ -209,11 +209,12 @@ impl<'a> Campaigns<'a> {
                     continue;
                 }
                 last_view = Some(view);
-                if is_inline(view) && inline.iter().any(|&(v, _)| v == view) {
+                let inline_view = is_inline(view);
+                if inline_view && inline.iter().any(|&(v, _)| v == view) {
                     continue;
                 }
                 let value = c.value(r);
-                if is_inline(view) && inline.len() < FEW_CAMPAIGNS {
+                if inline_view && inline.len() < FEW_CAMPAIGNS {
                     inline.push((view, value));
                 }
                 if !many.is_empty() {

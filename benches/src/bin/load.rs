@@ -132,9 +132,8 @@ async fn main() {
         ))
     });
     let mut tasks = Vec::new();
-    let start = tokio::time::Instant::now();
-    for client in 0..args.clients {
-        let clients = args.clients;
+    let (start, clients) = (tokio::time::Instant::now(), args.clients);
+    for client in 0..clients {
         let (http, next, bodies, url) = (
             http.clone(),
             Arc::clone(&next),
