@@ -20,6 +20,10 @@ fi
 # binary $SERVER_BIN if set)
 start_server() {
   [ -n "${KEEP:-}" ] || rm -rf "$1"
+  # Write back what earlier steps left dirty (the generated file, an anchor's Parquet,
+  # the removed data dir) first: in the run, its writeback made the journal commits of
+  # the WAL's fsyncs wait, 27-40 ms at times (benches/README.md, session 35).
+  sync
   local server="${SERVER_BIN:-$BIN/funnelhouse}"
   FUNNELHOUSE_LOG=${FUNNELHOUSE_LOG:-info} "$server" ${CONFIG:+--config "$CONFIG"} serve --data-dir "$1" \
     --http-addr 127.0.0.1:0 --pg-addr 127.0.0.1:0 2> "$1.log" &
