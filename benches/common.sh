@@ -17,12 +17,12 @@ fi
 
 # start_server DATA_DIR -> sets SERVER_PID and URL (a fresh data dir unless KEEP=1,
 # log in DATA_DIR.log at level $FUNNELHOUSE_LOG (default info), config file $CONFIG if set,
-# binary $SERVER_BIN if set)
+# binary $SERVER_BIN if set). It first writes back what earlier steps left in the page
+# cache (the generated file, an anchor's unsynced Parquet, a removed data dir): written
+# back during the run, it delayed the WAL's fsyncs by up to 40 ms (benches/README.md,
+# session 35).
 start_server() {
   [ -n "${KEEP:-}" ] || rm -rf "$1"
-  # Write back what earlier steps left dirty (the generated file, an anchor's Parquet,
-  # the removed data dir) first: in the run, its writeback made the journal commits of
-  # the WAL's fsyncs wait, 27-40 ms at times (benches/README.md, session 35).
   sync
   local server="${SERVER_BIN:-$BIN/funnelhouse}"
   FUNNELHOUSE_LOG=${FUNNELHOUSE_LOG:-info} "$server" ${CONFIG:+--config "$CONFIG"} serve --data-dir "$1" \
