@@ -9,10 +9,11 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/funnelhouse-target}"
 cargo build --release --workspace --bins
 BIN="$CARGO_TARGET_DIR/release"
 VENV=benches/.venv
-# The anchors (DuckDB, chdb) in a venv; scripts without anchors skip it (NO_ANCHORS=1).
+# The anchors (DuckDB, chdb) and pyarrow (benches/storage_bytes.py) in a venv; scripts
+# without anchors skip it (NO_ANCHORS=1).
 if [ -z "${NO_ANCHORS:-}" ]; then
   if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
-  "$VENV/bin/pip" install -q duckdb chdb
+  "$VENV/bin/pip" install -q duckdb chdb pyarrow
 fi
 
 # start_server DATA_DIR -> sets SERVER_PID and URL (a fresh data dir unless KEEP=1,

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # End-to-end ingest benchmark (not part of the test suite).
-#   [ROUNDS=N] [GEN_ARGS=--short] benches/run_ingest.sh [EVENTS]
+#   [ROUNDS=N] [GEN_ARGS=--medium|--short] benches/run_ingest.sh [EVENTS]
 #                                      default 3 rounds, 2000000 events, ~280-byte lines
 # 1. `funnelhouse gen` writes EVENTS realistic events as NDJSON (see benches/README.md);
 # 2. ROUNDS times (default 3), interleaved: the anchors, DuckDB and ClickHouse (chdb),
 #    convert that file to zstd Parquet; then a release server on loopback takes the file
 #    from 8 clients posting 500-event NDJSON batches with durable acks; SIGTERM flushes;
-#    Parquet bytes per stored event (first round). Interleaved rounds because this VM's
+#    Parquet bytes per stored event (first round; also under the issue's writer,
+#    benches/storage_bytes.py). Interleaved rounds because this VM's
 #    speed drifts by 25% within minutes (benches/README.md): one run of each compares
 #    phases of the machine as much as engines;
 # 3. connections: the same with 1, 4, 16 and 64 clients (a fresh server each);
@@ -51,14 +52,7 @@ for round in $(seq 1 "$ROUNDS"); do
   "$VENV/bin/python" benches/anchors_ingest.py "$OUT/events.ndjson" "$OUT" | tee -a "$OUT/ingest-anchors.json"
   load_run "peak-$round" --clients 8
 done
-"$VENV/bin/python" - "$OUT/data-peak-1" > "$OUT/ingest-storage.json" <<'PY'
-import json, os, sys
-d = sys.argv[1]
-m = json.load(open(os.path.join(d, "manifest.json")))
-rows = sum(f["rows"] for f in m["files"])
-size = sum(os.path.getsize(os.path.join(d, f["path"])) for f in m["files"])
-print(json.dumps({"stored_events": rows, "files": len(m["files"]), "parquet_bytes": size, "bytes_per_event": size / rows}))
-PY
+"$VENV/bin/python" benches/storage_bytes.py "$OUT/data-peak-1" > "$OUT/ingest-storage.json"
 cat "$OUT/ingest-storage.json"
 for c in 1 4 16 64; do load_run "clients-$c" --clients "$c"; done
 
@@ -101,5 +95,6 @@ print(f"ratio at 8 clients until all is in Parquet (load + the flushes after it)
 print(f"p99 at half load: {half['p99_ms']:.1f} ms (target < 25)")
 print(f"ack -> visible in SQL at half load: p50 {visible.get('visible_p50_ms', float('nan')):.1f} ms, "
       f"p99 {visible.get('visible_p99_ms', float('nan')):.1f} ms ({visible.get('visible_probes', 0)} probes)")
-print(f"Parquet bytes/event: {storage['bytes_per_event']:.1f} (target <= 20)")
+print(f"Parquet bytes/event: {storage['bytes_per_event']:.1f} (target <= 20); the issue's writer on the same rows: "
+      f"{storage['issue_writer_bytes_per_event']:.1f} (its realistic set: 19.4)")
 PY

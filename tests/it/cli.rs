@@ -344,6 +344,35 @@ async fn gen_writes_a_campaign_funnel_to_a_file_or_a_server() {
         .map(|e| e["event_id"].as_str().unwrap())
         .collect();
     assert!(ids.len() < short.len(), "some events are sent twice");
+    // --medium: counter ids, each step's telling properties, lines between the two.
+    let medium = run(&["gen", "--events", "5000", "--medium", "--out", "-"]);
+    let medium = String::from_utf8(medium.stdout).unwrap();
+    let medium: Vec<&str> = medium.lines().collect();
+    assert!(
+        (185..230).contains(&mean(&medium)) && mean(&medium) + 40 < long_mean,
+        "medium lines average {} bytes, the default {long_mean}",
+        mean(&medium)
+    );
+    let medium: Vec<serde_json::Value> = medium
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(medium.iter().all(|e| {
+        let user = e["user_id"].as_str().unwrap();
+        user.starts_with('u') && e["event_id"].as_str().unwrap().starts_with(user)
+    }));
+    let has = |event: &str, key: &str| {
+        medium
+            .iter()
+            .any(|e| e["event"] == event && !e["properties"][key].is_null())
+    };
+    assert!(has("package", "order_id") && has("scan", "wechat") && has("view", "scroll"));
+    assert!(
+        medium.iter().any(|e| e["ts"].is_i64()),
+        "epoch ms timestamps"
+    );
+    let both = run(&["gen", "--events", "5000", "--short", "--medium"]);
+    assert!(!both.status.success(), "--short and --medium conflict");
 
     let data = dir.path().join("data");
     let server = Server::start(&data, &[]).await;
