@@ -60,7 +60,7 @@ pub struct GenArgs {
     /// user ids and `<user_id>-<n>` event ids, and each step's most telling properties
     /// (an order id, a WeChat version, a duration and scroll depth, a prize and amount).
     /// Calibrated against the issue's realistic set: the writer the issue measured stores
-    /// these at ~19.9 bytes/event, that set at 19.4 (benches/README.md, session 36).
+    /// these at ~20.0 bytes/event, that set at 19.4 (benches/README.md, session 36).
     #[arg(long, conflicts_with = "short")]
     medium: bool,
     /// Random seed; the same seed gives the same events.

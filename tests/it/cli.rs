@@ -319,21 +319,23 @@ async fn gen_writes_a_campaign_funnel_to_a_file_or_a_server() {
         body,
         "the same seed gives the same events"
     );
-    // --short: the same variety in shorter lines.
-    let short = run(&["gen", "--events", "5000", "--short", "--out", "-"]);
-    let short = String::from_utf8(short.stdout).unwrap();
-    let short: Vec<&str> = short.lines().collect();
-    let mean = |lines: &[&str]| lines.iter().map(|l| l.len()).sum::<usize>() / lines.len();
-    let long_mean = mean(&body.lines().collect::<Vec<_>>());
+    // --short and --medium: the same variety in shorter lines.
+    let mean = |text: &str| text.lines().map(str::len).sum::<usize>() / text.lines().count();
+    let long_mean = mean(&body);
+    let generate = |flag: &str| {
+        let out = run(&["gen", "--events", "5000", flag, "--out", "-"]);
+        let text = String::from_utf8(out.stdout).unwrap();
+        let events: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (mean(&text), events)
+    };
+    let (short_mean, short) = generate("--short");
     assert!(
-        (150..220).contains(&mean(&short)) && mean(&short) + 60 < long_mean,
-        "short lines average {} bytes, the default {long_mean}",
-        mean(&short)
+        (150..220).contains(&short_mean) && short_mean + 60 < long_mean,
+        "short lines average {short_mean} bytes, the default {long_mean}"
     );
-    let short: Vec<serde_json::Value> = short
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert!(
         short.iter().any(|e| e["ts"].is_i64()),
         "epoch ms timestamps"
@@ -345,18 +347,11 @@ async fn gen_writes_a_campaign_funnel_to_a_file_or_a_server() {
         .collect();
     assert!(ids.len() < short.len(), "some events are sent twice");
     // --medium: counter ids, each step's telling properties, lines between the two.
-    let medium = run(&["gen", "--events", "5000", "--medium", "--out", "-"]);
-    let medium = String::from_utf8(medium.stdout).unwrap();
-    let medium: Vec<&str> = medium.lines().collect();
+    let (medium_mean, medium) = generate("--medium");
     assert!(
-        (185..230).contains(&mean(&medium)) && mean(&medium) + 40 < long_mean,
-        "medium lines average {} bytes, the default {long_mean}",
-        mean(&medium)
+        (185..230).contains(&medium_mean) && medium_mean + 40 < long_mean,
+        "medium lines average {medium_mean} bytes, the default {long_mean}"
     );
-    let medium: Vec<serde_json::Value> = medium
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert!(medium.iter().all(|e| {
         let user = e["user_id"].as_str().unwrap();
         user.starts_with('u') && e["event_id"].as_str().unwrap().starts_with(user)
