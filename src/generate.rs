@@ -9,9 +9,9 @@
 //! device object, URLs, numbers, booleans, nulls). Some events arrive late (old
 //! ts), some are sent twice (same event_id), and some are unrelated app events (opens,
 //! shares, logins). `--short` keeps that variety in ~185-byte lines (counter users, few
-//! properties); `--medium` is the issue's realistic mix as it lists it (~200-byte lines,
-//! counter users, each step's telling properties). Output is NDJSON to a file / stdout,
-//! or posted straight to a server.
+//! properties); `--medium` keeps it in ~200-byte lines (counter users, each step's telling
+//! properties) and matches the ingest issue's realistic set by its Parquet bytes. Output
+//! is NDJSON to a file / stdout, or posted straight to a server.
 
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
@@ -55,12 +55,12 @@ pub struct GenArgs {
     /// rate, has lines about this long; the default lines average ~280 bytes.
     #[arg(long)]
     short: bool,
-    /// Medium lines (~200 bytes): the mix the ingest issue lists (campaigns, channels,
-    /// varied properties, epoch-ms timestamps, duplicates, unrelated events) with counter
-    /// user ids and `<user_id>-<n>` event ids, and each step's most telling properties
-    /// (an order id, a WeChat version, a duration and scroll depth, a prize and amount).
-    /// Calibrated against the issue's realistic set: the writer the issue measured stores
-    /// these at ~20.0 bytes/event, that set at 19.4 (benches/README.md, session 36).
+    /// Medium lines (~200 bytes): every kind of variety the ingest issue lists (campaigns,
+    /// channels, varied properties, epoch-ms timestamps, duplicates, unrelated events)
+    /// with counter user ids, `<user_id>-<n>` event ids and each step's most telling
+    /// properties (an order id, a WeChat version, a duration and scroll depth, a prize and
+    /// amount). Where `--short` matches the issue's realistic set by DuckDB's rate, this
+    /// matches it by Parquet bytes under the writer the issue measured (benches/README.md).
     #[arg(long, conflicts_with = "short")]
     medium: bool,
     /// Random seed; the same seed gives the same events.
@@ -218,27 +218,25 @@ impl Generator {
                 _ if short => short_properties(rng, name, card),
                 _ if medium => medium_properties(rng, name, card, os),
                 "package" => format!(
-                    r#"{{"card":"{card}","order_id":"{}{:010}","carrier":"{}","city":"{}","items":{}}}"#,
-                    ["JD", "TM", "DY", "WX"][rng.random_range(0..4)],
-                    rng.random_range(0..10_000_000_000u64),
+                    r#"{{"card":"{card}","order_id":"{}","carrier":"{}","city":"{}","items":{}}}"#,
+                    order_id(rng),
                     CARRIERS[rng.random_range(0..CARRIERS.len())],
                     CITIES[rng.random_range(0..CITIES.len())],
                     rng.random_range(1..6),
                 ),
                 "scan" => format!(
-                    r#"{{"card":"{card}","qr":"https://fh.example/s/{campaign}/{channel}?c={card}","device":{{"os":"{os}","os_version":"{os_version}","model":"{model}"}},"wechat":"8.0.{}"}}"#,
-                    rng.random_range(30..54),
+                    r#"{{"card":"{card}","qr":"https://fh.example/s/{campaign}/{channel}?c={card}","device":{{"os":"{os}","os_version":"{os_version}","model":"{model}"}},"wechat":"{}"}}"#,
+                    wechat_version(rng),
                 ),
                 "view" => format!(
-                    r#"{{"page":"lottery","url":"https://fh.example/{campaign}/lottery?utm_source={channel}&utm_medium=qr","referrer":"{}","duration_ms":{},"scroll":{:.2},"first_visit":{}}}"#,
+                    r#"{{"page":"lottery","url":"https://fh.example/{campaign}/lottery?utm_source={channel}&utm_medium=qr","referrer":"{}",{},"first_visit":{}}}"#,
                     [
                         "",
                         "https://m.jd.com/",
                         "https://www.douyin.com/",
                         "https://servicewechat.com/"
                     ][rng.random_range(0..4)],
-                    rng.random_range(200..90_000),
-                    rng.random_range(0.0..1.0),
+                    duration_and_scroll(rng),
                     rng.random_bool(0.8),
                 ),
                 _ => {
@@ -303,20 +301,15 @@ fn short_properties(rng: &mut SmallRng, step: &str, card: &str) -> String {
 fn medium_properties(rng: &mut SmallRng, step: &str, card: &str, os: &str) -> String {
     match step {
         "package" => format!(
-            r#"{{"card":"{card}","order_id":"{}{:010}","items":{}}}"#,
-            ["JD", "TM", "DY", "WX"][rng.random_range(0..4)],
-            rng.random_range(0..10_000_000_000u64),
+            r#"{{"card":"{card}","order_id":"{}","items":{}}}"#,
+            order_id(rng),
             rng.random_range(1..6),
         ),
         "scan" => format!(
-            r#"{{"card":"{card}","os":"{os}","wechat":"8.0.{}"}}"#,
-            rng.random_range(30..54),
+            r#"{{"card":"{card}","os":"{os}","wechat":"{}"}}"#,
+            wechat_version(rng),
         ),
-        "view" => format!(
-            r#"{{"page":"lottery","duration_ms":{},"scroll":{:.2}}}"#,
-            rng.random_range(200..90_000),
-            rng.random_range(0.0..1.0),
-        ),
+        "view" => format!(r#"{{"page":"lottery",{}}}"#, duration_and_scroll(rng)),
         _ => {
             let (prize, amount) = prize_and_amount(rng);
             format!(
@@ -325,6 +318,31 @@ fn medium_properties(rng: &mut SmallRng, step: &str, card: &str, os: &str) -> St
             )
         }
     }
+}
+
+// The properties the default and `--medium` lines share. Each is drawn where the
+// default lines drew it before, so the same seed still gives the same default lines.
+
+/// A 12-character order number: the shop's prefix and ten digits.
+fn order_id(rng: &mut SmallRng) -> String {
+    format!(
+        "{}{:010}",
+        ["JD", "TM", "DY", "WX"][rng.random_range(0..4)],
+        rng.random_range(0..10_000_000_000u64)
+    )
+}
+
+fn wechat_version(rng: &mut SmallRng) -> String {
+    format!("8.0.{}", rng.random_range(30..54))
+}
+
+/// A page view's `"duration_ms":..,"scroll":..` members.
+fn duration_and_scroll(rng: &mut SmallRng) -> String {
+    format!(
+        r#""duration_ms":{},"scroll":{:.2}"#,
+        rng.random_range(200..90_000),
+        rng.random_range(0.0..1.0)
+    )
 }
 
 /// A draw's prize and its amount as JSON (`null` for no prize).

@@ -308,11 +308,15 @@ async fn gen_writes_a_campaign_funnel_to_a_file_or_a_server() {
         .map(|e| e["channel"].as_str().unwrap())
         .collect();
     assert!(channels.len() >= 4);
-    let ids: std::collections::HashSet<&str> = events
-        .iter()
-        .map(|e| e["event_id"].as_str().unwrap())
-        .collect();
-    assert!(ids.len() < events.len(), "some events are sent twice");
+    // Some events are sent twice (the same event_id).
+    let resent = |events: &[serde_json::Value]| {
+        let ids: std::collections::HashSet<&str> = events
+            .iter()
+            .map(|e| e["event_id"].as_str().unwrap())
+            .collect();
+        ids.len() < events.len()
+    };
+    assert!(resent(&events));
     let same = run(&["gen", "--events", "5000", "--out", "-"]);
     assert_eq!(
         String::from_utf8(same.stdout).unwrap(),
@@ -324,6 +328,7 @@ async fn gen_writes_a_campaign_funnel_to_a_file_or_a_server() {
     let long_mean = mean(&body);
     let generate = |flag: &str| {
         let out = run(&["gen", "--events", "5000", flag, "--out", "-"]);
+        assert!(out.status.success(), "{}", text(&out));
         let text = String::from_utf8(out.stdout).unwrap();
         let events: Vec<serde_json::Value> = text
             .lines()
@@ -341,33 +346,40 @@ async fn gen_writes_a_campaign_funnel_to_a_file_or_a_server() {
         "epoch ms timestamps"
     );
     assert!(short.iter().any(|e| e["event"] == "draw"));
-    let ids: std::collections::HashSet<&str> = short
-        .iter()
-        .map(|e| e["event_id"].as_str().unwrap())
-        .collect();
-    assert!(ids.len() < short.len(), "some events are sent twice");
+    assert!(resent(&short));
     // --medium: counter ids, each step's telling properties, lines between the two.
     let (medium_mean, medium) = generate("--medium");
     assert!(
-        (185..230).contains(&medium_mean) && medium_mean + 40 < long_mean,
-        "medium lines average {medium_mean} bytes, the default {long_mean}"
+        (185..230).contains(&medium_mean)
+            && short_mean + 10 < medium_mean
+            && medium_mean + 40 < long_mean,
+        "medium lines average {medium_mean} bytes, short {short_mean}, the default {long_mean}"
     );
-    assert!(medium.iter().all(|e| {
-        let user = e["user_id"].as_str().unwrap();
-        user.starts_with('u') && e["event_id"].as_str().unwrap().starts_with(user)
-    }));
+    assert!(
+        medium.iter().all(|e| {
+            let user = e["user_id"].as_str().unwrap();
+            user.starts_with('u') && e["event_id"].as_str().unwrap().starts_with(user)
+        }),
+        "counter user ids, `<user_id>-<n>` event ids"
+    );
     let has = |event: &str, key: &str| {
         medium
             .iter()
             .any(|e| e["event"] == event && !e["properties"][key].is_null())
     };
-    assert!(has("package", "order_id") && has("scan", "wechat") && has("view", "scroll"));
     assert!(
-        medium.iter().any(|e| e["ts"].is_i64()),
-        "epoch ms timestamps"
+        has("package", "order_id")
+            && has("scan", "wechat")
+            && has("view", "scroll")
+            && has("draw", "prize")
     );
+    assert!(resent(&medium));
     let both = run(&["gen", "--events", "5000", "--short", "--medium"]);
-    assert!(!both.status.success(), "--short and --medium conflict");
+    assert!(
+        !both.status.success() && text(&both).contains("cannot be used with"),
+        "--short and --medium conflict: {}",
+        text(&both)
+    );
 
     let data = dir.path().join("data");
     let server = Server::start(&data, &[]).await;
