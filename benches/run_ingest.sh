@@ -6,8 +6,8 @@
 # 2. ROUNDS times (default 3), interleaved: the anchors, DuckDB and ClickHouse (chdb),
 #    convert that file to zstd Parquet; then a release server on loopback takes the file
 #    from 8 clients posting 500-event NDJSON batches with durable acks; SIGTERM flushes;
-#    Parquet bytes per stored event (first round; also under the issue's writer,
-#    benches/storage_bytes.py). Interleaved rounds because this VM's
+#    Parquet bytes per stored event (first round; also under the settings of the writer
+#    the issue measured, benches/storage_bytes.py). Interleaved rounds because this VM's
 #    speed drifts by 25% within minutes (benches/README.md): one run of each compares
 #    phases of the machine as much as engines;
 # 3. connections: the same with 1, 4, 16 and 64 clients (a fresh server each);
@@ -95,7 +95,8 @@ print(f"ratio at 8 clients until all is in Parquet (load + the flushes after it)
 print(f"p99 at half load: {half['p99_ms']:.1f} ms (target < 25)")
 print(f"ack -> visible in SQL at half load: p50 {visible.get('visible_p50_ms', float('nan')):.1f} ms, "
       f"p99 {visible.get('visible_p99_ms', float('nan')):.1f} ms ({visible.get('visible_probes', 0)} probes)")
-print(f"Parquet bytes/event: {storage['bytes_per_event']:.1f} (target <= 20); the same rows under the issue's writer's "
-      f"settings: {storage['issue_writer_bytes_per_event']:.1f} (its realistic set: 19.4; pyarrow with ours: "
-      f"{storage['pyarrow_ours_bytes_per_event']:.1f}, a check of the emulation)")
+print(f"Parquet bytes/event: {storage['bytes_per_event']:.1f} (target <= 20)")
+print(f"  the same rows under the settings of the writer the issue measured: "
+      f"{storage['issue_writer_bytes_per_event']:.1f} (the issue's realistic set: 19.4); "
+      f"pyarrow with our settings: {storage['pyarrow_ours_bytes_per_event']:.1f} (checks the emulation)")
 PY
